@@ -1,0 +1,106 @@
+"""Read tenant policies from TOML files.
+
+Owns: the file format and its error reporting::
+
+    [base]              # optional: fields every tenant of this file starts from
+    wall_time_s = 10
+
+    [tenants.alpha]     # tenant "alpha" = built-in defaults + base + these
+    memory_mb = 128
+    allowed_modules = ["math", "json"]
+
+A directory is read as every ``*.toml`` in it, in name order; each file's
+``[base]`` applies to its own tenants, and a tenant defined twice is an error.
+
+Must never: accept a file partly. An invalid file raises one
+:class:`PolicyFileError` that names the file, each bad tenant and every bad
+field in it, and nothing is returned.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+
+from pydantic import ValidationError
+
+from policies.model import Policy
+
+
+class PolicyFileError(ValueError):
+    """One or more policy files are invalid; the message lists every problem."""
+
+    def __init__(self, problems: list[str]) -> None:
+        super().__init__("invalid policy file:\n" + "\n".join(f"  - {p}" for p in problems))
+        self.problems = problems
+
+
+def load_policies(path: str | Path) -> dict[str, Policy]:
+    """Load a TOML policy file, or a directory of them, into ``{tenant: Policy}``."""
+    path = Path(path)
+    if path.is_dir():
+        files = sorted(path.glob("*.toml"))
+        if not files:
+            raise PolicyFileError([f"{path}: the directory holds no *.toml file"])
+    elif path.is_file():
+        files = [path]
+    else:
+        raise PolicyFileError([f"{path}: no such file or directory"])
+
+    policies: dict[str, Policy] = {}
+    origin: dict[str, Path] = {}
+    problems: list[str] = []
+    for file in files:
+        for tenant, policy_or_errors in _load_file(file).items():
+            if isinstance(policy_or_errors, list):
+                problems.extend(policy_or_errors)
+            elif tenant in policies:
+                problems.append(f"{file}: tenant {tenant!r} is already defined in {origin[tenant]}")
+            else:
+                policies[tenant] = policy_or_errors
+                origin[tenant] = file
+    if problems:
+        raise PolicyFileError(problems)
+    return policies
+
+
+def _load_file(file: Path) -> dict[str, Policy | list[str]]:
+    try:
+        document = tomllib.loads(file.read_text())
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
+        return {"": [f"{file}: {exc}"]}
+    problems = [f"{file}: unknown top-level section {key!r} (expected [base] and [tenants.NAME])"
+                for key in document if key not in ("base", "tenants")]
+    base = document.get("base", {})
+    tenants = document.get("tenants", {})
+    if not isinstance(base, dict):
+        problems.append(f"{file}: [base] must be a table")
+        base = {}
+    if not isinstance(tenants, dict) or not tenants:
+        problems.append(f"{file}: no [tenants.NAME] table")
+        tenants = {}
+    if base:
+        problems.extend(f"{file}: [base]: {p}" for p in _field_errors(base))
+    result: dict[str, Policy | list[str]] = {"": problems} if problems else {}
+    for tenant, overrides in tenants.items():
+        if not isinstance(overrides, dict):
+            result[tenant] = [f"{file}: tenant {tenant!r}: must be a table"]
+            continue
+        try:
+            result[tenant] = Policy(**{**base, **overrides})
+        except ValidationError as exc:
+            result[tenant] = [f"{file}: tenant {tenant!r}: {p}" for p in _describe(exc)]
+    return result
+
+
+def _field_errors(fields: dict) -> list[str]:
+    try:
+        Policy(**fields)
+    except ValidationError as exc:
+        return _describe(exc)
+    return []
+
+
+def _describe(exc: ValidationError) -> list[str]:
+    return [f"{'.'.join(str(part) for part in error['loc']) or 'policy'}: {error['msg']}"
+            for error in exc.errors()]

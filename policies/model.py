@@ -1,0 +1,137 @@
+"""The policy a tenant's runs execute under.
+
+Owns: every knob of a run's limits and confinement, its default, and the
+validation of its value.
+
+Must never: default to anything unsafe. Every default below is what a
+platform serving strangers would choose: no network, no processes, no
+writable path but a size-capped scratch space, short time limits, a module
+allowlist of pure-computation and async modules, and every isolation layer
+this host supports required ("auto").
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Literal, get_args
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+Layer = Literal["rlimits", "identity", "pidns", "mountns", "netns", "ipcns", "landlock", "seccomp", "cgroup"]
+LAYERS: tuple[str, ...] = get_args(Layer)
+
+DEFAULT_ALLOWED_MODULES = [
+    "asyncio", "json", "math", "cmath", "re", "datetime", "zoneinfo", "calendar", "time",
+    "collections", "collections.abc", "itertools", "functools", "operator", "statistics", "random",
+    "decimal", "fractions", "numbers", "typing", "dataclasses", "enum", "abc", "contextlib",
+    "string", "textwrap", "difflib", "unicodedata", "pprint", "uuid", "hashlib", "hmac", "secrets",
+    "base64", "binascii", "struct", "array", "copy", "heapq", "bisect", "csv", "io", "html",
+    "warnings",
+]
+DEFAULT_DENIED_MODULES = [
+    "os", "sys", "subprocess", "socket", "ctypes", "importlib", "pickle", "marshal", "gc", "inspect",
+    "signal", "multiprocessing", "threading", "pathlib", "shutil", "tempfile", "builtins", "code", "pty",
+    "mmap", "resource", "_thread", "posix", "_posixsubprocess", "_ctypes", "_socket", "_signal",
+]
+DEFAULT_REMOVED_BUILTINS = ["breakpoint", "input", "help", "exit", "quit", "copyright", "credits", "license"]
+
+_MODULE_PATTERN = re.compile(r"^[A-Za-z_]\w*(\.[A-Za-z_]\w*)*(\.\*)?$")
+_ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+MiB = 1024 * 1024
+
+
+class Policy(BaseModel):
+    """Limits, allowlists and isolation for one tenant. Unknown fields are errors."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
+
+    # --- time -------------------------------------------------------------
+    wall_time_s: float = Field(10.0, gt=0, le=86_400,
+                               description="Wall-clock limit of one run, enforced by the supervisor with SIGKILL.")
+    cpu_time_s: float = Field(5.0, gt=0, le=86_400,
+                              description="CPU-time limit of one run (all threads).")
+
+    # --- memory and output -------------------------------------------------
+    memory_mb: int = Field(256, ge=64, le=1_048_576,
+                           description="Memory of one worker: RLIMIT_DATA, the memory cgroup and the RSS watchdog.")
+    max_output_bytes: int = Field(1 * MiB, ge=1,
+                                  description="stdout and stderr of one run together; past it the run fails.")
+    max_result_bytes: int = Field(8 * MiB, ge=1, description="Serialized size of one output variable.")
+    max_reply_bytes: int = Field(32 * MiB, ge=1024,
+                                 description="Serialized size of all output variables of one run together.")
+
+    # --- files, processes ------------------------------------------------------
+    max_file_size_mb: int = Field(16, ge=0, description="RLIMIT_FSIZE: largest file a run can write.")
+    max_open_files: int = Field(64, ge=16, le=65_536, description="RLIMIT_NOFILE.")
+    scratch_mb: int = Field(64, ge=1, description="Size of the run's scratch directory (its cwd).")
+    tmp_mb: int = Field(16, ge=1, description="Size of /tmp and of /dev/shm, each.")
+    allow_processes: bool = Field(False, description="May the code fork and exec?")
+    max_processes: int = Field(16, ge=1, le=4096, description="Processes when allowed (pids cgroup, RLIMIT_NPROC).")
+    max_threads: int = Field(32, ge=1, le=4096, description="Threads per worker (pids cgroup, RLIMIT_NPROC).")
+
+    # --- Python-level policy (defence in depth, not the wall) ----------------
+    allowed_modules: list[str] = Field(default_factory=lambda: list(DEFAULT_ALLOWED_MODULES))
+    denied_modules: list[str] = Field(default_factory=lambda: list(DEFAULT_DENIED_MODULES))
+    removed_builtins: list[str] = Field(default_factory=lambda: list(DEFAULT_REMOVED_BUILTINS))
+
+    # --- isolation ---------------------------------------------------------------
+    network: bool = Field(False, description="Keep the host network namespace and allow IP sockets.")
+    filesystem: Literal["scratch", "readonly"] = Field(
+        "scratch", description="'scratch': /work, /tmp, /dev/shm writable; 'readonly': nothing writable.")
+    readonly_paths: list[str] = Field(default_factory=list,
+                                      description="Extra host paths the worker may read.")
+    env: list[str] = Field(default_factory=list,
+                           description="Names of supervisor environment variables passed to the code.")
+    required_layers: Literal["auto"] | list[Layer] = Field(
+        "auto", description="Layers that must be active, or 'auto': every layer this host supports.")
+
+    # --- worker reuse -------------------------------------------------------------
+    fresh_process_per_run: bool = Field(False, description="Never reuse a worker process.")
+    max_runs_per_worker: int = Field(10_000, ge=1, description="Recycle a worker after this many runs.")
+    max_memory_growth_mb: int = Field(64, ge=1,
+                                      description="Recycle a worker whose RSS grew this much since its first run.")
+
+    # --- quotas and fair share ---------------------------------------------------------
+    max_concurrency: int | None = Field(None, ge=1, description="Runs of this tenant in flight at once.")
+    max_queued: int = Field(10_000, ge=0, description="Runs waiting; beyond it, QuotaExceeded at once.")
+    rate_per_s: float | None = Field(None, gt=0, description="Token-bucket refill rate of submitted runs.")
+    burst: int = Field(100, ge=1, description="Token-bucket size when rate_per_s is set.")
+    weight: float = Field(1.0, gt=0, le=1000, description="Fair-share weight against other tenants.")
+
+    @field_validator("allowed_modules", "denied_modules")
+    @classmethod
+    def _module_patterns(cls, patterns: list[str]) -> list[str]:
+        bad = [p for p in patterns if not _MODULE_PATTERN.match(p)]
+        if bad:
+            raise ValueError(f"not a module name or 'pkg.*' pattern: {', '.join(map(repr, bad))}")
+        return patterns
+
+    @field_validator("removed_builtins")
+    @classmethod
+    def _builtin_names(cls, names: list[str]) -> list[str]:
+        bad = [n for n in names if not n.isidentifier() or n == "__import__"]
+        if bad:
+            raise ValueError(f"cannot remove builtins {', '.join(map(repr, bad))}")
+        return names
+
+    @field_validator("env")
+    @classmethod
+    def _env_names(cls, names: list[str]) -> list[str]:
+        bad = [n for n in names if not _ENV_NAME.match(n)]
+        if bad:
+            raise ValueError(f"not environment variable names: {', '.join(map(repr, bad))}")
+        return names
+
+    @field_validator("readonly_paths")
+    @classmethod
+    def _absolute_paths(cls, paths: list[str]) -> list[str]:
+        bad = [p for p in paths if not p.startswith("/") or p.rstrip("/") == "" or "\0" in p]
+        if bad:
+            raise ValueError(f"must be absolute paths other than '/': {', '.join(map(repr, bad))}")
+        return paths
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "Policy":
+        if self.max_reply_bytes < self.max_result_bytes:
+            raise ValueError("max_reply_bytes must be at least max_result_bytes")
+        return self

@@ -1,0 +1,201 @@
+"""A confined worker's main loop: read a request, run it, write the reply.
+
+Owns: the per-run housekeeping around ``runtime.codenode``: the CPU budget
+(soft ``RLIMIT_CPU`` moved before each run), the peak-memory reading, the
+captured standard streams, emptying the scratch space, and telling the host
+when this process should not be reused.
+
+Must never: be trusted by the host, or touch anything outside this worker.
+Everything written here is produced in the same process as hostile code,
+which can rewrite any of it; the host therefore enforces every limit that
+matters (wall time, output size, frame size, reply token) on its own side,
+and what this loop reports is at most a lie about its own run. Emptying the
+scratch space only ever touches the directories ``runtime.confine`` created
+for this worker, each checked against the device it was created on.
+
+Standard output and error are fds 1 and 2, pipes read directly by the host,
+so ``print``, ``sys.stdout`` and raw ``os.write(1, ...)`` are all captured
+and counted by the host as they happen. Python's own buffers are flushed
+before every reply, and the host drains the pipes when the reply arrives,
+so every byte a run wrote before it finished belongs to that run.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import os
+import pickle
+import resource
+import shutil
+import sys
+
+import _thread
+
+from runtime import wire
+from runtime.codenode import CodeNode, RunOutcome
+from runtime.confine import Scratch
+
+_LIMITS = (resource.RLIMIT_CPU, resource.RLIMIT_DATA, resource.RLIMIT_NOFILE, resource.RLIMIT_FSIZE,
+           resource.RLIMIT_STACK, resource.RLIMIT_NPROC, resource.RLIMIT_AS, resource.RLIMIT_CORE)
+
+
+def serve(channel: int, layers: dict[str, str], scratch: Scratch, settings: dict) -> None:
+    channel_identity = _identity(channel)
+    limits = _hard_limits()
+    sys.stdout = sys.__stdout__ = _text_stream(1)
+    sys.stderr = sys.__stderr__ = _text_stream(2)
+    node = CodeNode(settings)
+    peak = _PeakMemory()
+    wire.write_all(channel, wire.frame(wire.encode_hello(layers, None)))
+    while True:
+        payload = wire.read_frame_blocking(channel)
+        if payload is None:
+            return
+        request = pickle.loads(payload)
+        if request[0] == "setup":
+            os.environ.clear()
+            os.environ.update(request[1])
+            continue
+        _, token, code, inputs, allow_await, filename, cpu_time_s = request
+        os.chdir(scratch.cwd)
+        retire = _start_cpu_budget(cpu_time_s)
+        peak.reset()
+        before = _cpu_seconds()
+        outcome = node.run(code, inputs, allow_await, filename)
+        retire |= _restore_stdio() | outcome.retire | _empty_scratch(scratch)
+        used = _cpu_seconds()
+        retire |= _thread._count() > 0 or _cpu_budget_spent(used, cpu_time_s) or _hard_limits() != limits
+        reply = _reply(token, outcome, used - before, peak.read(), used, retire, settings)
+        if _identity(channel) != channel_identity:
+            os._exit(0)  # user code replaced our channel fd; never write a reply into its file
+        wire.write_all(channel, wire.frame(reply))
+
+
+def _reply(token: bytes, outcome: RunOutcome, cpu_s: float, peak_rss: int, worker_cpu_s: float,
+           retire: bool, settings: dict) -> bytes:
+    error = outcome.error
+    if error is not None:
+        limit = settings["max_error_text_bytes"]
+        type_name, message, traceback, detail = error
+        # Keep the head of a long message and the tail of a long traceback:
+        # that is where the exception itself is.
+        error = (wire.clip_text(type_name, 200), wire.clip_text(message, limit),
+                 wire.clip_text(traceback, limit, keep_tail=True), wire.clip_text(detail, 200))
+    reply = wire.encode_reply(wire.Reply(token, outcome.status, cpu_s, peak_rss, worker_cpu_s, retire,
+                                         outcome.outputs, outcome.skipped, error))
+    if len(reply) > settings["max_frame_bytes"]:
+        message = (f"the run's outputs take {len(reply)} bytes in all, over the frame limit of "
+                   f"{settings['max_frame_bytes']}")
+        reply = wire.encode_reply(wire.Reply(token, wire.OUTPUT_LIMIT, cpu_s, peak_rss, worker_cpu_s, retire,
+                                             [], {}, ("OutputLimitExceeded", message, "", "")))
+    return reply
+
+
+def _identity(fd: int) -> tuple[int, int] | None:
+    try:
+        st = os.fstat(fd)
+        return st.st_dev, st.st_ino
+    except OSError:
+        return None
+
+
+def _text_stream(fd: int) -> io.TextIOWrapper:
+    return io.TextIOWrapper(io.FileIO(fd, "w", closefd=False), encoding="utf-8",
+                            errors="backslashreplace", line_buffering=True)
+
+
+def _restore_stdio() -> bool:
+    """Flush the standard streams; put ours back if user code replaced them."""
+    broken = False
+    for name in ("stdout", "stderr"):
+        ours = getattr(sys, f"__{name}__")
+        if getattr(sys, name) is not ours:
+            setattr(sys, name, ours)
+        try:
+            ours.flush()
+        except (OSError, ValueError):
+            broken = True
+    return broken
+
+
+def _cpu_seconds() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+def _start_cpu_budget(cpu_time_s: float) -> bool:
+    """Move the soft CPU limit to this run's budget; True if the hard one is too near."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_CPU)
+    target = math.ceil(_cpu_seconds() + cpu_time_s)
+    if hard != resource.RLIM_INFINITY and target > hard:
+        target = hard
+    try:
+        resource.setrlimit(resource.RLIMIT_CPU, (target, hard))
+    except (OSError, ValueError):
+        return True
+    return False
+
+
+def _hard_limits() -> list[tuple[int, int]]:
+    """Every rlimit but the CPU soft limit, which we move per run ourselves.
+
+    User code can lower its own limits (``prlimit(0, ...)``); a worker whose
+    limits no longer match its policy is not reused.
+    """
+    return [resource.getrlimit(r) if r != resource.RLIMIT_CPU else (0, resource.getrlimit(r)[1])
+            for r in _LIMITS]
+
+
+def _cpu_budget_spent(used: float, cpu_time_s: float) -> bool:
+    """True when the hard limit would not leave the next run its full budget."""
+    hard = resource.getrlimit(resource.RLIMIT_CPU)[1]
+    return hard != resource.RLIM_INFINITY and used + cpu_time_s + 1 > hard
+
+
+def _empty_scratch(scratch: Scratch) -> bool:
+    """Empty this worker's own scratch directories; True if that failed.
+
+    A directory is touched only while it is still on the device confinement
+    created it on, and entries that were there from the start (mount points
+    of read-only binds) or that sit on another device are left alone.
+    """
+    failed = False
+    for directory in scratch.dirs:
+        try:
+            st = os.statvfs(directory.path)
+            if st.f_files - st.f_ffree <= directory.inodes_at_start:
+                continue  # nothing was created since confinement
+            if os.lstat(directory.path).st_dev != directory.device:
+                failed = True
+                continue
+            for entry in os.scandir(directory.path):
+                if entry.name in directory.keep or entry.stat(follow_symlinks=False).st_dev != directory.device:
+                    continue
+                if entry.is_dir(follow_symlinks=False):
+                    shutil.rmtree(entry.path, ignore_errors=True)
+                else:
+                    os.unlink(entry.path)
+        except OSError:
+            failed = True
+    return failed
+
+
+class _PeakMemory:
+    """Per-run peak RSS: reset the high-water mark, read it back from rusage."""
+
+    def __init__(self) -> None:
+        try:
+            self._clear_refs = os.open("/proc/self/clear_refs", os.O_WRONLY | os.O_CLOEXEC)
+        except OSError:
+            self._clear_refs = None
+
+    def reset(self) -> None:
+        if self._clear_refs is not None:
+            try:
+                os.write(self._clear_refs, b"5")
+            except OSError:
+                self._clear_refs = None
+
+    def read(self) -> int:
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024

@@ -1,0 +1,390 @@
+"""The template process that forks every worker.
+
+Owns: the process tree below the supervisor. Data flows like this::
+
+    supervisor (sandbox.zygote.Zygote)
+      │ SOCK_SEQPACKET control socket: spawn requests + fds in, events out
+      ▼
+    launcher  L   the supervisor's direct child. Enters a user namespace when
+      │           unprivileged, creates a PID namespace, forks Z and waits.
+      ▼
+    zygote    Z   pid 1 of that namespace. Has imported the whole runtime once,
+      │           so a worker costs a fork, not an interpreter start.
+      ├── init I  pid 1 of a fresh PID namespace per worker: reaps orphans and
+      │           exits when the worker does, which makes the kernel kill
+      │           every process the run left behind.
+      └── worker W pid 2 of that namespace, forked by Z right after I. It
+                  confines itself (``runtime.confine``) and serves runs over
+                  its own channel (``runtime.worker``).
+
+Z parents both I and W, so it reaps W itself and reports the exact wait
+status and rusage. The supervisor gets pidfds for I and W, so it can kill a
+worker's whole namespace with one race-free ``pidfd_send_signal``. Every
+process has ``PR_SET_PDEATHSIG``: if the supervisor dies, L, Z and then all
+workers die with it.
+
+Must never: run user code, hold another worker's channel after a fork, or
+keep a tenant's secrets (environment values go to a worker over its own
+channel, never through Z, because every later worker is a copy of Z's memory).
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import os
+import pickle
+import select
+import shutil
+import signal
+import socket
+import sys
+import tempfile
+import time
+
+from runtime import confine, linux, wire
+
+_MAX_CONTROL_MESSAGE = 1 << 20
+_CHANNEL_FD, _STDOUT_FD, _STDERR_FD = 3, 1, 2
+
+
+def main(argv: list[str]) -> None:
+    """Entry point of the launcher process L (argv[0] is a JSON config)."""
+    config = json.loads(argv[0])
+    linux.set_parent_death_signal(signal.SIGKILL)
+    if os.getppid() != config["supervisor_pid"]:
+        os._exit(1)  # the supervisor died before we could tie our life to it
+    control = socket.socket(fileno=config["control_fd"])
+    os.set_inheritable(control.fileno(), False)
+    userns = config.get("userns")
+    namespaces = {"userns": False, "pid_namespaces": False, "namespace_error": None}
+    try:
+        if userns is not None:
+            _enter_user_namespace(userns["uid"], userns["gid"], userns["inside_id"])
+            namespaces["userns"] = True
+        linux.unshare(linux.CLONE_NEWPID)
+        namespaces["pid_namespaces"] = True
+    except OSError as exc:
+        # Degrade, do not die: the supervisor reports exactly which layers
+        # are missing and refuses any policy that requires them.
+        namespaces["namespace_error"] = str(exc)
+    pid = os.fork()
+    if pid == 0:
+        _Zygote(control, config, namespaces).serve()
+        os._exit(0)
+    control.close()
+    _, status = os.waitpid(pid, 0)
+    os._exit(os.waitstatus_to_exitcode(status) & 0xFF)
+
+
+def _enter_user_namespace(uid: int, gid: int, inside_id: int) -> None:
+    linux.unshare(linux.CLONE_NEWUSER)
+    with open("/proc/self/setgroups", "w") as f:
+        f.write("deny")
+    with open("/proc/self/uid_map", "w") as f:
+        f.write(f"{inside_id} {uid} 1")
+    with open("/proc/self/gid_map", "w") as f:
+        f.write(f"{inside_id} {gid} 1")
+
+
+class _Zygote:
+    def __init__(self, control: socket.socket, config: dict, namespaces: dict) -> None:
+        linux.set_parent_death_signal(signal.SIGKILL)
+        linux.set_dumpable(False)
+        self.control = control
+        self.pid_namespaces = namespaces["pid_namespaces"]
+        self.interpreter_paths = _interpreter_paths()
+        self.own_pidns = os.open("/proc/self/ns/pid", os.O_RDONLY | os.O_CLOEXEC)
+        self.empty_netns, netns_error = _make_empty_netns()
+        for name in config["preload"]:
+            try:
+                __import__(name)
+            except Exception:  # a missing optional module must not stop the pool
+                pass
+        import runtime.worker  # noqa: F401  (pre-import everything a worker runs)
+
+        self.workers: dict[int, dict] = {}  # worker pid -> record
+        self.stale_cgroups: list[str] = []  # removed once the kernel has released them
+        self.wakeup_r, wakeup_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        signal.set_wakeup_fd(wakeup_w)
+        signal.signal(signal.SIGCHLD, lambda *_: None)
+        gc.freeze()  # keep the imported heap shared copy-on-write with every worker
+        self._send({"op": "ready", "netns_error": netns_error, **namespaces})
+
+    def serve(self) -> None:
+        while True:
+            ready, _, _ = select.select([self.control, self.wakeup_r], [], [],
+                                        0.5 if self.stale_cgroups else None)
+            if self.wakeup_r in ready:
+                while os.read(self.wakeup_r, 4096) == 4096:
+                    pass
+            self._reap()
+            if self.control in ready:
+                try:
+                    message, fds, _, _ = socket.recv_fds(self.control, _MAX_CONTROL_MESSAGE, 8)
+                except (BlockingIOError, InterruptedError):
+                    continue
+                if not message:
+                    return  # supervisor closed the control socket: shut down
+                self._handle(pickle.loads(message), fds)
+            self.stale_cgroups = [d for d in self.stale_cgroups if not _rmdir(d)]
+
+    def _handle(self, request: dict, fds: list[int]) -> None:
+        if request["op"] == "shutdown":
+            sys.exit(0)
+        worker_id = request["worker_id"]
+        config = request["config"]
+        try:
+            cgroup_dirs = _make_cgroups(worker_id, config.get("cgroup"))
+        except OSError as exc:
+            cgroup_dirs = []
+            config["cgroup_error"] = str(exc)
+        record = {"id": worker_id, "cgroups": cgroup_dirs, "scratch": None}
+        try:
+            record["scratch"] = _make_host_scratch(worker_id, config.get("uid"), config.get("gid"))
+            config.update(cgroup_dirs=cgroup_dirs, pid_namespace=self.pid_namespaces,
+                          host_scratch=record["scratch"],
+                          readonly_paths=_outermost(self.interpreter_paths + config["extra_readonly_paths"]))
+            init_pid, worker_pid = self._fork_pair(config, fds)
+        except OSError as exc:
+            self._send({"op": "spawn_failed", "worker_id": worker_id, "reason": str(exc)})
+            self._release(record)
+            return
+        finally:
+            for fd in fds:
+                os.close(fd)
+        self.workers[worker_pid] = record
+        pidfds = [os.pidfd_open(init_pid), os.pidfd_open(worker_pid)]
+        try:
+            self._send({"op": "spawned", "worker_id": worker_id}, pidfds)
+        finally:
+            for fd in pidfds:
+                os.close(fd)
+
+    def _fork_pair(self, config: dict, fds: list[int]) -> tuple[int, int]:
+        """Fork init (pid 1) and the worker (pid 2) into a new PID namespace.
+
+        Without PID namespaces the worker is a plain child and stands in
+        for its own init.
+        """
+        if not self.pid_namespaces:
+            worker_pid = os.fork()
+            if worker_pid == 0:
+                self._become_worker(config, fds)
+            return worker_pid, worker_pid
+        linux.unshare(linux.CLONE_NEWPID)
+        try:
+            init_pid = os.fork()
+            if init_pid == 0:
+                _run_init()
+            try:
+                worker_pid = os.fork()
+            except OSError:
+                os.kill(init_pid, signal.SIGKILL)
+                raise
+            if worker_pid == 0:
+                self._become_worker(config, fds)
+        finally:
+            linux.setns(self.own_pidns, linux.CLONE_NEWPID)
+        return init_pid, worker_pid
+
+    def _become_worker(self, config: dict, fds: list[int]) -> None:
+        try:
+            linux.set_parent_death_signal(signal.SIGKILL)
+            confine.reset_signals()
+            os.setsid()
+            channel, stdout, stderr = fds
+            devnull = os.open("/dev/null", os.O_RDONLY)
+            for src, dst in ((devnull, 0), (stdout, _STDOUT_FD), (stderr, _STDERR_FD), (channel, _CHANNEL_FD)):
+                os.dup2(src, dst)
+            keep = {0, 1, 2, 3}
+            if self.empty_netns is not None:
+                keep.add(self.empty_netns)
+            for fd in _open_fds():
+                if fd not in keep:
+                    os.close(fd)
+            try:
+                layers, scratch = confine.confine(config, self.empty_netns)
+            except confine.ConfinementFailed as exc:
+                wire.write_all(_CHANNEL_FD, wire.frame(wire.encode_hello({}, str(exc))))
+                os._exit(70)
+            finally:
+                if self.empty_netns is not None:
+                    os.close(self.empty_netns)
+            if config.get("cgroup_error"):
+                layers["cgroup"] = f"off: {config['cgroup_error']}"
+            from runtime import worker
+            worker.serve(_CHANNEL_FD, layers, scratch, config["worker"])
+        except BaseException:
+            os._exit(71)
+        os._exit(0)
+
+    def _reap(self) -> None:
+        while True:
+            try:
+                pid, status, usage = os.wait4(-1, os.WNOHANG)
+            except ChildProcessError:
+                return
+            if pid == 0:
+                return
+            record = self.workers.pop(pid, None)
+            if record is None:
+                continue
+            oom = any(_oom_killed(d) for d in record["cgroups"])
+            self._release(record)
+            self._send({"op": "exited", "worker_id": record["id"], "status": status,
+                        "cpu_s": usage.ru_utime + usage.ru_stime, "maxrss_kb": usage.ru_maxrss,
+                        "oom": oom})
+
+    def _release(self, record: dict) -> None:
+        # rmtree never follows a symlink, so a worker cannot point it elsewhere.
+        if record["scratch"] is not None:
+            shutil.rmtree(record["scratch"], ignore_errors=True)
+        self.stale_cgroups.extend(record["cgroups"])
+
+    def _send(self, event: dict, fds: list[int] = ()) -> None:
+        data = json.dumps(event).encode()
+        try:
+            socket.send_fds(self.control, [data], list(fds))
+        except OSError:
+            sys.exit(0)  # the supervisor is gone; pdeathsig will follow
+
+
+def _run_init() -> None:
+    """Pid 1 of a worker's namespace: reap orphans, exit when the worker does."""
+    try:
+        linux.set_parent_death_signal(signal.SIGKILL)
+        linux.set_dumpable(False)
+        signal.set_wakeup_fd(-1)
+        for signum in (signal.SIGCHLD, signal.SIGINT, signal.SIGTERM):
+            signal.signal(signum, signal.SIG_DFL)
+        for fd in _open_fds():
+            if fd > 2:
+                os.close(fd)
+        worker = None
+        deadline = time.monotonic() + 5
+        while worker is None:
+            try:
+                worker = os.pidfd_open(confine.WORKER_PID_IN_NAMESPACE)
+            except ProcessLookupError:
+                if time.monotonic() > deadline:
+                    os._exit(0)
+                time.sleep(0.0005)
+        while True:
+            ready, _, _ = select.select([worker], [], [], 1.0)
+            while True:
+                try:
+                    if os.waitpid(-1, os.WNOHANG)[0] == 0:
+                        break
+                except ChildProcessError:
+                    break
+            if ready:
+                os._exit(0)
+    finally:
+        os._exit(0)
+
+
+def _interpreter_paths() -> list[str]:
+    """What a worker must be able to read: the interpreter, its libraries, the runtime."""
+    runtime_dir = os.path.dirname(os.path.abspath(confine.__file__))
+    paths = ["/usr", sys.prefix, sys.base_prefix, sys.exec_prefix, sys.base_exec_prefix, runtime_dir]
+    # sys.path[0] is the directory holding the runtime package (maybe a whole
+    # checkout); the runtime package itself is enough.
+    paths += [p for p in sys.path[1:] if os.path.isdir(p)]
+    return [os.path.abspath(p) for p in paths if p and os.path.abspath(p) != "/"]
+
+
+def _outermost(paths: list[str]) -> list[str]:
+    """Drop duplicates and paths inside another listed path."""
+    kept: list[str] = []
+    for path in sorted(set(paths), key=len):
+        if not any(path == k or path.startswith(k.rstrip("/") + "/") for k in kept):
+            kept.append(path)
+    return kept
+
+
+def _make_host_scratch(worker_id: int, uid: int | None, gid: int | None) -> str:
+    """A private, empty directory: the scratch space of a worker that has no
+    mount namespace of its own. Removed when the worker is reaped."""
+    directory = tempfile.mkdtemp(prefix=f"sandbox-w{worker_id}-")
+    if uid is not None:
+        os.chown(directory, uid, gid)
+    return directory
+
+
+def _open_fds() -> list[int]:
+    return [fd for fd in map(int, os.listdir("/proc/self/fd")) if _is_open(fd)]
+
+
+def _is_open(fd: int) -> bool:
+    try:
+        os.fstat(fd)
+        return True
+    except OSError:
+        return False
+
+
+def _make_empty_netns() -> tuple[int | None, str | None]:
+    """Return an fd of a network namespace with no usable interface."""
+    parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    pid = os.fork()
+    if pid == 0:
+        try:
+            parent.close()
+            linux.unshare(linux.CLONE_NEWNET)
+            fd = os.open("/proc/self/ns/net", os.O_RDONLY)
+            socket.send_fds(child, [b"ok"], [fd])
+        except OSError as exc:
+            child.send(str(exc).encode()[:1000])
+        finally:
+            os._exit(0)
+    child.close()
+    message, fds, _, _ = socket.recv_fds(parent, 1024, 1)
+    parent.close()
+    os.waitpid(pid, 0)
+    if message == b"ok" and fds:
+        os.set_inheritable(fds[0], False)
+        return fds[0], None
+    return None, message.decode(errors="replace")
+
+
+def _make_cgroups(worker_id: int, spec: dict | None) -> list[str]:
+    if not spec:
+        return []
+    made = []
+    try:
+        for parent, limits in spec["hierarchies"].items():
+            directory = os.path.join(parent, f"w{worker_id}")
+            os.mkdir(directory)
+            made.append(directory)
+            for name, value in limits.items():
+                with open(os.path.join(directory, name), "w") as f:
+                    f.write(str(value))
+    except OSError:
+        for directory in made:
+            _rmdir(directory)
+        raise
+    return made
+
+
+def _oom_killed(directory: str) -> bool:
+    for name in ("memory.events", "memory.oom_control"):
+        try:
+            with open(os.path.join(directory, name)) as f:
+                for line in f:
+                    key, _, value = line.partition(" ")
+                    if key == "oom_kill" and int(value) > 0:
+                        return True
+        except (OSError, ValueError):
+            continue
+    return False
+
+
+def _rmdir(directory: str) -> bool:
+    try:
+        os.rmdir(directory)
+        return True
+    except FileNotFoundError:
+        return True
+    except OSError:
+        return False
