@@ -1,0 +1,124 @@
+"""Find and prepare the cgroup hierarchies that bound each worker.
+
+Owns: choosing a ``pids`` and a ``memory`` controller (cgroup v2 when it is
+delegated to us, else v1 as on many hosts), creating one parent group per
+Sandbox under the supervisor's own groups, and the limit files each
+worker's group gets. The zygote creates ``<parent>/w<id>`` per worker and
+the worker joins it; see ``runtime.zygote``.
+
+Must never: touch groups it did not create, or leave its parent groups
+behind after ``remove()``.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+from dataclasses import dataclass
+
+_V1_ROOT = "/sys/fs/cgroup"
+
+
+@dataclass
+class CgroupParents:
+    """The per-Sandbox parent groups: ``{directory: controller}``."""
+
+    directories: dict[str, str]
+    version: int
+
+    @classmethod
+    def create(cls) -> "CgroupParents":
+        """Create parent groups, or raise OSError saying why there are none."""
+        if os.geteuid() != 0:
+            raise OSError(1, "cgroups need root or a delegated cgroup v2 subtree; running unprivileged")
+        name = f"sandbox-{os.getpid()}-{secrets.token_hex(4)}"
+        found = _v2_parent() or _v1_parents()
+        if not found:
+            raise OSError(2, "no writable pids and memory cgroup controllers found")
+        version, parents = found
+        made: dict[str, str] = {}
+        try:
+            for parent, controller in parents.items():
+                directory = os.path.join(parent, name)
+                os.mkdir(directory)
+                made[directory] = controller
+            if version == 2:
+                (directory,) = made
+                with open(os.path.join(directory, "cgroup.subtree_control"), "w") as f:
+                    f.write("+pids +memory")
+        except OSError:
+            cls(made, version).remove()
+            raise
+        return cls(made, version)
+
+    def worker_limits(self, *, max_tasks: int, memory_bytes: int) -> dict[str, dict[str, int]]:
+        """Limit files for one worker's group, keyed by parent directory."""
+        if self.version == 2:
+            (directory,) = self.directories
+            return {directory: {"pids.max": max_tasks, "memory.max": memory_bytes, "memory.swap.max": 0}}
+        files = {"pids": {"pids.max": max_tasks}, "memory": {"memory.limit_in_bytes": memory_bytes}}
+        return {directory: files[controller] for directory, controller in self.directories.items()}
+
+    def remove(self) -> None:
+        for directory in self.directories:
+            for entry in _subgroups(directory):
+                _rmdir(entry)
+            _rmdir(directory)
+
+
+def _own_group(controller: str) -> str | None:
+    with open("/proc/self/cgroup") as f:
+        for line in f:
+            _, controllers, path = line.rstrip("\n").split(":", 2)
+            if controller in controllers.split(","):
+                return path
+    return None
+
+
+def _v1_parents() -> tuple[int, dict[str, str]] | None:
+    parents = {}
+    for controller in ("pids", "memory"):
+        own = _own_group(controller)
+        directory = os.path.join(_V1_ROOT, controller) + (own or "/")
+        if own is None or not os.access(directory, os.W_OK) or not os.path.exists(
+                os.path.join(directory, "cgroup.procs")):
+            return None
+        parents[directory.rstrip("/")] = controller
+    return 1, parents
+
+
+def _v2_parent() -> tuple[int, dict[str, str]] | None:
+    mount = None
+    with open("/proc/self/mountinfo") as f:
+        for line in f:
+            fields = line.split()
+            if fields[fields.index("-") + 1] == "cgroup2":
+                mount = fields[4]
+                break
+    own = _own_group("")
+    if mount is None or own is None:
+        return None
+    directory = (mount + own).rstrip("/")
+    try:
+        # Our children get only what our own group enables for its subtree.
+        with open(os.path.join(directory, "cgroup.subtree_control")) as f:
+            available = f.read().split()
+    except OSError:
+        return None
+    if not {"pids", "memory"} <= set(available) or not os.access(directory, os.W_OK):
+        return None
+    return 2, {directory: "pids+memory"}
+
+
+def _subgroups(directory: str) -> list[str]:
+    try:
+        return [entry.path for entry in os.scandir(directory) if entry.is_dir()]
+    except OSError:
+        return []
+
+
+def _rmdir(directory: str) -> None:
+    try:
+        os.rmdir(directory)
+    except OSError:
+        pass

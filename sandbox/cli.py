@@ -1,0 +1,212 @@
+"""The ``sandbox`` command line: run a file, check policies, report the host.
+
+Owns: argument parsing and presentation for ``sandbox run``, ``sandbox
+doctor`` and ``sandbox policy check``. Each command owns its own event loop
+(uvloop).
+
+Must never: print anything but JSON on stdout for ``run`` (the code's own
+output goes to stderr), or exit 0 when the run, the check or the probe failed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+import uvloop
+
+from policies import LAYERS, Policy, PolicyFileError, load_policies
+from sandbox.cgroups import CgroupParents
+from sandbox.errors import SandboxError
+from sandbox.layers import probe
+from sandbox.profile import build_profile
+from sandbox.supervisor import DEFAULT_TENANT, Sandbox
+from sandbox.unprivileged import call_as_user, interpreter_paths
+from sandbox.zygote import Zygote
+
+EXIT_RUN_FAILED = 1
+EXIT_USAGE = 2
+_UNPRIVILEGED_UID = 65534
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.command(args)
+    except _UsageError as exc:
+        parser.error(str(exc))
+    return EXIT_USAGE
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="sandbox", description="Run untrusted Python code nodes in confined workers.")
+    commands = parser.add_subparsers(required=True, metavar="COMMAND")
+
+    run = commands.add_parser("run", help="run a file as a code node and print its outputs as JSON")
+    run.add_argument("file", type=Path)
+    run.add_argument("--input", action="append", default=[], metavar="NAME=JSON",
+                     help="bind NAME to a JSON value before the code runs (repeatable)")
+    run.add_argument("--policy", type=Path, metavar="FILE", help="TOML policy file (see policies/default.toml)")
+    run.add_argument("--tenant", default=DEFAULT_TENANT, help="tenant of the policy file to run as")
+    run.add_argument("--timeout", type=float, help="shorten the policy's wall-clock limit (seconds)")
+    run.set_defaults(command=_run)
+
+    doctor = commands.add_parser("doctor", help="report which isolation layers this host provides")
+    doctor.add_argument("--json", action="store_true", help="print the report as JSON")
+    doctor.set_defaults(command=_doctor)
+
+    policy = commands.add_parser("policy", help="work with policy files")
+    policy_commands = policy.add_subparsers(required=True, metavar="ACTION")
+    check = policy_commands.add_parser("check", help="validate a policy file or directory")
+    check.add_argument("path", type=Path)
+    check.set_defaults(command=_policy_check)
+    return parser
+
+
+class _UsageError(Exception):
+    pass
+
+
+# --- sandbox run -----------------------------------------------------------------
+
+def _run(args: argparse.Namespace) -> int:
+    try:
+        code = args.file.read_text()
+    except OSError as exc:
+        raise _UsageError(f"cannot read {args.file}: {exc.strerror}") from None
+    inputs = dict(_parse_input(item) for item in args.input)
+    tenants = _load(args.policy) if args.policy else {}
+    if args.tenant != DEFAULT_TENANT and args.tenant not in tenants:
+        raise _UsageError(f"tenant {args.tenant!r} is not defined in {args.policy}")
+
+    async def execute():
+        async with Sandbox(tenants=tenants, workers=1) as sandbox:
+            return await sandbox.run(code, inputs, tenant=args.tenant, timeout=args.timeout)
+
+    try:
+        result = uvloop.run(execute())
+    except SandboxError as exc:
+        sys.stderr.write(exc.stdout + exc.stderr)
+        print(f"{type(exc).__name__}: {exc}", file=sys.stderr)
+        return EXIT_RUN_FAILED
+    sys.stderr.write(result.stdout + result.stderr)
+    print(json.dumps(_jsonable(result.outputs), indent=2))
+    return 0
+
+
+def _parse_input(item: str) -> tuple[str, object]:
+    name, sep, text = item.partition("=")
+    if not sep:
+        raise _UsageError(f"--input {item!r}: expected NAME=JSON")
+    try:
+        return name, json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise _UsageError(f"--input {name}: not valid JSON ({exc.msg}); quote strings, e.g. {name}='\"text\"'") \
+            from None
+
+
+def _jsonable(value: object) -> object:
+    """JSON-ready copy of a value; whatever JSON cannot hold becomes its repr."""
+    if value is None or isinstance(value, (str, bool, int, float)):
+        return value
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(item) for item in value]
+    if isinstance(value, dict) and all(isinstance(key, str) for key in value):
+        return {key: _jsonable(item) for key, item in value.items()}
+    return repr(value)
+
+
+def _load(path: Path) -> dict[str, Policy]:
+    try:
+        return load_policies(path)
+    except PolicyFileError as exc:
+        raise _UsageError(str(exc)) from None
+
+
+# --- sandbox policy check ------------------------------------------------------------
+
+def _policy_check(args: argparse.Namespace) -> int:
+    try:
+        policies = load_policies(args.path)
+    except PolicyFileError as exc:
+        print(exc, file=sys.stderr)
+        return EXIT_RUN_FAILED
+    for tenant, policy in policies.items():
+        print(f"[tenants.{tenant}]")
+        for name, value in policy.model_dump().items():
+            print(f"{name} = {json.dumps(value)}")
+        print()
+    print(f"OK: {len(policies)} tenant(s) in {args.path}")
+    return 0
+
+
+# --- sandbox doctor --------------------------------------------------------------------
+
+def _doctor(args: argparse.Namespace) -> int:
+    # Fork the unprivileged probe first, while this process has no threads.
+    unprivileged = _probe_unprivileged() if os.geteuid() == 0 else None
+    report = uvloop.run(_probe_here())
+    if args.json:
+        print(json.dumps(report))
+        return 0 if report["error"] is None else EXIT_RUN_FAILED
+    columns = {f"this host ({report['identity']})": report}
+    if unprivileged is not None:
+        columns[f"unprivileged (uid {_UNPRIVILEGED_UID})"] = unprivileged
+    _print_doctor(columns, report)
+    return 0 if report["error"] is None else EXIT_RUN_FAILED
+
+
+async def _probe_here() -> dict:
+    identity = "root" if os.geteuid() == 0 else f"uid {os.geteuid()}"
+    cgroups, cgroup_error = None, None
+    try:
+        cgroups = CgroupParents.create()
+    except OSError as exc:
+        cgroup_error = exc.strerror or str(exc)
+    try:
+        zygote = await Zygote.start(preload=[])
+        try:
+            host = await probe(zygote, cgroups, cgroup_error)
+        finally:
+            await zygote.close()
+    except Exception as exc:  # noqa: BLE001 - the doctor reports whatever went wrong
+        return {"identity": identity, "layers": {}, "default_policy": {}, "error": f"{type(exc).__name__}: {exc}"}
+    finally:
+        if cgroups is not None:
+            cgroups.remove()
+    profile = build_profile(DEFAULT_TENANT, Policy(), host)
+    return {"identity": identity, "layers": host.layers,
+            "default_policy": {layer: ("required" if layer in profile.required else "not used")
+                               for layer in LAYERS},
+            "error": None}
+
+
+def _probe_unprivileged() -> dict:
+    """The same probe, run by a child that dropped to an unprivileged uid."""
+    report = call_as_user(lambda: uvloop.run(_probe_here()), _UNPRIVILEGED_UID, interpreter_paths())
+    report.setdefault("identity", f"uid {_UNPRIVILEGED_UID}")
+    report.setdefault("layers", {})
+    report.setdefault("default_policy", {})
+    return report
+
+
+def _print_doctor(columns: dict[str, dict], here: dict) -> None:
+    width = max(len(layer) for layer in LAYERS) + 2
+    for title, report in columns.items():
+        print(f"== {title}")
+        if report.get("remounted_for_reachability"):
+            print(f"   (probed in a private mount namespace where {', '.join(report['remounted_for_reachability'])} "
+                  f"is traversable, so that this interpreter can run)")
+        if report.get("error") is not None:
+            print(f"   probe failed: {report['error']}")
+            continue
+        for layer in LAYERS:
+            print(f"   {layer:<{width}}{report['layers'].get(layer, '?'):<60} "
+                  f"default policy: {report['default_policy'].get(layer, '?')}")
+    if here["error"] is None:
+        print("\nThe default policy requires every layer marked 'on' above (required_layers = \"auto\");")
+        print("a policy listing a layer that is off is refused with ConfinementUnavailable.")

@@ -1,0 +1,71 @@
+"""Which isolation layers this host provides, found by trying them.
+
+Owns: the host-level checks that decide which layers are worth trying, and
+the probe that settles the rest: a real worker, started through the same
+code path as every other, with every layer optional, whose hello reports
+what actually took effect. The answer is cached per process and identity.
+
+Must never: claim a layer works because a check passed; only a worker that
+applied it says "on".
+"""
+
+from __future__ import annotations
+
+import os
+
+from policies.model import LAYERS, Policy
+from runtime import linux
+from sandbox.cgroups import CgroupParents
+from sandbox.profile import HostSupport, build_profile
+from sandbox.seccomp import SeccompUnavailable, build_filter
+from sandbox.worker import WorkerProcess
+from sandbox.zygote import Zygote
+
+_probed: dict[tuple[int, bool], dict[str, str]] = {}
+
+
+class _Discard:
+    def worker_released(self, worker: WorkerProcess, *, retire: bool) -> None:
+        worker.kill()
+
+    def worker_lost(self, worker: WorkerProcess) -> None:
+        pass
+
+
+async def probe(zygote: Zygote, cgroups: CgroupParents | None, cgroup_error: str | None) -> HostSupport:
+    root = os.geteuid() == 0
+    namespaces = zygote.namespaces
+    key = (os.geteuid(), cgroups is not None)
+    if key not in _probed:
+        _probed[key] = await _try_layers(zygote, root, namespaces, cgroups, cgroup_error)
+    return HostSupport(_probed[key], root, bool(namespaces.get("pid_namespaces")), cgroups)
+
+
+async def _try_layers(zygote: Zygote, root: bool, namespaces: dict, cgroups: CgroupParents | None,
+                      cgroup_error: str | None) -> dict[str, str]:
+    unavailable: dict[str, str] = {}
+    if not (root or namespaces.get("userns")):
+        unavailable["identity"] = f"off: not root, and no user namespace ({namespaces.get('namespace_error')})"
+    if not namespaces.get("pid_namespaces"):
+        unavailable["pidns"] = f"off: {namespaces.get('namespace_error')}"
+    if namespaces.get("netns_error"):
+        unavailable["netns"] = f"off: {namespaces['netns_error']}"
+    if cgroups is None:
+        unavailable["cgroup"] = f"off: {cgroup_error}"
+    try:
+        build_filter(allow_processes=False, allow_network=False, pid_namespace=True)
+    except SeccompUnavailable as exc:
+        unavailable["seccomp"] = f"off: {exc}"
+    if linux.landlock_abi() < 1:
+        unavailable["landlock"] = "off: this kernel has no landlock"
+
+    provisional = {layer: unavailable.get(layer, "on") for layer in LAYERS}
+    host = HostSupport(provisional, root, bool(namespaces.get("pid_namespaces")), cgroups)
+    profile = build_profile("(probe)", Policy(required_layers=[]), host)
+    worker = WorkerProcess(0, profile, _Discard())
+    try:
+        await worker.start(zygote)
+        applied = worker.layers
+    finally:
+        worker.kill()
+    return {layer: unavailable.get(layer) or applied.get(layer, "off: not reported") for layer in LAYERS}

@@ -1,0 +1,53 @@
+"""``Opaque``: a worker's value that the host keeps as bytes.
+
+Owns: the public handle for outputs the host refuses to decode (instances of
+user classes, functions, numpy arrays, anything over a decoding budget).
+
+Must never: run any of the value's code on the host by accident. An Opaque
+compares by identity, hashes by identity, and its repr is built from the
+type label the worker reported, escaped and truncated. Pickling an Opaque
+on the host (to cache it, say) pickles only its bytes, so unpickling it
+gives back an Opaque, never the foreign object. The one way to rebuild the
+real object on the host is :meth:`Opaque.unsafe_unpickle`, whose name says
+what it does.
+
+Passing an Opaque as an input to a later run sends its bytes to the worker,
+which rebuilds the object there, under that run's import policy.
+"""
+
+from __future__ import annotations
+
+
+class Opaque:
+    __slots__ = ("_data", "type_name", "reason")
+
+    def __init__(self, data: bytes, type_name: str, reason: str) -> None:
+        self._data = bytes(data)
+        self.type_name = type_name
+        self.reason = reason
+
+    @property
+    def data(self) -> bytes:
+        """The value as the worker serialized it (a cloudpickle stream)."""
+        return self._data
+
+    @property
+    def size(self) -> int:
+        return len(self._data)
+
+    def unsafe_unpickle(self) -> object:
+        """Rebuild the object in *this* process.
+
+        This runs whatever code the pickle names, with the host's rights.
+        Only call it for values you trust, e.g. from a tenant that is you.
+        """
+        import cloudpickle
+
+        return cloudpickle.loads(self._data)
+
+    def __reduce__(self) -> tuple:
+        return (Opaque, (self._data, self.type_name, self.reason))
+
+    def __repr__(self) -> str:
+        label = self.type_name[:80].encode("ascii", "backslashreplace").decode("ascii")
+        return f"<Opaque {label!s} ({len(self._data)} bytes)>"

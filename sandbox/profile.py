@@ -1,0 +1,150 @@
+"""Translate a tenant's Policy into how its workers are started and limited.
+
+Owns: the mapping from policy fields to rlimits, tmpfs sizes, cgroup
+limits, the seccomp profile, the environment, the layers each worker must
+apply (failing closed when the host lacks one), and the host-side limits
+the supervisor enforces on that tenant's workers.
+
+Must never: put a secret into the zygote config (``TenantProfile.template``):
+every worker is forked from the zygote's memory. The environment, which may
+carry secrets the operator chose to pass, travels separately (``env``).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass, field
+
+from policies.model import LAYERS, Policy
+from sandbox.cgroups import CgroupParents
+from sandbox.errors import ConfinementUnavailable
+from sandbox.seccomp import build_filter
+from sandbox.zygote import USERNS_INSIDE_ID
+
+MiB = 1024 * 1024
+BASE_ENV = {"PATH": "/usr/local/bin:/usr/bin:/bin", "HOME": "/work", "TMPDIR": "/tmp", "LANG": "C.UTF-8"}
+_ETC_FILES = ["ld.so.cache", "localtime", "nsswitch.conf", "hosts", "mime.types"]
+_NETWORK_ETC_FILES = ["resolv.conf", "ssl", "ca-certificates", "gai.conf", "services", "protocols"]
+# Root mode gives each worker its own uid and gid from this range.
+UID_BASE = 1_600_000_000
+UID_SPAN = 1_000_000
+_STACK_BYTES = 8 * MiB
+_FRAME_HEADROOM = 1 * MiB  # names, labels and reasons on top of the values themselves
+MAX_ERROR_TEXT_BYTES = 64 * 1024
+
+
+@dataclass(frozen=True)
+class HostSupport:
+    """What this host can provide: ``layers`` maps each layer to "on" or "off: why"."""
+
+    layers: dict[str, str]
+    root: bool
+    pid_namespace: bool
+    cgroups: CgroupParents | None = field(default=None, compare=False)
+
+    @property
+    def supported(self) -> frozenset[str]:
+        return frozenset(name for name, state in self.layers.items() if state == "on")
+
+
+@dataclass(frozen=True)
+class TenantProfile:
+    name: str
+    policy: Policy
+    required: frozenset[str]
+    template: dict
+    env: dict[str, str]
+    cgroups: CgroupParents | None = field(default=None, compare=False)
+
+    @property
+    def max_frame_bytes(self) -> int:
+        return self.policy.max_reply_bytes + _FRAME_HEADROOM
+
+    def worker_config(self, worker_id: int) -> dict:
+        """The zygote config of one worker: the template plus its own ids."""
+        config = dict(self.template)
+        if config.pop("dedicated_uid"):
+            config["uid"] = config["gid"] = UID_BASE + worker_id % UID_SPAN
+        if self.cgroups is not None and "cgroup" in config["layers"]:
+            policy = self.policy
+            tasks = policy.max_threads + (policy.max_processes if policy.allow_processes else 0) + 1
+            memory = (policy.memory_mb + policy.scratch_mb + 2 * policy.tmp_mb) * MiB
+            config["cgroup"] = {"hierarchies": self.cgroups.worker_limits(max_tasks=tasks, memory_bytes=memory)}
+        return config
+
+
+def build_profile(name: str, policy: Policy, host: HostSupport) -> TenantProfile:
+    """Fail closed: raise ConfinementUnavailable if a required layer is missing."""
+    applicable = set(host.supported)
+    if policy.network:
+        applicable.discard("netns")  # network means staying in the host's namespace
+    if policy.required_layers == "auto":
+        required = frozenset(applicable)
+    else:
+        required = frozenset(policy.required_layers)
+        if policy.network and "netns" in required:
+            raise ConfinementUnavailable(
+                f"tenant {name!r} requires layer 'netns' but its policy allows network",
+                layer="netns", reason="the policy allows network")
+    missing = sorted(required - host.supported, key=LAYERS.index)
+    if missing:
+        details = "; ".join(f"{layer}: {host.layers.get(layer, 'off: unknown layer')}" for layer in missing)
+        raise ConfinementUnavailable(
+            f"tenant {name!r} requires isolation layers this host cannot provide ({details})",
+            layer=missing[0], reason=host.layers.get(missing[0], "unknown"))
+
+    seccomp = None
+    if "seccomp" in applicable:
+        seccomp = build_filter(allow_processes=policy.allow_processes, allow_network=policy.network,
+                               pid_namespace=host.pid_namespace)
+    template = {
+        "layers": {layer: layer in required for layer in sorted(applicable, key=LAYERS.index)},
+        "dedicated_uid": host.root,
+        "userns_id": USERNS_INSIDE_ID,
+        "network": policy.network,
+        "readonly": policy.filesystem == "readonly",
+        "extra_readonly_paths": list(policy.readonly_paths),
+        "etc_files": _ETC_FILES + (_NETWORK_ETC_FILES if policy.network else []),
+        "tmpfs": {"/work": policy.scratch_mb * MiB, "/tmp": policy.tmp_mb * MiB,
+                  "/dev/shm": policy.tmp_mb * MiB},
+        "rlimits": _rlimits(policy, host.root),
+        "seccomp_bpf": seccomp,
+        "worker": {
+            "tenant": name,
+            "allowed_modules": list(policy.allowed_modules),
+            "denied_modules": list(policy.denied_modules),
+            "removed_builtins": list(policy.removed_builtins),
+            "max_result_bytes": policy.max_result_bytes,
+            "max_reply_bytes": policy.max_reply_bytes,
+            "max_frame_bytes": policy.max_reply_bytes + _FRAME_HEADROOM,
+            "max_error_text_bytes": MAX_ERROR_TEXT_BYTES // 2,
+        },
+    }
+    env = {**BASE_ENV, **{key: os.environ[key] for key in policy.env if key in os.environ}}
+    return TenantProfile(name, policy, required, template, env, host.cgroups)
+
+
+def _rlimits(policy: Policy, root: bool) -> dict[str, tuple[int, int]]:
+    # RLIMIT_CPU counts a process's whole life. A reused worker's soft limit
+    # is moved to "used + budget" before each run (runtime.worker), under a
+    # hard limit of twice the budget; the worker asks to be replaced before
+    # the hard limit could cut a run short. A fresh process per run gets
+    # soft = hard = the budget.
+    cpu = math.ceil(policy.cpu_time_s)
+    cpu_hard = cpu if policy.fresh_process_per_run else 2 * cpu + 1
+    memory = policy.memory_mb * MiB
+    limits = {
+        "cpu": (cpu, cpu_hard),
+        "data": (memory, memory),
+        "nofile": (policy.max_open_files, policy.max_open_files),
+        "fsize": (policy.max_file_size_mb * MiB, policy.max_file_size_mb * MiB),
+        "core": (0, 0),
+        "stack": (_STACK_BYTES, _STACK_BYTES),
+    }
+    if root:
+        # Only meaningful with a uid of the worker's own: it counts every
+        # task of the uid. Unprivileged workers share the supervisor's uid.
+        tasks = policy.max_threads + (policy.max_processes if policy.allow_processes else 0)
+        limits["nproc"] = (tasks, tasks)
+    return limits

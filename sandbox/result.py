@@ -1,0 +1,47 @@
+"""What a successful run returns.
+
+Owns: ``Result`` and ``RunStats``, plain containers the host filled in.
+
+Must never: reference the worker process or anything foreign. ``outputs``
+holds only decoded inert data and ``Opaque`` handles.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+
+@dataclass(frozen=True)
+class RunStats:
+    """Measurements of one run. Readable as attributes or as ``stats["wall_s"]``."""
+
+    wall_s: float
+    cpu_s: float
+    peak_memory_bytes: int
+    worker_pid: int
+    tenant: str
+
+    def __getitem__(self, name: str) -> object:
+        if name not in self.__dataclass_fields__:
+            raise KeyError(name)
+        return getattr(self, name)
+
+    def as_dict(self) -> dict[str, object]:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class Result:
+    """The outcome of a run that ended normally.
+
+    ``outputs`` maps each variable the code bound to its value (inert data
+    decoded, everything else as ``Opaque``); ``skipped`` maps each variable
+    that was not exported to the reason; ``stdout``/``stderr`` are what the
+    run printed.
+    """
+
+    outputs: dict[str, object]
+    stdout: str
+    stderr: str
+    skipped: dict[str, str]
+    stats: RunStats

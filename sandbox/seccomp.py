@@ -1,0 +1,109 @@
+"""Build the seccomp filter a worker loads as its last confinement step.
+
+Owns: which system calls a worker may make, per policy profile. The filter
+is compiled once per profile on the host with libseccomp (through
+``pyseccomp``) and shipped to workers as classic-BPF bytes; a worker only
+hands those bytes to the kernel (``runtime.linux.load_seccomp_bpf``), so
+neither libseccomp nor this module ever runs next to user code.
+
+Must never: allow a call that reaches outside the worker's run. The default
+action is to allow, and the rules below deny, with ``EPERM`` so that code
+sees an ordinary ``PermissionError`` it can handle:
+
+* creating processes and executing programs (``fork``, ``vfork``, ``clone``
+  without ``CLONE_THREAD``, ``execve``, ``execveat``) unless the policy allows
+  processes; ``clone3`` always fails with ``ENOSYS`` because its flags live
+  in memory seccomp cannot read, and glibc then falls back to ``clone`` for
+  threads; ``clone`` with any namespace flag is always denied;
+* ptrace and cross-process memory access; mounts, namespaces, bpf, perf,
+  userfaultfd, keyrings, io_uring, kernel modules and other host-wide knobs;
+* sockets of any family but ``AF_UNIX``, and ``bind``/``connect``/``listen``/
+  ``accept``, unless the policy allows network;
+* ``kill``, ``tgkill`` and ``prlimit64`` aimed at any pid above 2. Inside a
+  worker's PID namespace pid 1 is its init and pid 2 the worker itself, so
+  this leaves exactly "self" (and the init, which ignores signals).
+
+Architectures other than the native one are killed outright (libseccomp's
+bad-arch action), which closes the i386 ``int 0x80`` and x32 side doors.
+"""
+
+from __future__ import annotations
+
+import errno
+import functools
+import os
+import socket
+
+_ALWAYS_DENIED = (
+    "ptrace", "process_vm_readv", "process_vm_writev", "pidfd_getfd", "process_madvise",
+    "mount", "umount2", "pivot_root", "chroot", "unshare", "setns", "move_mount", "open_tree",
+    "fsopen", "fsconfig", "fsmount", "fspick", "mount_setattr",
+    "bpf", "perf_event_open", "userfaultfd", "keyctl", "add_key", "request_key",
+    "io_uring_setup", "io_uring_enter", "io_uring_register",
+    "kexec_load", "kexec_file_load", "init_module", "finit_module", "delete_module",
+    "reboot", "swapon", "swapoff", "acct", "quotactl", "open_by_handle_at", "name_to_handle_at",
+    "lookup_dcookie", "fanotify_init", "syslog", "settimeofday", "clock_settime", "clock_adjtime",
+    "adjtimex", "mknod", "mknodat", "iopl", "ioperm", "vhangup", "uselib", "ustat", "sysfs",
+    "tkill",
+)
+_PROCESS_CREATION = ("fork", "vfork", "execve", "execveat")
+_NETWORK = ("bind", "connect", "listen", "accept", "accept4")
+_CLONE_THREAD = 0x00010000
+_CLONE_NAMESPACES = (0x00020000, 0x02000000, 0x04000000, 0x08000000, 0x10000000, 0x20000000,
+                     0x40000000, 0x00000080)  # NEWNS CGROUP UTS IPC USER PID NET TIME
+_HIGHEST_OWN_PID = 2
+
+
+class SeccompUnavailable(Exception):
+    """libseccomp is missing or refused to build the filter."""
+
+
+@functools.lru_cache(maxsize=None)
+def build_filter(*, allow_processes: bool, allow_network: bool, pid_namespace: bool) -> bytes:
+    """Return the BPF program (8 bytes per instruction) for this profile."""
+    try:
+        import pyseccomp as sc
+    except (ImportError, OSError) as exc:  # pyseccomp raises OSError when libseccomp.so is absent
+        raise SeccompUnavailable(f"libseccomp is not usable: {exc}") from None
+    deny = sc.ERRNO(errno.EPERM)
+    flt = sc.SyscallFilter(sc.ALLOW)
+    flt.set_attr(sc.Attr.ACT_BADARCH, sc.KILL_PROCESS)
+
+    def rule(action: int, name: str, *args) -> None:
+        try:
+            flt.add_rule(action, name, *args)
+        except (OSError, ValueError, RuntimeError):
+            pass  # the call does not exist on this architecture
+
+    for name in _ALWAYS_DENIED:
+        rule(deny, name)
+    rule(sc.ERRNO(errno.ENOSYS), "clone3")
+    for flag in _CLONE_NAMESPACES:
+        rule(deny, "clone", sc.Arg(0, sc.MASKED_EQ, flag, flag))
+    if not allow_processes:
+        for name in _PROCESS_CREATION:
+            rule(deny, name)
+        rule(deny, "clone", sc.Arg(0, sc.MASKED_EQ, _CLONE_THREAD, 0))
+    if pid_namespace:
+        targets = ("prlimit64",) if allow_processes else ("kill", "tgkill", "prlimit64")
+        for name in targets:
+            rule(deny, name, sc.Arg(0, sc.GT, _HIGHEST_OWN_PID))
+    if not allow_network:
+        rule(sc.ERRNO(errno.EAFNOSUPPORT), "socket", sc.Arg(0, sc.NE, socket.AF_UNIX))
+        rule(sc.ERRNO(errno.EAFNOSUPPORT), "socketpair", sc.Arg(0, sc.NE, socket.AF_UNIX))
+        for name in _NETWORK:
+            rule(deny, name)
+    fd = os.memfd_create("seccomp-bpf")
+    try:
+        with os.fdopen(fd, "w+b", closefd=False) as sink:
+            flt.export_bpf(sink)
+        os.lseek(fd, 0, os.SEEK_SET)
+        chunks = []
+        while chunk := os.read(fd, 65536):
+            chunks.append(chunk)
+    finally:
+        os.close(fd)
+    program = b"".join(chunks)
+    if not program or len(program) % 8:
+        raise SeccompUnavailable("libseccomp produced no filter")
+    return program

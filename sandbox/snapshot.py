@@ -1,0 +1,218 @@
+"""Decode a worker's exported variables without trusting them.
+
+Owns: the only place where the host turns worker bytes into Python objects.
+
+Must never: call ``pickle.loads``/``cloudpickle.loads``, import a module a
+pickle names, call anything but the constructors of the inert types below,
+or recurse over a structure the worker built.
+
+A value becomes a real object only if it is made entirely of inert builtin
+data: None, bool, int, float, complex, str, bytes, bytearray, list, tuple,
+dict, set, frozenset, and the ``datetime`` types, ``Decimal``, ``Fraction``
+and ``UUID``. Anything else, and anything over a budget, comes back as an
+:class:`~sandbox.opaque.Opaque` that holds the bytes.
+
+Why the pure-Python unpickler: the C one keeps its memo in an array sized by
+the largest index it sees, so a 20-byte pickle with ``LONG_BINPUT 2**31``
+makes it allocate and zero gigabytes. ``pickle._Unpickler`` keeps the memo in
+a dict, and lets us wrap every opcode to count it, which bounds the work
+before any structure exists. What loading cannot see (depth, and shared
+references that expand exponentially when walked, like a 60-level doubling
+chain) is checked afterwards by one iterative walk that stops at its budget.
+Keys of dicts and sets are checked before insertion for nesting depth (the C
+``tuple.__hash__`` recursion has no guard) and for repeated hashes (integer
+hashes are not randomized, so a crafted dict could make insertion quadratic).
+"""
+
+from __future__ import annotations
+
+import datetime
+import decimal
+import fractions
+import io
+import pickle
+import struct
+import uuid
+from dataclasses import dataclass
+
+from sandbox.opaque import Opaque
+
+_ALLOWED_GLOBALS: dict[tuple[str, str], type] = {
+    ("builtins", "complex"): complex,
+    ("datetime", "datetime"): datetime.datetime,
+    ("datetime", "date"): datetime.date,
+    ("datetime", "time"): datetime.time,
+    ("datetime", "timedelta"): datetime.timedelta,
+    ("datetime", "timezone"): datetime.timezone,
+    ("decimal", "Decimal"): decimal.Decimal,
+    ("fractions", "Fraction"): fractions.Fraction,
+    ("uuid", "UUID"): uuid.UUID,
+}
+_SCALARS = frozenset({type(None), bool, int, float, complex, str, bytes, bytearray, datetime.datetime,
+                      datetime.date, datetime.time, datetime.timedelta, datetime.timezone,
+                      decimal.Decimal, fractions.Fraction})
+_SEQUENCES = frozenset({list, tuple, set, frozenset})
+
+
+@dataclass(frozen=True)
+class Budget:
+    """Limits on decoding one value; the defaults suit JSON-like results."""
+
+    max_ops: int = 2_000_000  # pickle opcodes executed
+    max_nodes: int = 1_000_000  # objects visited, counting every shared reference again
+    max_depth: int = 100  # nesting of containers
+    max_int_bytes: int = 4096  # one int, in two's-complement bytes
+    max_equal_hashes: int = 16  # distinct keys of one dict/set sharing a hash
+
+
+class _Refused(Exception):
+    """The value is not inert data, or is over budget; keep it opaque."""
+
+
+class _RestrictedUnpickler(pickle._Unpickler):  # type: ignore[name-defined]
+    dispatch = dict(pickle._Unpickler.dispatch)  # type: ignore[attr-defined]
+
+    def __init__(self, data: bytes, budget: Budget) -> None:
+        super().__init__(io.BytesIO(data), fix_imports=False)
+        self.budget = budget
+        self.ops_left = budget.max_ops
+        self.hash_counts: dict[int, dict[int, int]] = {}
+
+    def find_class(self, module: str, name: str) -> type:
+        try:
+            return _ALLOWED_GLOBALS[(module, name)]
+        except (KeyError, TypeError):
+            raise _Refused(f"{module}.{name} is not an inert type") from None
+
+    def persistent_load(self, pid: object) -> None:
+        raise _Refused("persistent references are not data")
+
+    def admit_keys(self, container: object, keys) -> None:
+        counts = self.hash_counts.setdefault(id(container), {})
+        for key in keys:
+            if type(key) in (tuple, frozenset):
+                _check_depth(key, self.budget.max_depth)
+            digest = hash(key)
+            counts[digest] = counts.get(digest, 0) + 1
+            if counts[digest] > self.budget.max_equal_hashes:
+                raise _Refused("too many keys share one hash")
+
+
+def _counted(handler):
+    def run(self: _RestrictedUnpickler) -> None:
+        self.ops_left -= 1
+        if self.ops_left < 0:
+            raise _Refused("too many pickle operations")
+        handler(self)
+    return run
+
+
+def _load_long(size_format: str):
+    size = struct.Struct(size_format)
+
+    def run(self: _RestrictedUnpickler) -> None:
+        (n,) = size.unpack(self.read(size.size))
+        if n < 0 or n > self.budget.max_int_bytes:
+            raise _Refused("integer over budget")
+        self.append(pickle.decode_long(self.read(n)))
+    return run
+
+
+def _load_setitem(self: _RestrictedUnpickler) -> None:
+    self.admit_keys(self.stack[-3], (self.stack[-2],))
+    pickle._Unpickler.load_setitem(self)  # type: ignore[attr-defined]
+
+
+def _load_setitems(self: _RestrictedUnpickler) -> None:
+    mark = self.metastack[-1] if self.metastack else []
+    self.admit_keys(mark[-1] if mark else None, self.stack[0::2])
+    pickle._Unpickler.load_setitems(self)  # type: ignore[attr-defined]
+
+
+def _load_items_into_set(self: _RestrictedUnpickler) -> None:
+    mark = self.metastack[-1] if self.metastack else []
+    self.admit_keys(mark[-1] if mark else None, self.stack)
+    pickle._Unpickler.load_additems(self)  # type: ignore[attr-defined]
+
+
+def _load_frozenset(self: _RestrictedUnpickler) -> None:
+    self.admit_keys(object(), self.stack)
+    pickle._Unpickler.load_frozenset(self)  # type: ignore[attr-defined]
+
+
+def _load_build(self: _RestrictedUnpickler) -> None:
+    if type(self.stack[-2]) is not uuid.UUID:
+        raise _Refused("only UUID restores state")
+    pickle._Unpickler.load_build(self)  # type: ignore[attr-defined]
+
+
+def _build_dispatch() -> None:
+    op = pickle
+    table = _RestrictedUnpickler.dispatch
+    for code in (op.PERSID, op.BINPERSID, op.INST, op.OBJ, op.EXT1, op.EXT2, op.EXT4,
+                 op.NEXT_BUFFER, op.READONLY_BUFFER, op.DICT):
+        table.pop(code[0], None)
+    table[op.LONG1[0]] = _load_long("<B")
+    table[op.LONG4[0]] = _load_long("<i")
+    table[op.SETITEM[0]] = _load_setitem
+    table[op.SETITEMS[0]] = _load_setitems
+    table[op.ADDITEMS[0]] = _load_items_into_set
+    table[op.FROZENSET[0]] = _load_frozenset
+    table[op.BUILD[0]] = _load_build
+    for code, handler in list(table.items()):
+        table[code] = _counted(handler)
+
+
+_build_dispatch()
+
+
+def _check_depth(root: object, max_depth: int) -> None:
+    stack = [(root, 1)]
+    while stack:
+        obj, depth = stack.pop()
+        if depth > max_depth:
+            raise _Refused("nested deeper than the budget")
+        if type(obj) in (tuple, frozenset):
+            stack.extend((child, depth + 1) for child in obj)
+
+
+def _walk(root: object, budget: Budget) -> None:
+    """Check depth and expanded size of a loaded value, without recursion."""
+    nodes_left = budget.max_nodes
+    stack = [(root, 1)]
+    while stack:
+        obj, depth = stack.pop()
+        nodes_left -= 1
+        if nodes_left < 0:
+            raise _Refused("expands to more objects than the budget")
+        if depth > budget.max_depth:
+            raise _Refused("nested deeper than the budget")
+        kind = type(obj)
+        if kind in _SEQUENCES:
+            stack.extend((child, depth + 1) for child in obj)
+        elif kind is dict:
+            for key, value in obj.items():
+                stack.append((key, depth + 1))
+                stack.append((value, depth + 1))
+        elif kind is int:
+            if obj.bit_length() > budget.max_int_bytes * 8:
+                raise _Refused("integer over budget")
+        elif kind is uuid.UUID:
+            if type(obj.int) is not int or not 0 <= obj.int < 1 << 128:
+                raise _Refused("malformed UUID")
+        elif kind not in _SCALARS:
+            raise _Refused(f"unexpected type {kind.__name__}")
+
+
+def decode_value(data: bytes, type_label: str, budget: Budget = Budget()) -> object:
+    """The value if it is inert data within budget, else an Opaque holding it."""
+    try:
+        value = _RestrictedUnpickler(data, budget).load()
+        _walk(value, budget)
+        return value
+    except _Refused as exc:
+        return Opaque(data, type_label, str(exc))
+    except RecursionError:
+        return Opaque(data, type_label, "nested too deeply")
+    except Exception as exc:  # malformed stream: still just bytes to us
+        return Opaque(data, type_label, f"not decodable: {type(exc).__name__}")

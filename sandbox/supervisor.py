@@ -1,0 +1,300 @@
+"""The supervisor: ``Sandbox`` takes runs and drives them to one outcome each.
+
+Owns: the life of a Sandbox (start: zygote, layer probe, tenant profiles,
+pre-started workers; close: no run left waiting, no process left behind),
+admission of runs, the dispatch loop that matches the scheduler's choice of
+tenant with the pool's workers, cancellation, and the watchdog.
+
+::
+
+    run() ──▶ Scheduler.admit ──▶ _pump ──▶ Pool: idle worker of that tenant,
+      ▲        (quotas, FIFO,       │         or spawn one (evicting another
+      │         fair share)         │         tenant's idle worker if full)
+      │                             ▼
+      └── outcome.to_result ◀── WorkerProcess.begin ── channel ──▶ worker
+                                   (wall timer, output cap, token)
+
+Must never: do blocking work on the event loop thread. Every worker fd is
+served by loop callbacks; large outputs are decoded in a thread; the only
+synchronous system calls made on the loop are short ones (non-blocking
+reads and writes, pidfd signals, and the watchdog's reads of ``/proc``).
+It also runs on whatever asyncio loop it is embedded in; it picks uvloop
+only when it owns the loop (``run_sync``, the CLI).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from collections.abc import Mapping
+
+import psutil
+
+from policies.model import Policy
+from sandbox import outcome
+from sandbox.cgroups import CgroupParents
+from sandbox.errors import InputError, SandboxClosed, SandboxError
+from sandbox.inputs import encode_inputs
+from sandbox.job import Job
+from sandbox.layers import probe
+from sandbox.pool import Pool
+from sandbox.profile import HostSupport, TenantProfile, build_profile
+from sandbox.result import Result
+from sandbox.scheduler import Scheduler, TenantQueue
+from sandbox.worker import State, WorkerProcess
+from sandbox.zygote import Zygote
+
+DEFAULT_TENANT = "default"
+_WATCHDOG_PERIOD_S = 0.05
+MiB = 1024 * 1024
+
+
+class Sandbox:
+    """Runs code nodes in confined, pooled worker processes.
+
+    ``policy`` is the default tenant's policy; ``tenants`` maps further
+    tenant names to theirs; ``workers`` bounds the number of worker
+    processes shared by all tenants (default: the number of CPUs).
+    Use it as ``async with Sandbox(...) as sb: await sb.run(code, inputs)``.
+    """
+
+    def __init__(self, policy: Policy | None = None, *, tenants: Mapping[str, Policy] | None = None,
+                 workers: int | None = None, idle_timeout_s: float | None = 300.0) -> None:
+        policies = dict(tenants or {})
+        if policy is not None and DEFAULT_TENANT in policies:
+            raise SandboxError("pass the default tenant's policy either as policy= or as tenants['default'], "
+                               "not both")
+        if policy is not None or DEFAULT_TENANT not in policies:
+            policies[DEFAULT_TENANT] = policy if policy is not None else Policy()
+        for name, value in policies.items():
+            if not isinstance(value, Policy):
+                raise SandboxError(f"tenant {name!r}: expected a Policy, got {type(value).__name__}")
+        if workers is not None and workers < 1:
+            raise SandboxError("workers must be at least 1")
+        self.policies = policies
+        self.capacity = workers or os.cpu_count() or 2
+        self._idle_timeout_s = idle_timeout_s
+        self._state = "new"
+        self._running: dict[Job, WorkerProcess] = {}
+        self._profiles: dict[str, TenantProfile] = {}
+        self._scheduler = Scheduler(policies)
+        self._pool: Pool | None = None
+        self._cgroups: CgroupParents | None = None
+        self._watchdog: asyncio.Task | None = None
+        self.host: HostSupport | None = None
+
+    # --- lifecycle -------------------------------------------------------------
+
+    async def __aenter__(self) -> "Sandbox":
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.close()
+
+    async def start(self) -> None:
+        if self._state != "new":
+            raise SandboxError("a Sandbox can be started only once")
+        self._state = "starting"
+        self._loop = asyncio.get_running_loop()
+        try:
+            cgroup_error = None
+            try:
+                self._cgroups = await asyncio.to_thread(CgroupParents.create)
+            except OSError as exc:
+                cgroup_error = exc.strerror or str(exc)
+            zygote = await self._new_zygote()
+            try:
+                self.host = await probe(zygote, self._cgroups, cgroup_error)
+                self._profiles = {name: build_profile(name, policy, self.host)
+                                  for name, policy in self.policies.items()}
+            except BaseException:
+                await zygote.close()
+                raise
+            self._pool = Pool(self.capacity, self._profiles, zygote, self._new_zygote, self._pump,
+                              self._spawn_failed)
+            for _ in range(self.capacity):
+                self._pool.spawn(DEFAULT_TENANT)
+            await self._pool.wait_started()
+            if not self._pool.has_idle(DEFAULT_TENANT) and self._pool.last_spawn_error is not None:
+                raise self._pool.last_spawn_error
+        except BaseException:
+            await self._teardown()
+            self._state = "closed"
+            raise
+        self._watchdog = self._loop.create_task(self._watch())
+        self._state = "open"
+
+    async def _new_zygote(self) -> Zygote:
+        preload = sorted({pattern.removesuffix(".*") for policy in self.policies.values()
+                          for pattern in policy.allowed_modules})
+        return await Zygote.start(preload=preload)
+
+    async def close(self) -> None:
+        """Fail queued and running runs with SandboxClosed and stop every process."""
+        if self._state in ("closing", "closed"):
+            return
+        self._state = "closing"
+        for job in self._scheduler.drain():
+            job.fail(SandboxClosed("the sandbox was closed before this run started"))
+        for worker in list(self._running.values()):
+            worker.fail_run(lambda out, err: SandboxClosed("the sandbox was closed while this run was in flight",
+                                                           stdout=out, stderr=err))
+        await self._teardown()
+        self._state = "closed"
+
+    async def _teardown(self) -> None:
+        if self._watchdog is not None:
+            self._watchdog.cancel()
+            await asyncio.gather(self._watchdog, return_exceptions=True)
+        if self._pool is not None:
+            await self._pool.close()
+        if self._cgroups is not None:
+            await asyncio.to_thread(self._cgroups.remove)
+
+    # --- runs -------------------------------------------------------------------
+
+    async def run(self, code: str, inputs: Mapping[str, object] | None = None, *,
+                  tenant: str = DEFAULT_TENANT, timeout: float | None = None) -> Result:
+        """Run ``code`` with ``inputs`` bound as variables; return its outputs.
+
+        ``timeout`` may shorten the tenant's ``wall_time_s``, never extend it.
+        Raises a ``SandboxError`` subclass for every way a run can fail.
+        """
+        return await self.execute(code, inputs, tenant=tenant, timeout=timeout)
+
+    async def execute(self, code: str, inputs: Mapping[str, object] | None = None, *,
+                      tenant: str = DEFAULT_TENANT, timeout: float | None = None, allow_await: bool = True,
+                      filename: str = "<code>") -> Result:
+        """``run`` with the knobs workflows need: sync-only code and a named filename."""
+        if self._state != "open":
+            raise SandboxClosed("the sandbox is not running (use it inside 'async with Sandbox(...)')")
+        profile = self._profiles.get(tenant)
+        if profile is None:
+            known = ", ".join(repr(name) for name in sorted(self._profiles))
+            raise SandboxError(f"unknown tenant {tenant!r}; this sandbox serves {known}")
+        if not isinstance(code, str):
+            raise InputError(f"code must be a str, not {type(code).__name__}")
+        wall = profile.policy.wall_time_s
+        if timeout is not None:
+            if not timeout > 0:
+                raise InputError(f"timeout must be a positive number of seconds, not {timeout!r}")
+            wall = min(wall, timeout)
+        job = Job(tenant, code, encode_inputs(inputs), allow_await, filename, wall, self._loop.create_future())
+        self._scheduler.admit(job)
+        job.future.add_done_callback(lambda _: self._job_done(job))
+        self._pump()
+        completed = await job.future
+        return await outcome.to_result(completed, profile)
+
+    async def run_workflow(self, workflow, parameters: Mapping[str, Mapping[str, object]] | None = None, *,
+                           tenant: str = DEFAULT_TENANT, timeout: float | None = None) -> dict:
+        """Run a built workflow of code nodes; see ``sandbox.workflow``."""
+        from sandbox.workflow import run_workflow
+
+        return await run_workflow(self, workflow, parameters, tenant=tenant, timeout=timeout)
+
+    def _job_done(self, job: Job) -> None:
+        """Every run passes here exactly once, however it ended.
+
+        A cancelled future means the caller stopped waiting: a queued run is
+        withdrawn, a running one has its worker killed, freeing the slot.
+        """
+        worker = self._running.pop(job, None)
+        if worker is not None:
+            self._scheduler.finished(job)
+            if job.future.cancelled():
+                worker.abandon(job)
+        elif job.future.cancelled():
+            self._scheduler.withdraw(job)
+        self._pump()
+
+    def _pump(self) -> None:
+        """Start every run that can start now, in the scheduler's order."""
+        if self._state != "open" or self._pool is None:
+            return
+        pool, scheduler = self._pool, self._scheduler
+        while (tenant := scheduler.pick(self._can_serve)) is not None:
+            worker = pool.take_idle(tenant.name)
+            if worker is None:
+                if not pool.has_room():
+                    pool.evict_idle_except(tenant.name)
+                pool.spawn(tenant.name)
+                continue
+            job = scheduler.started(tenant)
+            self._running[job] = worker
+            worker.begin(job)
+        self._keep_spares()
+
+    def _can_serve(self, tenant: TenantQueue) -> bool:
+        pool = self._pool
+        if pool.has_idle(tenant.name):
+            return True
+        starting = pool.starting(tenant.name)
+        if len(tenant.queue) <= starting:
+            return False  # workers already on their way will take these runs
+        cap = tenant.policy.max_concurrency
+        if cap is not None and tenant.in_flight + starting >= cap:
+            return False
+        return pool.has_room() or pool.has_idle_except(tenant.name)
+
+    def _keep_spares(self) -> None:
+        """Fresh-process tenants get a worker forked ahead of their next run."""
+        pool = self._pool
+        for tenant in self._scheduler.tenants.values():
+            if (tenant.policy.fresh_process_per_run and tenant.in_flight and pool.has_room()
+                    and not pool.has_idle(tenant.name) and not pool.starting(tenant.name)):
+                pool.spawn(tenant.name)
+
+    def _spawn_failed(self, tenant: str, error: BaseException) -> None:
+        """A tenant's worker could not start: its waiting runs fail with the reason."""
+        for job in self._scheduler.drain_tenant(tenant):
+            job.fail(error)
+
+    # --- watchdog ----------------------------------------------------------------
+
+    async def _watch(self) -> None:
+        """Second signals for memory and CPU, and retirement of idle workers.
+
+        The kernel limits (RLIMIT_DATA, the memory cgroup, RLIMIT_CPU) are the
+        first line; this samples busy workers' RSS and CPU time from /proc so
+        that a run over its limit ends as MemoryLimitExceeded or
+        TimeLimitExceeded even where a kernel limit is unavailable.
+        """
+        processes: dict[WorkerProcess, psutil.Process] = {}
+        while True:
+            await asyncio.sleep(_WATCHDOG_PERIOD_S)
+            now = self._loop.time()
+            for job, worker in list(self._running.items()):
+                if worker.state is not State.BUSY or job.started_at is None or now - job.started_at < 0.05:
+                    continue
+                try:
+                    process = processes.get(worker) or processes.setdefault(worker, psutil.Process(worker.pid))
+                    with process.oneshot():
+                        rss = process.memory_info().rss
+                        times = process.cpu_times()
+                except psutil.Error:
+                    continue
+                policy = worker.profile.policy
+                if rss > policy.memory_mb * MiB:
+                    worker.fail_run(lambda out, err, p=policy: outcome.memory_exceeded(
+                        p.memory_mb, "seen by the supervisor's RSS watchdog", stdout=out, stderr=err))
+                elif times.user + times.system - worker.worker_cpu_s > policy.cpu_time_s:
+                    worker.fail_run(lambda out, err, p=policy: outcome.cpu_exceeded(
+                        p.cpu_time_s, stdout=out, stderr=err))
+            for worker in [w for w in processes if w.state is State.DEAD]:
+                del processes[worker]
+            if self._idle_timeout_s is not None:
+                self._pool.retire_idle_since(now - self._idle_timeout_s)
+
+
+def run_sync(code: str, inputs: Mapping[str, object] | None = None, *, policy: Policy | None = None,
+             timeout: float | None = None, workers: int = 1) -> Result:
+    """Run one code node from synchronous code, on a private uvloop event loop."""
+    import uvloop
+
+    async def main() -> Result:
+        async with Sandbox(policy, workers=workers) as sandbox:
+            return await sandbox.run(code, inputs, timeout=timeout)
+
+    return uvloop.run(main())

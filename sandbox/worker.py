@@ -1,0 +1,412 @@
+"""One worker process, as the supervisor sees it.
+
+Owns: the worker's channel socket, its stdout/stderr pipes, its pidfds and
+its life (starting -> idle <-> busy -> dead), and every limit the host
+enforces on a run inside it: wall time, output size, frame size and shape,
+and the per-run reply token.
+
+Must never: block the event loop (every fd is non-blocking and served by a
+loop callback), trust a byte the worker sends (frames are bounded before
+they are buffered, decoded by ``runtime.wire.decode_reply`` and matched to
+the run's random token), or end a run twice (``Job`` ignores every outcome
+after the first). Any protocol violation kills the worker, and a dead
+worker is never reused.
+
+A run ends in exactly one of these ways, each of which releases the worker
+to the pool, or reports it lost:
+
+* a valid reply arrives           -> ``Completed`` (the supervisor decodes it)
+* the wall-clock timer fires      -> ``TimeLimitExceeded`` and SIGKILL
+* output passes its cap           -> ``OutputLimitExceeded`` and SIGKILL
+* the worker breaks the protocol  -> ``WorkerCrashed`` and SIGKILL
+* the watchdog sees RSS or CPU over the limit -> the matching error, SIGKILL
+* the worker dies on its own      -> an error built from the zygote's exit report
+* the awaiting task is cancelled  -> SIGKILL; the caller sees CancelledError
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import hmac
+import os
+import pickle
+import select
+import signal
+import socket
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Protocol
+
+from runtime import wire
+from sandbox import outcome
+from sandbox.errors import ConfinementUnavailable, SandboxError
+from sandbox.job import Job
+from sandbox.profile import MAX_ERROR_TEXT_BYTES, TenantProfile
+from sandbox.zygote import ExitInfo, Zygote
+
+_PIPE_CHUNK = 64 * 1024
+_HELLO_TIMEOUT_S = 30.0
+_EXIT_REPORT_GRACE_S = 1.0
+# One receive buffer for every channel: the loop runs one callback at a
+# time, and reusing it spares a large allocation per message.
+_RECEIVE_BUFFER = memoryview(bytearray(256 * 1024))
+
+
+class State(enum.Enum):
+    STARTING = "starting"
+    IDLE = "idle"
+    BUSY = "busy"
+    DEAD = "dead"
+
+
+@dataclass(frozen=True)
+class Completed:
+    """A run whose worker replied; its reply still has to be decoded."""
+
+    reply: wire.Reply
+    stdout: str
+    stderr: str
+    wall_s: float
+    worker_pid: int
+
+
+class Listener(Protocol):
+    def worker_released(self, worker: "WorkerProcess", *, retire: bool) -> None: ...
+
+    def worker_lost(self, worker: "WorkerProcess") -> None: ...
+
+
+class WorkerProcess:
+    def __init__(self, worker_id: int, profile: TenantProfile, listener: Listener) -> None:
+        self.id = worker_id
+        self.profile = profile
+        self.tenant = profile.name
+        self.state = State.STARTING
+        self.pid = 0
+        self.layers: dict[str, str] = {}
+        self.runs = 0
+        self.worker_cpu_s = 0.0  # cumulative, as last reported by the worker
+        self.first_peak_rss: int | None = None
+        self.idle_since = 0.0
+        self.job: Job | None = None
+        self.exit_info: ExitInfo | None = None
+        self._listener = listener
+        self._loop = asyncio.get_running_loop()
+        self._sock: socket.socket | None = None
+        self._pipes: list[int] = []
+        self._pipe_poll = select.poll()
+        self._pidfds: list[int] = []
+        self._rx = bytearray()
+        self._tx: list[memoryview] = []
+        self._hello: asyncio.Future | None = None
+        self._token = b""
+        self._timer: asyncio.TimerHandle | None = None
+        self._captured: tuple[list[bytes], list[bytes]] = ([], [])
+        self._captured_bytes = 0
+        self._awaiting_exit: Callable[[ExitInfo | None], None] | None = None
+
+    # --- start -------------------------------------------------------------
+
+    async def start(self, zygote: Zygote) -> None:
+        """Fork the worker, wait for its hello, send its environment."""
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        out_r, out_w = os.pipe2(os.O_CLOEXEC)
+        err_r, err_w = os.pipe2(os.O_CLOEXEC)
+        self._sock, self._pipes = ours, [out_r, err_r]
+        try:
+            self._pidfds = list(await zygote.spawn(self.id, self.profile.worker_config(self.id),
+                                                   [theirs.fileno(), out_w, err_w], self._on_exit))
+        except BaseException:
+            self._close_fds()
+            raise
+        finally:
+            theirs.close()
+            os.close(out_w)
+            os.close(err_w)
+        self.pid = _host_pid(self._pidfds[1])
+        ours.setblocking(False)
+        for fd in self._pipes:
+            os.set_blocking(fd, False)
+            self._pipe_poll.register(fd, select.POLLIN)
+        self._loop.add_reader(ours.fileno(), self._on_channel)
+        self._loop.add_reader(out_r, self._on_output, 0)
+        self._loop.add_reader(err_r, self._on_output, 1)
+        self._hello = self._loop.create_future()
+        try:
+            layers, error = await asyncio.wait_for(self._hello, _HELLO_TIMEOUT_S)
+        except BaseException:
+            self.kill()
+            raise
+        if error is not None:
+            self.kill()
+            layer, _, reason = error.partition(": ")
+            raise ConfinementUnavailable(
+                f"a worker of tenant {self.tenant!r} could not apply layer {layer!r}: {reason}",
+                layer=layer, reason=reason)
+        self.layers = layers
+        self._send(wire.frame(pickle.dumps(wire.setup_request(self.profile.env))))
+        self.state = State.IDLE
+        self.idle_since = self._loop.time()
+
+    # --- runs ----------------------------------------------------------------
+
+    def begin(self, job: Job) -> None:
+        """Send a run to this idle worker and start its wall-clock timer."""
+        assert self.state is State.IDLE
+        self.state = State.BUSY
+        self.job = job
+        self._token = os.urandom(wire.TOKEN_BYTES)
+        self._captured = ([], [])
+        self._captured_bytes = 0
+        request = wire.run_request(self._token, job.code, job.inputs, job.allow_await, job.filename,
+                                   self.profile.policy.cpu_time_s)
+        job.started_at = self._loop.time()
+        self._timer = self._loop.call_at(job.started_at + job.wall_time_s, self._on_wall_timeout)
+        self._send(wire.frame(pickle.dumps(request, protocol=pickle.HIGHEST_PROTOCOL)))
+
+    def abandon(self, job: Job) -> None:
+        """The caller stopped waiting for ``job``: kill the run and free the slot."""
+        if self.job is job and self.state is State.BUSY:
+            self.kill()
+            self._listener.worker_lost(self)
+
+    def fail_run(self, make_error: Callable[[str, str], SandboxError]) -> None:
+        """End the current run with ``make_error(stdout, stderr)`` and kill the worker."""
+        job = self.job
+        if job is None or self.state is not State.BUSY:
+            return
+        self._drain_outputs()
+        stdout, stderr = self._take_output()
+        self.kill()
+        job.fail(make_error(stdout, stderr))
+        self._listener.worker_lost(self)
+
+    def _finish(self, reply: wire.Reply) -> None:
+        job = self.job
+        assert job is not None and job.started_at is not None
+        self._drain_outputs()
+        if self.state is not State.BUSY:
+            return  # the drain found the output cap exceeded
+        stdout, stderr = self._take_output()
+        self._cancel_timer()
+        self.job = None
+        self.state = State.IDLE
+        now = self._loop.time()
+        self.idle_since = now
+        self.runs += 1
+        self.worker_cpu_s = reply.worker_cpu_s
+        if self.first_peak_rss is None:
+            self.first_peak_rss = reply.peak_rss
+        policy = self.profile.policy
+        retire = (reply.retire or policy.fresh_process_per_run or self.runs >= policy.max_runs_per_worker
+                  or reply.peak_rss - self.first_peak_rss > policy.max_memory_growth_mb * 1024 * 1024)
+        job.resolve(Completed(reply, stdout, stderr, now - job.started_at, self.pid))
+        self._listener.worker_released(self, retire=retire)
+
+    def _on_wall_timeout(self) -> None:
+        self._timer = None
+        job = self.job
+        if job is not None:
+            self.fail_run(lambda out, err: outcome.wall_timeout(job.wall_time_s, out, err))
+
+    # --- channel -------------------------------------------------------------
+
+    def _on_channel(self) -> None:
+        try:
+            received = self._sock.recv_into(_RECEIVE_BUFFER)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            received = 0
+        if not received:
+            self._on_channel_closed()
+            return
+        buffer = self._rx
+        buffer += _RECEIVE_BUFFER[:received]
+        while len(buffer) >= wire.FRAME_HEADER.size:
+            (length,) = wire.FRAME_HEADER.unpack_from(buffer)
+            limit = wire.MAX_HELLO_BYTES if self.state is State.STARTING else self.profile.max_frame_bytes
+            if length > limit:
+                self._violation(f"it announced a frame of {length} bytes, over the limit of {limit}")
+                return
+            end = wire.FRAME_HEADER.size + length
+            if len(buffer) < end:
+                return
+            payload = bytes(buffer[wire.FRAME_HEADER.size:end])
+            del buffer[:end]
+            self._on_frame(payload)
+            if self.state is State.DEAD:
+                return
+
+    def _on_frame(self, payload: bytes) -> None:
+        try:
+            if self.state is State.STARTING and self._hello is not None and not self._hello.done():
+                self._hello.set_result(wire.decode_hello(payload))
+            elif self.state is State.BUSY:
+                reply = wire.decode_reply(payload, self.profile.policy.max_result_bytes, MAX_ERROR_TEXT_BYTES)
+                if not hmac.compare_digest(reply.token, self._token):
+                    raise wire.ProtocolError("its reply carries the wrong token")
+                self._finish(reply)
+            else:
+                raise wire.ProtocolError("it sent a frame while no run was in flight")
+        except wire.ProtocolError as exc:
+            self._violation(str(exc))
+
+    def _violation(self, detail: str) -> None:
+        if self.state is State.BUSY:
+            self.fail_run(lambda out, err: outcome.protocol_violation(detail, out, err))
+            return
+        self.kill()
+        if self._hello is not None and not self._hello.done():
+            self._hello.set_exception(SandboxError(f"worker broke the protocol while starting: {detail}"))
+        else:
+            self._listener.worker_lost(self)
+
+    def _on_channel_closed(self) -> None:
+        """The worker died, or user code closed the channel; find out which."""
+        job, was = self.job, self.state
+        self._drain_outputs()
+        stdout, stderr = self._take_output()
+        self.kill()
+        if was is State.STARTING:
+            if self._hello is not None and not self._hello.done():
+                self._hello.set_exception(SandboxError("worker exited while starting"))
+            return
+        self._listener.worker_lost(self)
+        if job is None or was is not State.BUSY:
+            return
+
+        def settle(info: ExitInfo | None) -> None:
+            self._awaiting_exit = None
+            job.fail(outcome.worker_died(info, self.profile, stdout, stderr))
+
+        if self.exit_info is not None:
+            settle(self.exit_info)
+        else:
+            self._awaiting_exit = settle
+            self._loop.call_later(_EXIT_REPORT_GRACE_S, lambda: self._awaiting_exit and self._awaiting_exit(None))
+
+    def _on_exit(self, info: ExitInfo) -> None:
+        self.exit_info = info
+        if self._awaiting_exit is not None:
+            self._awaiting_exit(info)
+
+    def _send(self, data: bytes) -> None:
+        if self.state is State.DEAD:
+            return
+        if self._tx:
+            self._tx.append(memoryview(data))
+            return
+        try:
+            sent = self._sock.send(data)
+        except (BlockingIOError, InterruptedError):
+            sent = 0
+        except OSError:
+            return  # the read side will see the worker's end and report it
+        if sent < len(data):
+            self._tx.append(memoryview(data)[sent:])
+            self._loop.add_writer(self._sock.fileno(), self._flush_tx)
+
+    def _flush_tx(self) -> None:
+        while self._tx:
+            try:
+                sent = self._sock.send(self._tx[0])
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError:
+                self._tx.clear()
+                break
+            if sent < len(self._tx[0]):
+                self._tx[0] = self._tx[0][sent:]
+                return
+            self._tx.pop(0)
+        self._loop.remove_writer(self._sock.fileno())
+
+    # --- captured output ---------------------------------------------------------
+
+    def _on_output(self, index: int) -> None:
+        fd = self._pipes[index]
+        try:
+            data = os.read(fd, _PIPE_CHUNK)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            data = b""
+        if not data:
+            self._loop.remove_reader(fd)  # user code closed its stdout/stderr
+            self._pipe_poll.unregister(fd)
+            return
+        self._capture(index, data)
+
+    def _capture(self, index: int, data: bytes) -> None:
+        if self.state is not State.BUSY:
+            # Output between runs comes from something the last run left
+            # running. It belongs to no run; the worker is not reused.
+            if self.state is State.IDLE:
+                self.kill()
+                self._listener.worker_lost(self)
+            return
+        limit = self.profile.policy.max_output_bytes
+        room = limit - self._captured_bytes
+        self._captured[index].append(data[:room])
+        self._captured_bytes += min(len(data), room)
+        if len(data) > room:
+            self.fail_run(lambda out, err: outcome.output_overflow(limit, out, err))
+
+    def _drain_outputs(self) -> None:
+        """Collect what the pipes already hold; one poll() when they hold nothing."""
+        while self.state is State.BUSY:
+            ready = self._pipe_poll.poll(0)
+            if not ready:
+                return
+            for fd, _ in ready:
+                self._on_output(self._pipes.index(fd))
+
+    def _take_output(self) -> tuple[str, str]:
+        out, err = (b"".join(chunks).decode("utf-8", "replace") for chunks in self._captured)
+        self._captured = ([], [])
+        return out, err
+
+    # --- end of life -------------------------------------------------------------
+
+    def kill(self) -> None:
+        """SIGKILL the worker's whole PID namespace and release every fd. Idempotent."""
+        if self.state is State.DEAD:
+            return
+        self.state = State.DEAD
+        self._cancel_timer()
+        for pidfd in self._pidfds:
+            try:
+                signal.pidfd_send_signal(pidfd, signal.SIGKILL)
+            except OSError:
+                pass  # already gone
+        self._close_fds()
+
+    def _close_fds(self) -> None:
+        if self._sock is not None:
+            self._loop.remove_reader(self._sock.fileno())
+            if self._tx:
+                self._loop.remove_writer(self._sock.fileno())
+            self._sock.close()
+            self._tx.clear()
+        for fd in self._pipes:
+            self._loop.remove_reader(fd)
+            os.close(fd)
+        for fd in self._pidfds:
+            os.close(fd)
+        self._pipes, self._pidfds = [], []
+
+    def _cancel_timer(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+
+def _host_pid(pidfd: int) -> int:
+    """The pid of a pidfd's process in our own PID namespace."""
+    with open(f"/proc/self/fdinfo/{pidfd}") as f:
+        for line in f:
+            if line.startswith("Pid:"):
+                return int(line.split()[1])
+    return 0
