@@ -1,0 +1,161 @@
+"""Tenants: no shared workers, no shared state, worker reuse rules, quotas and fair share."""
+
+from __future__ import annotations
+
+import asyncio
+import textwrap
+import time
+
+import pytest
+
+from sandbox import QuotaExceeded, Sandbox
+from tests.conftest import HOSTILE, quick_policy
+
+ESCAPE = textwrap.dedent("""
+    def _mod(name):
+        for c in ().__class__.__base__.__subclasses__():
+            if c.__name__ == "_wrap_close":
+                g = c.__init__.__globals__
+                return g["sys"].modules.get(name) or g["__builtins__"]["__import__"](name)
+""")
+
+
+async def test_tenants_never_share_a_worker_process():
+    tenants = {"a": quick_policy(), "b": quick_policy()}
+    async with Sandbox(tenants=tenants, workers=2) as sb:
+        runs = [sb.run("import time\ntime.sleep(0.01)\nx = 1", tenant=t) for t in ("a", "b") * 15]
+        results = await asyncio.gather(*runs)
+    pids = {t: {r.stats.worker_pid for r in results if r.stats.tenant == t} for t in ("a", "b")}
+    assert pids["a"] and pids["b"] and not pids["a"] & pids["b"]
+
+
+@pytest.mark.parametrize("poison", [
+    "import json\njson.dumps = lambda *a, **k: 'poisoned'",
+    "__builtins__['len'] = lambda x: -1",
+    ESCAPE + "_mod('builtins').len = lambda x: -1\n_mod('json').dumps = lambda *a, **k: 'poisoned'",
+    ESCAPE + "sys = _mod('sys')\nsys.modules['json'] = type(sys)('json')",
+])
+async def test_nothing_one_tenant_does_is_visible_to_another(poison):
+    async with Sandbox(tenants={"a": quick_policy(), "b": quick_policy()}, workers=2) as sb:
+        # Poisoning the real builtins may break tenant a's own worker; that is its business.
+        await asyncio.gather(*(sb.run(poison, tenant="a") for _ in range(3)), return_exceptions=True)
+        r = await sb.run("import json\nout = json.dumps({'a': 1})\nn = len([1, 2])", tenant="b")
+        assert r.outputs == {"out": '{"a": 1}', "n": 2}
+
+
+async def test_poison_shared_module_sample_holds():
+    sample = HOSTILE / "poison_shared_module.py"
+    if not sample.exists():
+        pytest.skip("../shared/hostile is not present")
+    async with Sandbox(tenants={"a": quick_policy(), "b": quick_policy()}, workers=1) as sb:
+        assert (await sb.run(sample.read_text(), tenant="a")).outputs == {"done": True}
+        r = await sb.run("import json\nout = json.dumps({'a': 1})", tenant="b")
+        assert r.outputs == {"out": '{"a": 1}'}
+
+
+async def test_workers_are_reused_within_a_tenant_unless_fresh_process_per_run():
+    tenants = {"reuse": quick_policy(), "fresh": quick_policy(fresh_process_per_run=True),
+               "short": quick_policy(max_runs_per_worker=2)}
+    async with Sandbox(tenants=tenants, workers=2) as sb:
+        async def pids(tenant, n=4):
+            return [(await sb.run("x = 1", tenant=tenant)).stats.worker_pid for _ in range(n)]
+        assert len(set(await pids("reuse"))) == 1
+        assert len(set(await pids("fresh"))) == 4
+        short = await pids("short")
+        assert short[0] == short[1] != short[2] == short[3]
+
+
+async def test_pool_capacity_is_shared_and_bounded():
+    tenants = {name: quick_policy() for name in ("a", "b", "c")}
+    async with Sandbox(tenants=tenants, workers=2) as sb:
+        peak = 0
+
+        async def sample():
+            nonlocal peak
+            while True:
+                peak = max(peak, len(sb._pool.workers))
+                await asyncio.sleep(0.002)
+
+        sampler = asyncio.ensure_future(sample())
+        runs = [sb.run("import time\ntime.sleep(0.02)\nx = 1", tenant=t) for t in ("a", "b", "c") * 8]
+        results = await asyncio.gather(*runs)
+        sampler.cancel()
+        assert len(results) == 24 and peak <= 2
+        assert {r.stats.tenant for r in results} == {"a", "b", "c"}
+
+
+async def test_idle_workers_are_retired():
+    async with Sandbox(quick_policy(), workers=2, idle_timeout_s=0.2) as sb:
+        assert len(sb._pool.workers) == 2
+        await asyncio.sleep(0.6)
+        assert len(sb._pool.workers) == 0
+        assert (await sb.run("x = 1")).outputs == {"x": 1}
+
+
+async def test_max_concurrency_caps_runs_in_flight():
+    tenants = {"one": quick_policy(max_concurrency=1)}
+    async with Sandbox(tenants=tenants, workers=2) as sb:
+        code = "import time\nstart = time.monotonic()\ntime.sleep(0.05)\nend = time.monotonic()"
+        results = await asyncio.gather(*(sb.run(code, tenant="one") for _ in range(4)))
+    spans = sorted((r.outputs["start"], r.outputs["end"]) for r in results)
+    assert all(later[0] >= earlier[1] for earlier, later in zip(spans, spans[1:]))
+
+
+async def test_rate_limit_is_a_token_bucket_answered_at_once():
+    tenants = {"limited": quick_policy(rate_per_s=2, burst=3)}
+    async with Sandbox(tenants=tenants, workers=1) as sb:
+        accepted = [asyncio.ensure_future(sb.run("x = 1", tenant="limited")) for _ in range(3)]
+        await asyncio.sleep(0)  # all three submitted, each took a token
+        start = time.monotonic()
+        with pytest.raises(QuotaExceeded) as info:
+            await sb.run("x = 1", tenant="limited")
+        assert time.monotonic() - start < 0.1
+        assert info.value.quota == "rate" and info.value.tenant == "limited"
+        assert len(await asyncio.gather(*accepted)) == 3
+        await asyncio.sleep(0.6)  # one token back at 2/s
+        assert (await sb.run("x = 2", tenant="limited")).outputs == {"x": 2}
+
+
+async def test_max_queued_is_answered_at_once():
+    async with Sandbox(tenants={"q": quick_policy(max_queued=2)}, workers=1) as sb:
+        await sb.run("warm = 1", tenant="q")  # q now has an idle worker: one runs, two queue
+        runs = [asyncio.ensure_future(sb.run("import time\ntime.sleep(0.1)", tenant="q")) for _ in range(3)]
+        await asyncio.sleep(0)
+        with pytest.raises(QuotaExceeded) as info:
+            await sb.run("x = 1", tenant="q")
+        assert info.value.quota == "max_queued"
+        await asyncio.gather(*runs)
+
+
+async def test_a_flooding_tenant_does_not_starve_another():
+    """Tenant A queues 300 runs of 50 ms; tenant B's single run finishes well under a second."""
+    async with Sandbox(tenants={"a": quick_policy(), "b": quick_policy()}, workers=2) as sb:
+        flood = [asyncio.ensure_future(sb.run("import time\ntime.sleep(0.05)", tenant="a")) for _ in range(300)]
+        await asyncio.sleep(0.2)
+        start = time.monotonic()
+        r = await sb.run("x = 1", tenant="b")
+        waited = time.monotonic() - start
+        for task in flood:
+            task.cancel()
+        await asyncio.gather(*flood, return_exceptions=True)
+    assert r.outputs == {"x": 1}
+    assert waited < 0.6, f"tenant b waited {waited:.2f}s behind the flood"
+
+
+async def test_weights_share_capacity_between_busy_tenants():
+    tenants = {"heavy": quick_policy(weight=3), "light": quick_policy(weight=1)}
+    async with Sandbox(tenants=tenants, workers=1) as sb:
+        order: list[str] = []
+
+        async def run(tenant):
+            await sb.run("import time\ntime.sleep(0.01)", tenant=tenant)
+            order.append(tenant)
+
+        tasks = [asyncio.ensure_future(run(t)) for t in ("heavy", "light") for _ in range(24)]
+        while len(order) < 20:
+            await asyncio.sleep(0.01)
+        first = order[:20]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+    assert 12 <= first.count("heavy") <= 17, first
