@@ -63,8 +63,8 @@ class Policy(BaseModel):
     # --- files, processes ------------------------------------------------------
     max_file_size_mb: int = Field(16, ge=0, description="RLIMIT_FSIZE: largest file a run can write.")
     max_open_files: int = Field(64, ge=16, le=65_536, description="RLIMIT_NOFILE.")
-    scratch_mb: int = Field(64, ge=1, description="Size of the run's scratch directory (its cwd).")
-    tmp_mb: int = Field(16, ge=1, description="Size of /tmp and of /dev/shm, each.")
+    scratch_mb: int = Field(64, ge=1, description="Space for the run's scratch directory (its cwd).")
+    tmp_mb: int = Field(16, ge=1, description="Space for /tmp and for /dev/shm, each (one tmpfs holds all three).")
     allow_processes: bool = Field(False, description="May the code fork and exec?")
     max_processes: int = Field(16, ge=1, le=4096, description="Processes when allowed (pids cgroup, RLIMIT_NPROC).")
     max_threads: int = Field(32, ge=1, le=4096, description="Threads per worker (pids cgroup, RLIMIT_NPROC).")

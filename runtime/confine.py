@@ -17,8 +17,8 @@ Order matters, and each step is placed where it is for a reason:
 1. cgroup join first, while the host's ``/sys/fs/cgroup`` is still visible.
 2. network namespace (setns into the zygote's shared empty one), then new
    IPC and UTS namespaces for this worker alone.
-3. the file-system view in a new mount namespace: a tmpfs root, size-capped
-   tmpfs for the scratch dir, ``/tmp`` and ``/dev/shm``, read-only binds of
+3. the file-system view in a new mount namespace: a tmpfs root, one
+   size-capped tmpfs for the scratch dir, ``/tmp`` and ``/dev/shm``, read-only binds of
    the interpreter and libraries, a minimal ``/dev`` and a ``/proc`` of the
    worker's own PID namespace; then ``pivot_root`` and detach the host tree.
 4. ``no_new_privs`` (landlock and seccomp both need it when unprivileged).
@@ -63,27 +63,35 @@ class ScratchDir:
     """One directory a worker may empty between runs, pinned to its device.
 
     ``keep`` holds the entries present from the start (mount points of
-    read-only binds that happen to live under /tmp), never removed;
-    ``inodes_at_start`` lets an untouched tmpfs be skipped without a scan.
+    read-only binds that happen to live under /tmp), never removed.
     """
 
     path: str
     device: int
-    inodes_at_start: int
     keep: frozenset[str]
 
     @classmethod
     def of(cls, path: str) -> "ScratchDir":
-        st = os.statvfs(path)
-        return cls(path, os.lstat(path).st_dev, st.f_files - st.f_ffree, frozenset(os.listdir(path)))
+        return cls(path, os.lstat(path).st_dev, frozenset(os.listdir(path)))
 
 
 @dataclass
 class Scratch:
-    """The worker's cwd and the directories it may empty between runs."""
+    """The worker's cwd and the directories it may empty between runs.
+
+    All of ``dirs`` live on one file system, whose used-inode count right
+    after confinement is ``inodes_at_start``: while it has not grown, no run
+    created anything and nothing needs a scan.
+    """
 
     cwd: str
     dirs: list[ScratchDir] = field(default_factory=list)
+    inodes_at_start: int = 0
+
+    @classmethod
+    def of(cls, cwd: str, paths: tuple[str, ...]) -> "Scratch":
+        st = os.statvfs(paths[0])
+        return cls(cwd, [ScratchDir.of(path) for path in paths], st.f_files - st.f_ffree)
 
 
 def confine(config: dict, empty_netns_fd: int | None) -> tuple[dict[str, str], Scratch]:
@@ -128,15 +136,15 @@ def confine(config: dict, empty_netns_fd: int | None) -> tuple[dict[str, str], S
 
 
 def _private_scratch() -> Scratch:
-    """Our own tmpfs mounts, pinned by device so nothing else is ever emptied."""
-    return Scratch(cwd=SCRATCH_DIR, dirs=[ScratchDir.of(path) for path in _PRIVATE_TMPFS])
+    """Our own tmpfs, pinned by device so nothing else is ever emptied."""
+    return Scratch.of(SCRATCH_DIR, _PRIVATE_TMPFS)
 
 
 def _host_scratch(directory: str) -> Scratch:
     """Without a mount namespace: the empty directory the zygote made for this
     worker, and nothing else (never the host's /tmp or /dev/shm)."""
     os.chdir(directory)
-    return Scratch(cwd=directory, dirs=[ScratchDir.of(directory)])
+    return Scratch.of(directory, (directory,))
 
 
 def _raise_oom_score() -> None:
@@ -179,15 +187,21 @@ def _build_root(config: dict) -> None:
     os.chdir("/")
     linux.mount("/newroot", "/newroot", None, linux.MS_BIND)
 
-    # Writable tmpfs first, so that a read-only source that happens to live
-    # under /tmp (a checkout, a venv) is bound on top of it and stays visible.
-    writable_flags = linux.MS_NOSUID | linux.MS_NODEV | (linux.MS_RDONLY if config["readonly"] else 0)
+    # Everything a run may write lives on one size-capped tmpfs, bound at
+    # /work, /tmp and /dev/shm: one cap for all of it, and one statvfs after
+    # a run tells whether anything needs emptying. It is bound first, so that
+    # a read-only source that happens to live under /tmp (a checkout, a venv)
+    # is bound on top of it and stays visible.
     uid, gid = _worker_ids(config)
-    for target in (SCRATCH_DIR, "/tmp"):
-        os.makedirs("/newroot" + target, exist_ok=True)
-        mode = "0700" if target == SCRATCH_DIR else "1777"
-        linux.mount("tmpfs", "/newroot" + target, "tmpfs", writable_flags,
-                    f"mode={mode},uid={uid},gid={gid},size={config['tmpfs'][target]}")
+    os.mkdir("/scratch")
+    linux.mount("tmpfs", "/scratch", "tmpfs", linux.MS_NOSUID | linux.MS_NODEV,
+                f"mode=0755,size={config['scratch_bytes']}")
+    for name, mode in (("work", 0o700), ("tmp", 0o1777), ("shm", 0o1777)):
+        os.mkdir(f"/scratch/{name}")
+        os.chmod(f"/scratch/{name}", mode)
+    os.chown("/scratch/work", uid, gid)
+    _bind_scratch("/scratch/work", "/newroot" + SCRATCH_DIR, config["readonly"])
+    _bind_scratch("/scratch/tmp", "/newroot/tmp", config["readonly"])
     for path in config["readonly_paths"]:
         _bind_readonly("/oldroot" + path, "/newroot" + path)
     for link in ("/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32"):
@@ -197,7 +211,8 @@ def _build_root(config: dict) -> None:
             _bind_readonly("/oldroot" + link, "/newroot" + link)
 
     _populate_etc(uid, gid, config["etc_files"])
-    _populate_dev(config["tmpfs"]["/dev/shm"], writable_flags)
+    _populate_dev()
+    _bind_scratch("/scratch/shm", "/newroot/dev/shm", config["readonly"])
     os.mkdir("/newroot/proc")
     linux.mount("proc", "/newroot/proc", "proc", linux.MS_NOSUID | linux.MS_NODEV | linux.MS_NOEXEC)
 
@@ -208,6 +223,13 @@ def _build_root(config: dict) -> None:
     _remount_readonly("/dev")
     _remount_readonly("/")
     os.chdir(SCRATCH_DIR)
+
+
+def _bind_scratch(source: str, target: str, readonly: bool) -> None:
+    os.makedirs(target, exist_ok=True)
+    linux.mount(source, target, None, linux.MS_BIND)
+    if readonly:
+        _remount_readonly(target)
 
 
 def _worker_ids(config: dict) -> tuple[int, int]:
@@ -251,7 +273,7 @@ def _populate_etc(uid: int, gid: int, etc_files: list[str]) -> None:
         f.write("sandbox\n")
 
 
-def _populate_dev(shm_bytes: int, shm_flags: int) -> None:
+def _populate_dev() -> None:
     os.mkdir("/newroot/dev")
     linux.mount("tmpfs", "/newroot/dev", "tmpfs", linux.MS_NOSUID | linux.MS_NOEXEC, "mode=0755,size=64k")
     for name in _DEVICES:
@@ -261,8 +283,6 @@ def _populate_dev(shm_bytes: int, shm_flags: int) -> None:
     for name, dest in (("fd", "/proc/self/fd"), ("stdin", "/proc/self/fd/0"),
                        ("stdout", "/proc/self/fd/1"), ("stderr", "/proc/self/fd/2")):
         os.symlink(dest, "/newroot/dev/" + name)
-    os.mkdir("/newroot/dev/shm")
-    linux.mount("tmpfs", "/newroot/dev/shm", "tmpfs", shm_flags, f"mode=1777,size={shm_bytes}")
 
 
 def _restrict_paths(filesystem_confined: bool) -> None:

@@ -81,29 +81,34 @@ def frame(payload: bytes) -> bytes:
     return FRAME_HEADER.pack(len(payload)) + payload
 
 
-def read_frame_blocking(fd: int) -> bytes | None:
-    """Read one whole frame from a blocking fd; None on a clean EOF."""
-    header = _read_exactly(fd, FRAME_HEADER.size)
-    if header is None:
-        return None
-    (length,) = FRAME_HEADER.unpack(header)
-    payload = _read_exactly(fd, length)
-    if payload is None:
-        raise EOFError("channel closed in the middle of a frame")
-    return payload
+class FrameReader:
+    """Whole frames from a blocking fd, with one read() per frame when it can.
 
+    Only the worker uses it, on a channel whose sender is its trusted host.
+    """
 
-def _read_exactly(fd: int, n: int) -> bytes | None:
-    chunks = []
-    while n:
-        chunk = os.read(fd, min(n, 1 << 20))
-        if not chunk:
-            if chunks:
-                raise EOFError("channel closed in the middle of a frame")
-            return None
-        chunks.append(chunk)
-        n -= len(chunk)
-    return b"".join(chunks)
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+        self.buffer = bytearray()
+
+    def next(self) -> bytes | None:
+        """The next payload, or None on a clean end of file."""
+        buffer = self.buffer
+        while True:
+            missing = FRAME_HEADER.size
+            if len(buffer) >= FRAME_HEADER.size:
+                end = FRAME_HEADER.size + FRAME_HEADER.unpack_from(buffer)[0]
+                if len(buffer) >= end:
+                    payload = bytes(buffer[FRAME_HEADER.size:end])
+                    del buffer[:end]
+                    return payload
+                missing = end - len(buffer)
+            chunk = os.read(self.fd, max(missing, 1 << 16))
+            if not chunk:
+                if buffer:
+                    raise EOFError("channel closed in the middle of a frame")
+                return None
+            buffer += chunk
 
 
 def write_all(fd: int, data: bytes) -> None:

@@ -36,20 +36,18 @@ from runtime import wire
 from runtime.codenode import CodeNode, RunOutcome
 from runtime.confine import Scratch
 
-_LIMITS = (resource.RLIMIT_CPU, resource.RLIMIT_DATA, resource.RLIMIT_NOFILE, resource.RLIMIT_FSIZE,
-           resource.RLIMIT_STACK, resource.RLIMIT_NPROC, resource.RLIMIT_AS, resource.RLIMIT_CORE)
-
-
 def serve(channel: int, layers: dict[str, str], scratch: Scratch, settings: dict) -> None:
     channel_identity = _identity(channel)
-    limits = _hard_limits()
+    limits = _limits()
+    cpu_hard = limits[0][1]
     sys.stdout = sys.__stdout__ = _text_stream(1)
     sys.stderr = sys.__stderr__ = _text_stream(2)
     node = CodeNode(settings)
     peak = _PeakMemory()
+    requests = wire.FrameReader(channel)
     wire.write_all(channel, wire.frame(wire.encode_hello(layers, None)))
     while True:
-        payload = wire.read_frame_blocking(channel)
+        payload = requests.next()
         if payload is None:
             return
         request = pickle.loads(payload)
@@ -59,14 +57,16 @@ def serve(channel: int, layers: dict[str, str], scratch: Scratch, settings: dict
             continue
         _, token, code, inputs, allow_await, filename, cpu_time_s = request
         os.chdir(scratch.cwd)
-        retire = _start_cpu_budget(cpu_time_s)
+        before = _cpu_seconds(resource.getrusage(resource.RUSAGE_SELF))
+        retire = _start_cpu_budget(before, cpu_time_s, cpu_hard)
         peak.reset()
-        before = _cpu_seconds()
         outcome = node.run(code, inputs, allow_await, filename)
         retire |= _restore_stdio() | outcome.retire | _empty_scratch(scratch)
-        used = _cpu_seconds()
-        retire |= _thread._count() > 0 or _cpu_budget_spent(used, cpu_time_s) or _hard_limits() != limits
-        reply = _reply(token, outcome, used - before, peak.read(), used, retire, settings)
+        usage = resource.getrusage(resource.RUSAGE_SELF)
+        used = _cpu_seconds(usage)
+        retire |= (_thread._count() > 0 or _limits() != limits
+                   or (cpu_hard != resource.RLIM_INFINITY and used + cpu_time_s + 1 > cpu_hard))
+        reply = _reply(token, outcome, used - before, usage.ru_maxrss * 1024, used, retire, settings)
         if _identity(channel) != channel_identity:
             os._exit(0)  # user code replaced our channel fd; never write a reply into its file
         wire.write_all(channel, wire.frame(reply))
@@ -119,17 +119,15 @@ def _restore_stdio() -> bool:
     return broken
 
 
-def _cpu_seconds() -> float:
-    usage = resource.getrusage(resource.RUSAGE_SELF)
+def _cpu_seconds(usage: resource.struct_rusage) -> float:
     return usage.ru_utime + usage.ru_stime
 
 
-def _start_cpu_budget(cpu_time_s: float) -> bool:
-    """Move the soft CPU limit to this run's budget; True if the hard one is too near."""
-    soft, hard = resource.getrlimit(resource.RLIMIT_CPU)
-    target = math.ceil(_cpu_seconds() + cpu_time_s)
-    if hard != resource.RLIM_INFINITY and target > hard:
-        target = hard
+def _start_cpu_budget(used: float, cpu_time_s: float, hard: int) -> bool:
+    """Move the soft CPU limit to this run's budget; True if that failed."""
+    target = math.ceil(used + cpu_time_s)
+    if hard != resource.RLIM_INFINITY:
+        target = min(target, hard)
     try:
         resource.setrlimit(resource.RLIMIT_CPU, (target, hard))
     except (OSError, ValueError):
@@ -137,20 +135,18 @@ def _start_cpu_budget(cpu_time_s: float) -> bool:
     return False
 
 
-def _hard_limits() -> list[tuple[int, int]]:
-    """Every rlimit but the CPU soft limit, which we move per run ourselves.
+def _limits() -> list[tuple[int, int]]:
+    """The hard CPU limit and every other rlimit, to notice user code changing them.
 
     User code can lower its own limits (``prlimit(0, ...)``); a worker whose
-    limits no longer match its policy is not reused.
+    limits no longer match its policy is not reused. The soft CPU limit is
+    left out: the loop moves it before every run.
     """
-    return [resource.getrlimit(r) if r != resource.RLIMIT_CPU else (0, resource.getrlimit(r)[1])
-            for r in _LIMITS]
+    return [(0, resource.getrlimit(resource.RLIMIT_CPU)[1])] + [resource.getrlimit(r) for r in _LIMITS]
 
 
-def _cpu_budget_spent(used: float, cpu_time_s: float) -> bool:
-    """True when the hard limit would not leave the next run its full budget."""
-    hard = resource.getrlimit(resource.RLIMIT_CPU)[1]
-    return hard != resource.RLIM_INFINITY and used + cpu_time_s + 1 > hard
+_LIMITS = (resource.RLIMIT_DATA, resource.RLIMIT_NOFILE, resource.RLIMIT_FSIZE, resource.RLIMIT_STACK,
+           resource.RLIMIT_NPROC, resource.RLIMIT_AS, resource.RLIMIT_CORE)
 
 
 def _empty_scratch(scratch: Scratch) -> bool:
@@ -160,12 +156,15 @@ def _empty_scratch(scratch: Scratch) -> bool:
     created it on, and entries that were there from the start (mount points
     of read-only binds) or that sit on another device are left alone.
     """
+    try:
+        st = os.statvfs(scratch.cwd)
+    except OSError:
+        return True
+    if st.f_files - st.f_ffree <= scratch.inodes_at_start:
+        return False  # nothing was created since confinement
     failed = False
     for directory in scratch.dirs:
         try:
-            st = os.statvfs(directory.path)
-            if st.f_files - st.f_ffree <= directory.inodes_at_start:
-                continue  # nothing was created since confinement
             if os.lstat(directory.path).st_dev != directory.device:
                 failed = True
                 continue
@@ -182,7 +181,7 @@ def _empty_scratch(scratch: Scratch) -> bool:
 
 
 class _PeakMemory:
-    """Per-run peak RSS: reset the high-water mark, read it back from rusage."""
+    """Per-run peak RSS: reset the high-water mark, so ru_maxrss after the run is this run's peak."""
 
     def __init__(self) -> None:
         try:
@@ -197,5 +196,3 @@ class _PeakMemory:
             except OSError:
                 self._clear_refs = None
 
-    def read(self) -> int:
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024

@@ -69,7 +69,7 @@ class TenantProfile:
         if self.cgroups is not None and "cgroup" in config["layers"]:
             policy = self.policy
             tasks = policy.max_threads + (policy.max_processes if policy.allow_processes else 0) + 1
-            memory = (policy.memory_mb + policy.scratch_mb + 2 * policy.tmp_mb) * MiB
+            memory = policy.memory_mb * MiB + scratch_bytes(policy)
             config["cgroup"] = {"hierarchies": self.cgroups.worker_limits(max_tasks=tasks, memory_bytes=memory)}
         return config
 
@@ -106,8 +106,7 @@ def build_profile(name: str, policy: Policy, host: HostSupport) -> TenantProfile
         "readonly": policy.filesystem == "readonly",
         "extra_readonly_paths": list(policy.readonly_paths),
         "etc_files": _ETC_FILES + (_NETWORK_ETC_FILES if policy.network else []),
-        "tmpfs": {"/work": policy.scratch_mb * MiB, "/tmp": policy.tmp_mb * MiB,
-                  "/dev/shm": policy.tmp_mb * MiB},
+        "scratch_bytes": scratch_bytes(policy),
         "rlimits": _rlimits(policy, host.root),
         "seccomp_bpf": seccomp,
         "worker": {
@@ -123,6 +122,11 @@ def build_profile(name: str, policy: Policy, host: HostSupport) -> TenantProfile
     }
     env = {**BASE_ENV, **{key: os.environ[key] for key in policy.env if key in os.environ}}
     return TenantProfile(name, policy, required, template, env, host.cgroups)
+
+
+def scratch_bytes(policy: Policy) -> int:
+    """Size of the one tmpfs behind a worker's /work, /tmp and /dev/shm."""
+    return (policy.scratch_mb + 2 * policy.tmp_mb) * MiB
 
 
 def _rlimits(policy: Policy, root: bool) -> dict[str, tuple[int, int]]:
