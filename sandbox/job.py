@@ -12,22 +12,27 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-from dataclasses import dataclass, field
 
 _sequence = itertools.count()
 
 
-@dataclass(eq=False)
 class Job:
-    tenant: str
-    code: str
-    inputs: dict[str, bytes]
-    allow_await: bool
-    filename: str
-    wall_time_s: float
-    future: asyncio.Future
-    seq: int = field(default_factory=lambda: next(_sequence))
-    started_at: float | None = None
+    """A plain slotted class rather than a dataclass: one is made per run."""
+
+    __slots__ = ("tenant", "code", "inputs", "allow_await", "filename", "wall_time_s", "future", "seq",
+                 "started_at")
+
+    def __init__(self, tenant: str, code: str, inputs: dict[str, bytes], allow_await: bool, filename: str,
+                 wall_time_s: float, future: asyncio.Future) -> None:
+        self.tenant = tenant
+        self.code = code
+        self.inputs = inputs
+        self.allow_await = allow_await
+        self.filename = filename
+        self.wall_time_s = wall_time_s
+        self.future = future
+        self.seq = next(_sequence)  # FIFO order across tenants, for fair-share ties
+        self.started_at: float | None = None
 
     def resolve(self, value: object) -> None:
         if not self.future.done():

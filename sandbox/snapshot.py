@@ -22,6 +22,10 @@ chain) is checked afterwards by one iterative walk that stops at its budget.
 Keys of dicts and sets are checked before insertion for nesting depth (the C
 ``tuple.__hash__`` recursion has no guard) and for repeated hashes (integer
 hashes are not randomized, so a crafted dict could make insertion quadratic).
+
+Most outputs are one scalar, pickled by the worker as a handful of opcodes.
+:func:`_decode_scalar` reads exactly those shapes byte by byte, with no
+pickle machinery at all, and hands anything else to the unpickler above.
 """
 
 from __future__ import annotations
@@ -204,8 +208,56 @@ def _walk(root: object, budget: Budget) -> None:
             raise _Refused(f"unexpected type {kind.__name__}")
 
 
+_NOT_A_SCALAR = object()
+_PROTO, _FRAME, _MEMOIZE, _STOP = 0x80, 0x95, 0x94, 0x2E
+_FIXED = {0x4E: None, 0x88: True, 0x89: False}  # NONE, NEWTRUE, NEWFALSE
+_INTS = {0x4B: struct.Struct("<B"), 0x4D: struct.Struct("<H"), 0x4A: struct.Struct("<i")}  # BININT1/2, BININT
+_SIZED = {  # opcode: (length field, decoder)
+    0x8C: (struct.Struct("<B"), lambda raw: str(raw, "utf-8")),  # SHORT_BINUNICODE
+    0x58: (struct.Struct("<I"), lambda raw: str(raw, "utf-8")),  # BINUNICODE
+    0x43: (struct.Struct("<B"), bytes),  # SHORT_BINBYTES
+    0x42: (struct.Struct("<I"), bytes),  # BINBYTES
+    0x8A: (struct.Struct("<B"), lambda raw: int.from_bytes(raw, "little", signed=True)),  # LONG1
+}
+_FLOAT = struct.Struct(">d")  # BINFLOAT (0x47)
+
+
+def _decode_scalar(data: bytes) -> object:
+    """One scalar pickled by protocol 4/5, or _NOT_A_SCALAR for any other shape."""
+    if len(data) < 4 or data[0] != _PROTO or data[1] not in (4, 5) or data[-1] != _STOP:
+        return _NOT_A_SCALAR
+    pos = 2
+    if data[pos] == _FRAME:
+        pos += 9
+    end = len(data) - 1
+    if pos < end and data[end - 1] == _MEMOIZE:
+        end -= 1
+    if pos >= end:
+        return _NOT_A_SCALAR
+    op, pos = data[pos], pos + 1
+    try:
+        if op in _FIXED and pos == end:
+            return _FIXED[op]
+        if op in _INTS and pos + _INTS[op].size == end:
+            return _INTS[op].unpack_from(data, pos)[0]
+        if op == 0x47 and pos + _FLOAT.size == end:
+            return _FLOAT.unpack_from(data, pos)[0]
+        if op in _SIZED:
+            length_field, decode = _SIZED[op]
+            (length,) = length_field.unpack_from(data, pos)
+            pos += length_field.size
+            if pos + length == end:
+                return decode(data[pos:end])
+    except (struct.error, UnicodeDecodeError):
+        pass
+    return _NOT_A_SCALAR
+
+
 def decode_value(data: bytes, type_label: str, budget: Budget = Budget()) -> object:
     """The value if it is inert data within budget, else an Opaque holding it."""
+    value = _decode_scalar(data)
+    if value is not _NOT_A_SCALAR:
+        return value
     try:
         value = _RestrictedUnpickler(data, budget).load()
         _walk(value, budget)

@@ -78,6 +78,7 @@ class Sandbox:
         self._running: dict[Job, WorkerProcess] = {}
         self._profiles: dict[str, TenantProfile] = {}
         self._scheduler = Scheduler(policies)
+        self._fresh_tenants = [t for t in self._scheduler.tenants.values() if t.policy.fresh_process_per_run]
         self._pool: Pool | None = None
         self._cgroups: CgroupParents | None = None
         self._watchdog: asyncio.Task | None = None
@@ -241,9 +242,9 @@ class Sandbox:
     def _keep_spares(self) -> None:
         """Fresh-process tenants get a worker forked ahead of their next run."""
         pool = self._pool
-        for tenant in self._scheduler.tenants.values():
-            if (tenant.policy.fresh_process_per_run and tenant.in_flight and pool.has_room()
-                    and not pool.has_idle(tenant.name) and not pool.starting(tenant.name)):
+        for tenant in self._fresh_tenants:
+            if (tenant.in_flight and pool.has_room() and not pool.has_idle(tenant.name)
+                    and not pool.starting(tenant.name)):
                 pool.spawn(tenant.name)
 
     def _spawn_failed(self, tenant: str, error: BaseException) -> None:

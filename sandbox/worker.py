@@ -35,7 +35,6 @@ import select
 import signal
 import socket
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Protocol
 
 from runtime import wire
@@ -60,15 +59,17 @@ class State(enum.Enum):
     DEAD = "dead"
 
 
-@dataclass(frozen=True)
 class Completed:
     """A run whose worker replied; its reply still has to be decoded."""
 
-    reply: wire.Reply
-    stdout: str
-    stderr: str
-    wall_s: float
-    worker_pid: int
+    __slots__ = ("reply", "stdout", "stderr", "wall_s", "worker_pid")
+
+    def __init__(self, reply: wire.Reply, stdout: str, stderr: str, wall_s: float, worker_pid: int) -> None:
+        self.reply = reply
+        self.stdout = stdout
+        self.stderr = stderr
+        self.wall_s = wall_s
+        self.worker_pid = worker_pid
 
 
 class Listener(Protocol):
@@ -364,9 +365,9 @@ class WorkerProcess:
                 self._on_output(self._pipes.index(fd))
 
     def _take_output(self) -> tuple[str, str]:
-        out, err = (b"".join(chunks).decode("utf-8", "replace") for chunks in self._captured)
+        out, err = self._captured
         self._captured = ([], [])
-        return out, err
+        return _text(out), _text(err)
 
     # --- end of life -------------------------------------------------------------
 
@@ -401,6 +402,10 @@ class WorkerProcess:
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
+
+
+def _text(chunks: list[bytes]) -> str:
+    return b"".join(chunks).decode("utf-8", "replace") if chunks else ""
 
 
 def _host_pid(pidfd: int) -> int:
