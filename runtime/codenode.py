@@ -133,6 +133,10 @@ class CodeNode:
         try:
             compiled = self._compile(code, allow_await, filename)
         except SyntaxError as exc:  # also IndentationError, TabError
+            if exc.text is None and exc.lineno and exc.filename == filename:
+                # Errors found after parsing ('await' outside function) come
+                # without their source line; the code is in linecache.
+                exc.text = linecache.getline(filename, exc.lineno)
             return _failure(wire.CODE_ERROR, exc, _format_traceback(exc, filename), "")
         outcome = RunOutcome()
         try:

@@ -28,13 +28,14 @@ import os
 import pickle
 import resource
 import shutil
+import signal
 import sys
 
 import _thread
 
 from runtime import wire
 from runtime.codenode import CodeNode, RunOutcome
-from runtime.confine import Scratch
+from runtime.confine import WORKER_PID_IN_NAMESPACE, Scratch
 
 def serve(channel: int, layers: dict[str, str], scratch: Scratch, settings: dict) -> None:
     channel_identity = _identity(channel)
@@ -61,6 +62,7 @@ def serve(channel: int, layers: dict[str, str], scratch: Scratch, settings: dict
         retire = _start_cpu_budget(before, cpu_time_s, cpu_hard)
         peak.reset()
         outcome = node.run(code, inputs, allow_await, filename)
+        _end_leftover_processes()
         retire |= _restore_stdio() | outcome.retire | _empty_scratch(scratch)
         usage = resource.getrusage(resource.RUSAGE_SELF)
         used = _cpu_seconds(usage)
@@ -147,6 +149,30 @@ def _limits() -> list[tuple[int, int]]:
 
 _LIMITS = (resource.RLIMIT_DATA, resource.RLIMIT_NOFILE, resource.RLIMIT_FSIZE, resource.RLIMIT_STACK,
            resource.RLIMIT_NPROC, resource.RLIMIT_AS, resource.RLIMIT_CORE)
+
+
+def _end_leftover_processes() -> None:
+    """Nothing a run starts outlives it: SIGKILL every other process of our
+    PID namespace and reap our children.
+
+    ``kill(-1)`` reaches every process the caller may signal except init and
+    itself. That is exactly the run's leftovers only when we are pid 2 of a
+    namespace of our own (see runtime.zygote); anywhere else it would reach
+    the host, so then we do nothing, and the policy cannot allow processes
+    without PID namespaces anyway (seccomp refuses fork).
+    """
+    if os.getpid() != WORKER_PID_IN_NAMESPACE:
+        return
+    try:
+        os.kill(-1, signal.SIGKILL)
+    except OSError:
+        return  # nobody else there (ESRCH), or seccomp refuses kill because processes are not allowed
+    while True:
+        try:
+            if os.waitpid(-1, os.WNOHANG)[0] == 0:
+                return
+        except ChildProcessError:
+            return
 
 
 def _empty_scratch(scratch: Scratch) -> bool:

@@ -13,10 +13,11 @@ from sandbox.errors import (CodeError, ConfinementUnavailable, InputError, Memor
 from sandbox.opaque import Opaque
 from sandbox.result import Result, RunStats
 from sandbox.supervisor import Sandbox, run_sync
+from sandbox.workflow import Workflow, WorkflowBuilder, WorkflowDefinitionError, WorkflowError
 
 __all__ = [
     "Sandbox", "run_sync", "Policy", "load_policies", "PolicyFileError", "Result", "RunStats", "Opaque",
     "SandboxError", "CodeError", "TimeLimitExceeded", "MemoryLimitExceeded", "OutputLimitExceeded",
     "PolicyViolation", "WorkerCrashed", "QuotaExceeded", "InputError", "SandboxClosed",
-    "ConfinementUnavailable",
+    "ConfinementUnavailable", "WorkflowBuilder", "Workflow", "WorkflowError", "WorkflowDefinitionError",
 ]
