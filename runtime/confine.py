@@ -87,6 +87,7 @@ class Scratch:
     cwd: str
     dirs: list[ScratchDir] = field(default_factory=list)
     inodes_at_start: int = 0
+    clear_refs: int | None = None  # /proc/self/clear_refs, to reset the peak-RSS mark per run
 
     @classmethod
     def of(cls, cwd: str, paths: tuple[str, ...]) -> "Scratch":
@@ -127,6 +128,9 @@ def confine(config: dict, empty_netns_fd: int | None) -> tuple[dict[str, str], S
     attempt("ipcns", linux.unshare, linux.CLONE_NEWIPC | linux.CLONE_NEWUTS)
     attempt("mountns", _build_root, config)
     scratch = _private_scratch() if report["mountns"] == "on" else _host_scratch(config["host_scratch"])
+    # Opened now: once the worker has its own uid it is no longer dumpable,
+    # and its /proc/self files belong to root.
+    scratch.clear_refs = _open_clear_refs()
     linux.set_no_new_privs()
     attempt("landlock", _restrict_paths, report["mountns"] == "on")
     attempt("identity", _drop_identity, config.get("uid"), config.get("gid"))
@@ -145,6 +149,13 @@ def _host_scratch(directory: str) -> Scratch:
     worker, and nothing else (never the host's /tmp or /dev/shm)."""
     os.chdir(directory)
     return Scratch.of(directory, (directory,))
+
+
+def _open_clear_refs() -> int | None:
+    try:
+        return os.open("/proc/self/clear_refs", os.O_WRONLY | os.O_CLOEXEC)
+    except OSError:
+        return None
 
 
 def _raise_oom_score() -> None:
@@ -200,8 +211,8 @@ def _build_root(config: dict) -> None:
         os.mkdir(f"/scratch/{name}")
         os.chmod(f"/scratch/{name}", mode)
     os.chown("/scratch/work", uid, gid)
-    _bind_scratch("/scratch/work", "/newroot" + SCRATCH_DIR, config["readonly"])
-    _bind_scratch("/scratch/tmp", "/newroot/tmp", config["readonly"])
+    _bind_scratch("/scratch/work", "/newroot" + SCRATCH_DIR)
+    _bind_scratch("/scratch/tmp", "/newroot/tmp")
     for path in config["readonly_paths"]:
         _bind_readonly("/oldroot" + path, "/newroot" + path)
     for link in ("/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32"):
@@ -212,7 +223,11 @@ def _build_root(config: dict) -> None:
 
     _populate_etc(uid, gid, config["etc_files"])
     _populate_dev()
-    _bind_scratch("/scratch/shm", "/newroot/dev/shm", config["readonly"])
+    _bind_scratch("/scratch/shm", "/newroot/dev/shm")
+    if config["readonly"]:
+        # Last, so that read-only sources bound under /tmp could be mounted first.
+        for target in _PRIVATE_TMPFS:
+            _remount_readonly("/newroot" + target)
     os.mkdir("/newroot/proc")
     linux.mount("proc", "/newroot/proc", "proc", linux.MS_NOSUID | linux.MS_NODEV | linux.MS_NOEXEC)
 
@@ -225,11 +240,9 @@ def _build_root(config: dict) -> None:
     os.chdir(SCRATCH_DIR)
 
 
-def _bind_scratch(source: str, target: str, readonly: bool) -> None:
+def _bind_scratch(source: str, target: str) -> None:
     os.makedirs(target, exist_ok=True)
     linux.mount(source, target, None, linux.MS_BIND)
-    if readonly:
-        _remount_readonly(target)
 
 
 def _worker_ids(config: dict) -> tuple[int, int]:
@@ -288,17 +301,18 @@ def _populate_dev() -> None:
 def _restrict_paths(filesystem_confined: bool) -> None:
     if not filesystem_confined:
         raise OSError(95, "landlock rules assume the confined file-system view")
-    # clear_refs lets the runtime reset the peak-RSS mark before each run.
-    writable = [*_PRIVATE_TMPFS, "/dev/null", "/dev/zero", "/dev/full", "/proc/self/clear_refs"]
+    writable = [*_PRIVATE_TMPFS, "/dev/null", "/dev/zero", "/dev/full"]
     linux.landlock_restrict(["/"], writable)
 
 
 def _drop_identity(uid: int | None, gid: int | None) -> None:
+    linux.drop_bounding_set()
     if uid is None:
         # Unprivileged supervisor: we are in the zygote's user namespace with
         # its full capability set. Shed it all.
-        linux.drop_all_capabilities()
+        linux.clear_capabilities()
         return
+    # Real root: becoming a uid of our own empties every capability set.
     os.setgroups([])
     os.setresgid(gid, gid, gid)
     os.setresuid(uid, uid, uid)

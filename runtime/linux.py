@@ -123,18 +123,19 @@ class _CapData(ctypes.Structure):
                 ("inheritable", ctypes.c_uint32)]
 
 
-def drop_all_capabilities() -> None:
-    """Empty the bounding, ambient, effective, permitted and inheritable sets.
-
-    Clearing the bounding set first means no later execve (when a policy
-    allows processes) can regain a capability, even as uid 0 of a user
-    namespace.
-    """
+def drop_bounding_set() -> None:
+    """Empty the bounding and ambient sets, so that no later execve (when a
+    policy allows processes) can gain a capability, even as uid 0 of a user
+    namespace or through a file capability. The current sets are untouched."""
     with open("/proc/sys/kernel/cap_last_cap") as f:
         last = int(f.read())
     for cap in range(last + 1):
         prctl(PR_CAPBSET_DROP, cap)
     prctl(PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL)
+
+
+def clear_capabilities() -> None:
+    """Empty the effective, permitted and inheritable sets of this process."""
     header = _CapHeader(0x20080522, 0)  # _LINUX_CAPABILITY_VERSION_3
     data = (_CapData * 2)()
     _check(_libc.syscall(_syscall_number("capset"), ctypes.byref(header), ctypes.byref(data)), "capset")

@@ -33,6 +33,7 @@ reasons are UTF-8. The error fields are (type_name, message, traceback, detail).
 from __future__ import annotations
 
 import json
+import math
 import os
 import struct
 from dataclasses import dataclass, field
@@ -239,8 +240,8 @@ def decode_reply(payload: bytes, max_value_bytes: int, max_text_bytes: int) -> R
     # by the payload size before we allocate anything for them.
     if (3 * n_outputs + 2 * n_skipped + n_error) * _FIELD.size > len(payload) - _REPLY_HEAD.size:
         raise ProtocolError("reply announces more fields than it holds")
-    if not (cpu_s >= 0 and worker_cpu_s >= 0):  # also rejects NaN
-        raise ProtocolError("reply carries a negative or NaN CPU time")
+    if not (0 <= cpu_s < math.inf and 0 <= worker_cpu_s < math.inf):  # also rejects NaN
+        raise ProtocolError("reply carries a negative, infinite or NaN CPU time")
 
     cursor = _Cursor(payload)
     cursor.pos = _REPLY_HEAD.size

@@ -30,12 +30,15 @@ import resource
 import shutil
 import signal
 import sys
+import time
 
 import _thread
 
 from runtime import wire
 from runtime.codenode import CodeNode, RunOutcome
 from runtime.confine import WORKER_PID_IN_NAMESPACE, Scratch
+
+_LEFTOVER_GRACE_S = 1.0  # how long processes killed at the end of a run may take to disappear
 
 def serve(channel: int, layers: dict[str, str], scratch: Scratch, settings: dict) -> None:
     channel_identity = _identity(channel)
@@ -44,7 +47,7 @@ def serve(channel: int, layers: dict[str, str], scratch: Scratch, settings: dict
     sys.stdout = sys.__stdout__ = _text_stream(1)
     sys.stderr = sys.__stderr__ = _text_stream(2)
     node = CodeNode(settings)
-    peak = _PeakMemory()
+    peak = _PeakMemory(scratch.clear_refs)
     requests = wire.FrameReader(channel)
     wire.write_all(channel, wire.frame(wire.encode_hello(layers, None)))
     while True:
@@ -153,13 +156,15 @@ _LIMITS = (resource.RLIMIT_DATA, resource.RLIMIT_NOFILE, resource.RLIMIT_FSIZE, 
 
 def _end_leftover_processes() -> None:
     """Nothing a run starts outlives it: SIGKILL every other process of our
-    PID namespace and reap our children.
+    PID namespace, and wait until they are gone.
 
     ``kill(-1)`` reaches every process the caller may signal except init and
     itself. That is exactly the run's leftovers only when we are pid 2 of a
     namespace of our own (see runtime.zygote); anywhere else it would reach
     the host, so then we do nothing, and the policy cannot allow processes
-    without PID namespaces anyway (seccomp refuses fork).
+    without PID namespaces anyway (seccomp refuses fork). Our own children
+    are reaped here; orphans belong to the namespace's init, which reaps
+    them as they die, so we watch /proc until only init and we are left.
     """
     if os.getpid() != WORKER_PID_IN_NAMESPACE:
         return
@@ -167,12 +172,16 @@ def _end_leftover_processes() -> None:
         os.kill(-1, signal.SIGKILL)
     except OSError:
         return  # nobody else there (ESRCH), or seccomp refuses kill because processes are not allowed
-    while True:
+    deadline = time.monotonic() + _LEFTOVER_GRACE_S
+    while time.monotonic() < deadline:
         try:
-            if os.waitpid(-1, os.WNOHANG)[0] == 0:
-                return
+            while os.waitpid(-1, os.WNOHANG)[0]:
+                pass
         except ChildProcessError:
+            pass
+        if not [name for name in os.listdir("/proc") if name.isdigit() and int(name) > WORKER_PID_IN_NAMESPACE]:
             return
+        time.sleep(0.001)
 
 
 def _empty_scratch(scratch: Scratch) -> bool:
@@ -209,11 +218,8 @@ def _empty_scratch(scratch: Scratch) -> bool:
 class _PeakMemory:
     """Per-run peak RSS: reset the high-water mark, so ru_maxrss after the run is this run's peak."""
 
-    def __init__(self) -> None:
-        try:
-            self._clear_refs = os.open("/proc/self/clear_refs", os.O_WRONLY | os.O_CLOEXEC)
-        except OSError:
-            self._clear_refs = None
+    def __init__(self, clear_refs: int | None) -> None:
+        self._clear_refs = clear_refs
 
     def reset(self) -> None:
         if self._clear_refs is not None:

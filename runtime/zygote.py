@@ -116,8 +116,7 @@ class _Zygote:
             ready, _, _ = select.select([self.control, self.wakeup_r], [], [],
                                         0.5 if self.stale_cgroups else None)
             if self.wakeup_r in ready:
-                while os.read(self.wakeup_r, 4096) == 4096:
-                    pass
+                _drain(self.wakeup_r)
             self._reap()
             if self.control in ready:
                 try:
@@ -255,12 +254,15 @@ def _run_init() -> None:
     try:
         linux.set_parent_death_signal(signal.SIGKILL)
         linux.set_dumpable(False)
-        signal.set_wakeup_fd(-1)
-        for signum in (signal.SIGCHLD, signal.SIGINT, signal.SIGTERM):
-            signal.signal(signum, signal.SIG_DFL)
         for fd in _open_fds():
             if fd > 2:
                 os.close(fd)
+        # Reap as soon as a child dies, so a run's killed leftovers vanish at once.
+        wakeup_r, wakeup_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        signal.set_wakeup_fd(wakeup_w)
+        signal.signal(signal.SIGCHLD, lambda *_: None)
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(signum, signal.SIG_DFL)
         worker = None
         deadline = time.monotonic() + 5
         while worker is None:
@@ -271,17 +273,28 @@ def _run_init() -> None:
                     os._exit(0)
                 time.sleep(0.0005)
         while True:
-            ready, _, _ = select.select([worker], [], [], 1.0)
+            ready, _, _ = select.select([worker, wakeup_r], [], [])
+            if wakeup_r in ready:
+                _drain(wakeup_r)
             while True:
                 try:
                     if os.waitpid(-1, os.WNOHANG)[0] == 0:
                         break
                 except ChildProcessError:
                     break
-            if ready:
+            if worker in ready:
                 os._exit(0)
     finally:
         os._exit(0)
+
+
+def _drain(fd: int) -> None:
+    """Empty a non-blocking signal wakeup pipe."""
+    try:
+        while os.read(fd, 4096):
+            pass
+    except BlockingIOError:
+        pass
 
 
 def _interpreter_paths() -> list[str]:

@@ -244,3 +244,10 @@ async def test_scratch_space_is_the_cwd_and_is_emptied_between_runs(shared_sandb
     await shared_sandbox.run("with open('note.txt', 'w') as f:\n    f.write('hi')")
     code = "try:\n    open('note.txt').read()\n    seen = True\nexcept OSError:\n    seen = False"
     assert (await shared_sandbox.run(code)).outputs["seen"] is False
+
+
+async def test_peak_memory_is_measured_per_run(shared_sandbox):
+    big = await shared_sandbox.run("block = bytearray(96 * 2**20)\nsize = len(block)\ndel block")
+    small = await shared_sandbox.run("y = 1")
+    assert big.stats.peak_memory_bytes > 96 * 2**20
+    assert small.stats.peak_memory_bytes < big.stats.peak_memory_bytes - 64 * 2**20
