@@ -31,6 +31,7 @@ from collections.abc import Mapping
 import psutil
 
 from policies.model import Policy
+from runtime import linux
 from sandbox import outcome
 from sandbox.cgroups import CgroupParents
 from sandbox.errors import InputError, SandboxClosed, SandboxError
@@ -98,6 +99,9 @@ class Sandbox:
             raise SandboxError("a Sandbox can be started only once")
         self._state = "starting"
         self._loop = asyncio.get_running_loop()
+        # Workers of an unprivileged supervisor share its uid. Not dumpable,
+        # its /proc files belong to root and it cannot be ptraced by them.
+        linux.set_dumpable(False)
         try:
             cgroup_error = None
             try:
