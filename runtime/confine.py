@@ -14,13 +14,16 @@ dropped: the supervisor shows it in the worker's hello and ``sandbox doctor``.
 
 Order matters, and each step is placed where it is for a reason:
 
-1. cgroup join first, while the host's ``/sys/fs/cgroup`` is still visible.
+1. cgroups: joined earlier, by the standby worker (see ``runtime.zygote``),
+   while the host's ``/sys/fs/cgroup`` was still visible; here only the
+   outcome is recorded.
 2. network namespace (setns into the zygote's shared empty one), then new
    IPC and UTS namespaces for this worker alone.
-3. the file-system view in a new mount namespace: a tmpfs root, one
-   size-capped tmpfs for the scratch dir, ``/tmp`` and ``/dev/shm``, read-only binds of
-   the interpreter and libraries, a minimal ``/dev`` and a ``/proc`` of the
-   worker's own PID namespace; then ``pivot_root`` and detach the host tree.
+3. the file-system view: a copy of the zygote's template mount namespace
+   (a tmpfs root with read-only binds of the interpreter and libraries and a
+   minimal ``/dev``, see :func:`build_template`), plus the worker's own
+   size-capped tmpfs for the scratch dir, ``/tmp`` and ``/dev/shm``, and a
+   ``/proc`` of its own PID namespace.
 4. ``no_new_privs`` (landlock and seccomp both need it when unprivileged).
 5. landlock, which forbids mounts afterwards, so it comes after step 3.
 6. identity: a dedicated uid/gid when the zygote is real root, otherwise
@@ -33,6 +36,7 @@ from __future__ import annotations
 
 import os
 import resource
+import shutil
 import signal
 from dataclasses import dataclass, field
 
@@ -47,6 +51,9 @@ _MS_FROM_ST = {  # statvfs flag -> mount flag, for flags a user namespace locks 
 }
 _DEVICES = ("null", "zero", "full", "random", "urandom")
 _PRIVATE_TMPFS = (SCRATCH_DIR, "/tmp", "/dev/shm")
+_STAGING = "/.scratch"  # the worker's tmpfs, mounted here only while its binds are made
+_SOURCES = "/.sources"  # read-only sources that live under a scratch directory
+_TEMPLATE_PROC = "/.proc"  # the template's proc; each worker detaches it once its own is mounted
 
 
 class ConfinementFailed(Exception):
@@ -95,7 +102,7 @@ class Scratch:
         return cls(cwd, [ScratchDir.of(path) for path in paths], st.f_files - st.f_ffree)
 
 
-def confine(config: dict, empty_netns_fd: int | None) -> tuple[dict[str, str], Scratch]:
+def confine(config: dict, empty_netns_fd: int | None, template_fd: int | None) -> tuple[dict[str, str], Scratch]:
     """Apply every layer named in ``config['layers']``.
 
     Returns layer -> outcome ("on" or "off: <reason>") and the worker's
@@ -123,10 +130,10 @@ def confine(config: dict, empty_netns_fd: int | None) -> tuple[dict[str, str], S
     if wanted.get("pidns") and not config["pid_namespace"]:
         raise ConfinementFailed("pidns", "the zygote could not create PID namespaces")
     _raise_oom_score()
-    attempt("cgroup", _join_cgroups, config.get("cgroup_dirs") or [])
+    attempt("cgroup", _cgroup_outcome, config.get("cgroup_error"))
     attempt("netns", _enter_netns, empty_netns_fd, config["network"])
     attempt("ipcns", linux.unshare, linux.CLONE_NEWIPC | linux.CLONE_NEWUTS)
-    attempt("mountns", _build_root, config)
+    attempt("mountns", _enter_template, template_fd, config)
     scratch = _private_scratch() if report["mountns"] == "on" else _host_scratch(config["host_scratch"])
     # Opened now: once the worker has its own uid it is no longer dumpable,
     # and its /proc/self files belong to root.
@@ -167,12 +174,26 @@ def _raise_oom_score() -> None:
         pass
 
 
-def _join_cgroups(dirs: list[str]) -> None:
-    if not dirs:
-        raise OSError(95, "no cgroup hierarchy was delegated to the sandbox")
-    for directory in dirs:
-        with open(os.path.join(directory, "cgroup.procs"), "w") as f:
-            f.write("0")
+def join_cgroups(directories: list[str]) -> str | None:
+    """Move this process into its groups; None, or why that failed.
+
+    Called by a standby worker before it has a config: the move is slow
+    (an RCU grace period), so it is done ahead of need.
+    """
+    if not directories:
+        return "no cgroup hierarchy was delegated to the sandbox"
+    try:
+        for directory in directories:
+            with open(os.path.join(directory, "cgroup.procs"), "w") as f:
+                f.write("0")
+    except OSError as exc:
+        return f"cannot join {directory}: {exc.strerror}"
+    return None
+
+
+def _cgroup_outcome(error: str | None) -> None:
+    if error:
+        raise OSError(95, error)
 
 
 def _enter_netns(empty_netns_fd: int | None, network: bool) -> None:
@@ -183,9 +204,17 @@ def _enter_netns(empty_netns_fd: int | None, network: bool) -> None:
     linux.setns(empty_netns_fd, linux.CLONE_NEWNET)
 
 
-def _build_root(config: dict) -> None:
-    """Replace the host file-system view with a minimal read-only one."""
-    linux.unshare(linux.CLONE_NEWNS | linux.CLONE_NEWCGROUP)
+def build_template(readonly_paths: list[str], etc_files: list[str]) -> None:
+    """Build the part of a worker's file-system view that all workers with
+    the same paths share, in a new mount namespace of the calling process.
+
+    Run by a short-lived helper of the zygote, which keeps the namespace
+    (by fd) as a template. A worker then only copies it and adds what is its
+    own (:func:`_enter_template`): a copy of ten mounts instead of building
+    thirty and tearing down a copy of the host's, which is most of what
+    starting and stopping a worker used to cost.
+    """
+    linux.unshare(linux.CLONE_NEWNS)
     linux.mount(None, "/", None, linux.MS_REC | linux.MS_PRIVATE)
     # Stage on a tmpfs over /tmp (hidden in this namespace only), then pivot
     # into it so the host tree is reachable as /oldroot while we bind from it,
@@ -197,52 +226,86 @@ def _build_root(config: dict) -> None:
     linux.pivot_root(".", "oldroot")
     os.chdir("/")
     linux.mount("/newroot", "/newroot", None, linux.MS_BIND)
-
-    # Everything a run may write lives on one size-capped tmpfs, bound at
-    # /work, /tmp and /dev/shm: one cap for all of it, and one statvfs after
-    # a run tells whether anything needs emptying. It is bound first, so that
-    # a read-only source that happens to live under /tmp (a checkout, a venv)
-    # is bound on top of it and stays visible.
-    uid, gid = _worker_ids(config)
-    os.mkdir("/scratch")
-    linux.mount("tmpfs", "/scratch", "tmpfs", linux.MS_NOSUID | linux.MS_NODEV,
-                f"mode=0755,size={config['scratch_bytes']}")
-    for name, mode in (("work", 0o700), ("tmp", 0o1777), ("shm", 0o1777)):
-        os.mkdir(f"/scratch/{name}")
-        os.chmod(f"/scratch/{name}", mode)
-    os.chown("/scratch/work", uid, gid)
-    _bind_scratch("/scratch/work", "/newroot" + SCRATCH_DIR)
-    _bind_scratch("/scratch/tmp", "/newroot/tmp")
-    for path in config["readonly_paths"]:
-        _bind_readonly("/oldroot" + path, "/newroot" + path)
+    for directory in (SCRATCH_DIR, "/tmp", "/proc", _STAGING, _SOURCES, _TEMPLATE_PROC):
+        os.makedirs("/newroot" + directory)
+    # A user namespace may mount a new /proc only where a proc is already
+    # fully visible; each worker mounts its own, then drops this one.
+    linux.mount("proc", "/newroot" + _TEMPLATE_PROC, "proc", linux.MS_NOSUID | linux.MS_NODEV | linux.MS_NOEXEC)
+    # Sources under a scratch directory would be hidden by the worker's own
+    # scratch mount; they wait under /.sources and each worker binds them back.
+    for index, path in enumerate(_shadowed(readonly_paths)):
+        _bind_readonly("/oldroot" + path, f"/newroot{_SOURCES}/{index}")
+    for path in readonly_paths:
+        if path not in _shadowed(readonly_paths):
+            _bind_readonly("/oldroot" + path, "/newroot" + path)
     for link in ("/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32"):
         if os.path.islink("/oldroot" + link) and not os.path.lexists("/newroot" + link):
             os.symlink(os.readlink("/oldroot" + link), "/newroot" + link)
         elif os.path.isdir("/oldroot" + link) and link in ("/lib", "/lib64"):
             _bind_readonly("/oldroot" + link, "/newroot" + link)
-
-    _populate_etc(uid, gid, config["etc_files"])
+    _populate_etc(etc_files)
     _populate_dev()
-    _bind_scratch("/scratch/shm", "/newroot/dev/shm")
-    if config["readonly"]:
-        # Last, so that read-only sources bound under /tmp could be mounted first.
-        for target in _PRIVATE_TMPFS:
-            _remount_readonly("/newroot" + target)
-    os.mkdir("/newroot/proc")
-    linux.mount("proc", "/newroot/proc", "proc", linux.MS_NOSUID | linux.MS_NODEV | linux.MS_NOEXEC)
-
     os.chdir("/newroot")
     linux.pivot_root(".", ".")
     linux.umount(".", linux.MNT_DETACH)
     os.chdir("/")
     _remount_readonly("/dev")
     _remount_readonly("/")
+
+
+def _enter_template(template_fd: int | None, config: dict) -> None:
+    """Copy the template view and add this worker's own mounts to it.
+
+    Everything a run may write lives on one size-capped tmpfs, bound at
+    /work, /tmp and /dev/shm: one cap for all of it, and one statvfs after a
+    run tells whether anything needs emptying.
+    """
+    if template_fd is None:
+        raise OSError(95, config.get("template_error") or "no file-system template")
+    linux.setns(template_fd, linux.CLONE_NEWNS)  # root and cwd move to the template's root
+    try:
+        _add_own_mounts(config)
+    except OSError as exc:
+        # Past setns the host view is gone: no degrading to "off" from here.
+        raise ConfinementFailed("mountns", str(exc)) from None
+
+
+def _add_own_mounts(config: dict) -> None:
+    linux.unshare(linux.CLONE_NEWNS | linux.CLONE_NEWCGROUP)
+    uid, gid = _worker_ids(config)
+    linux.mount("tmpfs", _STAGING, "tmpfs", linux.MS_NOSUID | linux.MS_NODEV,
+                f"mode=0755,size={config['scratch_bytes']}")
+    for name, mode in (("work", 0o700), ("tmp", 0o1777), ("shm", 0o1777)):
+        os.mkdir(f"{_STAGING}/{name}")
+        os.chmod(f"{_STAGING}/{name}", mode)
+    os.chown(f"{_STAGING}/work", uid, gid)
+    with open(f"{_STAGING}/passwd", "w") as f:
+        f.write(f"sandbox:x:{uid}:{gid}:sandbox:{SCRATCH_DIR}:/nonexistent\n")
+    with open(f"{_STAGING}/group", "w") as f:
+        f.write(f"sandbox:x:{gid}:\n")
+    for source, target in (("work", SCRATCH_DIR), ("tmp", "/tmp"), ("shm", "/dev/shm"),
+                           ("passwd", "/etc/passwd"), ("group", "/etc/group")):
+        linux.mount(f"{_STAGING}/{source}", target, None, linux.MS_BIND)
+    for index, path in enumerate(_shadowed(config["readonly_paths"])):
+        source = f"{_SOURCES}/{index}"
+        if os.path.isdir(source):
+            os.makedirs(path, exist_ok=True)
+        else:
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            open(path, "a").close()
+        linux.mount(source, path, None, linux.MS_BIND)
+    linux.umount(_STAGING, linux.MNT_DETACH)
+    linux.mount("proc", "/proc", "proc", linux.MS_NOSUID | linux.MS_NODEV | linux.MS_NOEXEC)
+    linux.umount(_TEMPLATE_PROC, linux.MNT_DETACH)
+    if config["readonly"]:
+        for target in _PRIVATE_TMPFS:
+            _remount_readonly(target)
     os.chdir(SCRATCH_DIR)
 
 
-def _bind_scratch(source: str, target: str) -> None:
-    os.makedirs(target, exist_ok=True)
-    linux.mount(source, target, None, linux.MS_BIND)
+def _shadowed(paths: list[str]) -> list[str]:
+    """The paths that live under a directory each worker mounts its scratch on."""
+    return [p for p in paths if any(p.startswith(d + "/") for d in _PRIVATE_TMPFS)]
 
 
 def _worker_ids(config: dict) -> tuple[int, int]:
@@ -274,14 +337,21 @@ def _remount_readonly(target: str, locked: int | None = None) -> None:
     linux.mount(None, target, None, flags)
 
 
-def _populate_etc(uid: int, gid: int, etc_files: list[str]) -> None:
+def _populate_etc(etc_files: list[str]) -> None:
+    """A few host /etc entries, copied rather than bound: a copy costs one
+    write, a read-only bind two mount calls. Directories are bound. passwd
+    and group are empty mount points: each worker binds its own."""
     os.makedirs("/newroot/etc", exist_ok=True)
     for name in etc_files:
-        _bind_readonly("/oldroot/etc/" + name, "/newroot/etc/" + name)
-    with open("/newroot/etc/passwd", "w") as f:
-        f.write(f"sandbox:x:{uid}:{gid}:sandbox:{SCRATCH_DIR}:/nonexistent\n")
-    with open("/newroot/etc/group", "w") as f:
-        f.write(f"sandbox:x:{gid}:\n")
+        source, target = "/oldroot/etc/" + name, "/newroot/etc/" + name
+        if os.path.islink(source):
+            os.symlink(os.readlink(source), target)
+        elif os.path.isfile(source):
+            shutil.copyfile(source, target)
+        elif os.path.isdir(source):
+            _bind_readonly(source, target)
+    for name in ("passwd", "group"):
+        open(f"/newroot/etc/{name}", "w").close()
     with open("/newroot/etc/hostname", "w") as f:
         f.write("sandbox\n")
 
@@ -296,6 +366,7 @@ def _populate_dev() -> None:
     for name, dest in (("fd", "/proc/self/fd"), ("stdin", "/proc/self/fd/0"),
                        ("stdout", "/proc/self/fd/1"), ("stderr", "/proc/self/fd/2")):
         os.symlink(dest, "/newroot/dev/" + name)
+    os.mkdir("/newroot/dev/shm")
 
 
 def _restrict_paths(filesystem_confined: bool) -> None:

@@ -17,6 +17,11 @@ Owns: the process tree below the supervisor. Data flows like this::
                   confines itself (``runtime.confine``) and serves runs over
                   its own channel (``runtime.worker``).
 
+Z keeps a few (I, W) pairs forked ahead of need ("standbys"): a standby
+holds nothing but its assignment socket until a spawn request hands it a
+config and the worker's fds, so starting a worker costs confinement only,
+not two forks. Z forks replacements while it has nothing else to do.
+
 Z parents both I and W, so it reaps W itself and reports the exact wait
 status and rusage. The supervisor gets pidfds for I and W, so it can kill a
 worker's whole namespace with one race-free ``pidfd_send_signal``. Every
@@ -30,6 +35,7 @@ channel, never through Z, because every later worker is a copy of Z's memory).
 
 from __future__ import annotations
 
+import fcntl
 import gc
 import json
 import os
@@ -41,6 +47,8 @@ import socket
 import sys
 import tempfile
 import time
+from collections.abc import Callable
+from typing import NamedTuple
 
 from runtime import confine, linux, wire
 
@@ -87,6 +95,20 @@ def _enter_user_namespace(uid: int, gid: int, inside_id: int) -> None:
         f.write(f"{inside_id} {gid} 1")
 
 
+class _Standby(NamedTuple):
+    """A forked (init, worker) pair waiting for its config, so a spawn costs no fork.
+
+    Its worker has already joined cgroups of its own (moving a task between
+    cgroups waits for an RCU grace period, about 10 ms here), held by
+    placeholder limits until the assignment writes the tenant's.
+    """
+
+    init_pid: int
+    worker_pid: int
+    assignment: socket.socket
+    cgroups: list[str]
+
+
 class _Zygote:
     def __init__(self, control: socket.socket, config: dict, namespaces: dict) -> None:
         linux.set_parent_death_signal(signal.SIGKILL)
@@ -95,7 +117,8 @@ class _Zygote:
         self.pid_namespaces = namespaces["pid_namespaces"]
         self.interpreter_paths = _interpreter_paths()
         self.own_pidns = os.open("/proc/self/ns/pid", os.O_RDONLY | os.O_CLOEXEC)
-        self.empty_netns, netns_error = _make_empty_netns()
+        self.empty_netns, netns_error = _namespace_from_child(lambda: linux.unshare(linux.CLONE_NEWNET), "net")
+        self.templates: dict[tuple, tuple[int | None, str | None]] = {}  # paths -> (mnt ns fd, error)
         for name in config["preload"]:
             try:
                 __import__(name)
@@ -105,6 +128,9 @@ class _Zygote:
 
         self.workers: dict[int, dict] = {}  # worker pid -> record
         self.stale_cgroups: list[str] = []  # removed once the kernel has released them
+        self.stock_size: int = config["standby"]
+        self.stock: list[_Standby] = []
+        self.standby_cgroups: dict[str, dict[str, int]] | None = config["standby_cgroups"]
         self.wakeup_r, wakeup_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         signal.set_wakeup_fd(wakeup_w)
         signal.signal(signal.SIGCHLD, lambda *_: None)
@@ -113,8 +139,9 @@ class _Zygote:
 
     def serve(self) -> None:
         while True:
-            ready, _, _ = select.select([self.control, self.wakeup_r], [], [],
-                                        0.5 if self.stale_cgroups else None)
+            # Forking standbys is what the zygote does while nobody asks for anything.
+            idle_timeout = 0 if len(self.stock) < self.stock_size else (0.5 if self.stale_cgroups else None)
+            ready, _, _ = select.select([self.control, self.wakeup_r], [], [], idle_timeout)
             if self.wakeup_r in ready:
                 _drain(self.wakeup_r)
             self._reap()
@@ -126,6 +153,8 @@ class _Zygote:
                 if not message:
                     return  # supervisor closed the control socket: shut down
                 self._handle(pickle.loads(message), fds)
+            elif len(self.stock) < self.stock_size:
+                self._restock()
             self.stale_cgroups = [d for d in self.stale_cgroups if not _rmdir(d)]
 
     def _handle(self, request: dict, fds: list[int]) -> None:
@@ -133,18 +162,13 @@ class _Zygote:
             sys.exit(0)
         worker_id = request["worker_id"]
         config = request["config"]
-        try:
-            cgroup_dirs = _make_cgroups(worker_id, config.get("cgroup"))
-        except OSError as exc:
-            cgroup_dirs = []
-            config["cgroup_error"] = str(exc)
-        record = {"id": worker_id, "cgroups": cgroup_dirs, "scratch": None}
+        record = {"id": worker_id, "cgroups": [], "scratch": None}
         try:
             record["scratch"] = _make_host_scratch(worker_id, config.get("uid"), config.get("gid"))
-            config.update(cgroup_dirs=cgroup_dirs, pid_namespace=self.pid_namespaces,
-                          host_scratch=record["scratch"],
+            config.update(pid_namespace=self.pid_namespaces, host_scratch=record["scratch"],
                           readonly_paths=_outermost(self.interpreter_paths + config["extra_readonly_paths"]))
-            init_pid, worker_pid = self._fork_pair(config, fds)
+            template, config["template_error"] = self._template(config["readonly_paths"], config["etc_files"])
+            standby = self._assign(config, fds if template is None else [*fds, template])
         except OSError as exc:
             self._send({"op": "spawn_failed", "worker_id": worker_id, "reason": str(exc)})
             self._release(record)
@@ -152,6 +176,8 @@ class _Zygote:
         finally:
             for fd in fds:
                 os.close(fd)
+        init_pid, worker_pid = standby.init_pid, standby.worker_pid
+        record["cgroups"] = standby.cgroups
         self.workers[worker_pid] = record
         pidfds = [os.pidfd_open(init_pid), os.pidfd_open(worker_pid)]
         try:
@@ -160,7 +186,50 @@ class _Zygote:
             for fd in pidfds:
                 os.close(fd)
 
-    def _fork_pair(self, config: dict, fds: list[int]) -> tuple[int, int]:
+    def _template(self, readonly_paths: list[str], etc_files: list[str]) -> tuple[int | None, str | None]:
+        """The template mount namespace for these paths, built on first use."""
+        key = (tuple(readonly_paths), tuple(etc_files))
+        if key not in self.templates:
+            self.templates[key] = _namespace_from_child(
+                lambda: confine.build_template(readonly_paths, etc_files), "mnt")
+        return self.templates[key]
+
+    def _assign(self, config: dict, fds: list[int]) -> _Standby:
+        """Give a config and its fds to a standby pair (fork one if none is left)."""
+        while True:
+            standby = self.stock.pop() if self.stock else self._fork_standby()
+            try:
+                config["cgroup_error"] = _set_cgroup_limits(standby.cgroups, config.get("cgroup"))
+                socket.send_fds(standby.assignment, [pickle.dumps(config)], fds)
+                return standby
+            except OSError:
+                os.kill(standby.init_pid, signal.SIGKILL)  # it died while waiting; try the next
+                self.stale_cgroups.extend(standby.cgroups)
+                if not self.stock:
+                    raise
+            finally:
+                standby.assignment.close()
+
+    def _restock(self) -> None:
+        try:
+            self.stock.append(self._fork_standby())
+        except OSError:
+            pass  # out of processes for now; spawns fork on demand
+
+    def _fork_standby(self) -> _Standby:
+        cgroups = _make_cgroups(self.standby_cgroups)
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        try:
+            init_pid, worker_pid = self._fork_pair(lambda: self._await_assignment(theirs, cgroups))
+        except OSError:
+            ours.close()
+            self.stale_cgroups.extend(cgroups)
+            raise
+        finally:
+            theirs.close()
+        return _Standby(init_pid, worker_pid, ours, cgroups)
+
+    def _fork_pair(self, worker_main: Callable[[], None]) -> tuple[int, int]:
         """Fork init (pid 1) and the worker (pid 2) into a new PID namespace.
 
         Without PID namespaces the worker is a plain child and stands in
@@ -169,7 +238,7 @@ class _Zygote:
         if not self.pid_namespaces:
             worker_pid = os.fork()
             if worker_pid == 0:
-                self._become_worker(config, fds)
+                worker_main()
             return worker_pid, worker_pid
         linux.unshare(linux.CLONE_NEWPID)
         try:
@@ -182,36 +251,56 @@ class _Zygote:
                 os.kill(init_pid, signal.SIGKILL)
                 raise
             if worker_pid == 0:
-                self._become_worker(config, fds)
+                worker_main()
         finally:
             linux.setns(self.own_pidns, linux.CLONE_NEWPID)
         return init_pid, worker_pid
 
-    def _become_worker(self, config: dict, fds: list[int]) -> None:
+    def _await_assignment(self, assignment: socket.socket, cgroups: list[str]) -> None:
+        """A standby worker: join its cgroups, then hold nothing but its
+        assignment socket until a config arrives."""
         try:
             linux.set_parent_death_signal(signal.SIGKILL)
             confine.reset_signals()
-            os.setsid()
-            channel, stdout, stderr = fds
-            devnull = os.open("/dev/null", os.O_RDONLY)
-            for src, dst in ((devnull, 0), (stdout, _STDOUT_FD), (stderr, _STDERR_FD), (channel, _CHANNEL_FD)):
-                os.dup2(src, dst)
-            keep = {0, 1, 2, 3}
+            keep = {0, 1, 2, assignment.fileno()}
             if self.empty_netns is not None:
                 keep.add(self.empty_netns)
             for fd in _open_fds():
                 if fd not in keep:
                     os.close(fd)
+            joined = confine.join_cgroups(cgroups)
+            message, fds, _, _ = socket.recv_fds(assignment, _MAX_CONTROL_MESSAGE, 4)
+            if not message or len(fds) < 3:
+                os._exit(0)  # the zygote is gone or dropped us
+            assignment.close()
+            config = pickle.loads(message)
+            config["cgroup_error"] = config["cgroup_error"] or joined
+        except BaseException:
+            os._exit(72)
+        self._become_worker(config, fds)
+
+    def _become_worker(self, config: dict, fds: list[int]) -> None:
+        try:
+            os.setsid()
+            # Lift every fd we keep above the low numbers first, so that
+            # placing the channel and stdio on 0-3 can never overwrite one.
+            channel, stdout, stderr, *template = (_lift(fd) for fd in fds)
+            netns = None if self.empty_netns is None else _lift(self.empty_netns)
+            devnull = os.open("/dev/null", os.O_RDONLY)
+            for src, dst in ((devnull, 0), (stdout, _STDOUT_FD), (stderr, _STDERR_FD), (channel, _CHANNEL_FD)):
+                os.dup2(src, dst)
+            namespaces = [fd for fd in (netns, *template) if fd is not None]
+            for fd in _open_fds():
+                if fd > _CHANNEL_FD and fd not in namespaces:
+                    os.close(fd)
             try:
-                layers, scratch = confine.confine(config, self.empty_netns)
+                layers, scratch = confine.confine(config, netns, template[0] if template else None)
             except confine.ConfinementFailed as exc:
                 wire.write_all(_CHANNEL_FD, wire.frame(wire.encode_hello({}, str(exc))))
                 os._exit(70)
             finally:
-                if self.empty_netns is not None:
-                    os.close(self.empty_netns)
-            if config.get("cgroup_error"):
-                layers["cgroup"] = f"off: {config['cgroup_error']}"
+                for fd in namespaces:
+                    os.close(fd)
             from runtime import worker
             worker.serve(_CHANNEL_FD, layers, scratch, config["worker"])
         except BaseException:
@@ -325,6 +414,13 @@ def _make_host_scratch(worker_id: int, uid: int | None, gid: int | None) -> str:
     return directory
 
 
+def _lift(fd: int) -> int:
+    """A copy of ``fd`` numbered 64 or above (the original is closed)."""
+    lifted = fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, 64)
+    os.close(fd)
+    return lifted
+
+
 def _open_fds() -> list[int]:
     return [fd for fd in map(int, os.listdir("/proc/self/fd")) if _is_open(fd)]
 
@@ -337,47 +433,70 @@ def _is_open(fd: int) -> bool:
         return False
 
 
-def _make_empty_netns() -> tuple[int | None, str | None]:
-    """Return an fd of a network namespace with no usable interface."""
+def _namespace_from_child(setup: Callable[[], None], kind: str) -> tuple[int | None, str | None]:
+    """Run ``setup`` in a short-lived child and keep, by fd, the namespace of
+    type ``kind`` ("net", "mnt") it ends up in; or the reason it failed."""
     parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     pid = os.fork()
     if pid == 0:
         try:
             parent.close()
-            linux.unshare(linux.CLONE_NEWNET)
-            fd = os.open("/proc/self/ns/net", os.O_RDONLY)
+            proc = os.open("/proc", os.O_PATH | os.O_DIRECTORY)  # setup may leave no /proc in view
+            setup()
+            fd = os.open(f"self/ns/{kind}", os.O_RDONLY, dir_fd=proc)
             socket.send_fds(child, [b"ok"], [fd])
-        except OSError as exc:
-            child.send(str(exc).encode()[:1000])
+        except BaseException as exc:  # noqa: BLE001 - reported to the zygote
+            child.send(str(exc).encode()[:1000] or b"setup failed")
         finally:
             os._exit(0)
     child.close()
-    message, fds, _, _ = socket.recv_fds(parent, 1024, 1)
-    parent.close()
-    os.waitpid(pid, 0)
+    try:
+        message, fds, _, _ = socket.recv_fds(parent, 1024, 1)
+    finally:
+        parent.close()
+        os.waitpid(pid, 0)
     if message == b"ok" and fds:
         os.set_inheritable(fds[0], False)
         return fds[0], None
-    return None, message.decode(errors="replace")
+    return None, message.decode(errors="replace") or "the helper process died"
 
 
-def _make_cgroups(worker_id: int, spec: dict | None) -> list[str]:
-    if not spec:
+def _make_cgroups(placeholders: dict[str, dict[str, int]] | None) -> list[str]:
+    """One new group per delegated hierarchy, under placeholder limits; [] if none
+    is delegated or one cannot be made (the worker then reports the layer off)."""
+    if not placeholders:
         return []
-    made = []
+    made: list[str] = []
     try:
-        for parent, limits in spec["hierarchies"].items():
-            directory = os.path.join(parent, f"w{worker_id}")
-            os.mkdir(directory)
+        for parent, limits in placeholders.items():
+            directory = tempfile.mkdtemp(prefix="w", dir=parent)
             made.append(directory)
-            for name, value in limits.items():
-                with open(os.path.join(directory, name), "w") as f:
-                    f.write(str(value))
+            _write_limits(directory, limits)
     except OSError:
         for directory in made:
             _rmdir(directory)
-        raise
+        return []
     return made
+
+
+def _set_cgroup_limits(directories: list[str], spec: dict | None) -> str | None:
+    """Write the tenant's limits into a standby's groups; the reason if that is not possible."""
+    if not spec:
+        return None
+    if not directories:
+        return "no cgroup could be made for this worker"
+    try:
+        for directory in directories:
+            _write_limits(directory, spec["hierarchies"][os.path.dirname(directory)])
+    except (OSError, KeyError) as exc:
+        return f"cannot set cgroup limits: {exc}"
+    return None
+
+
+def _write_limits(directory: str, limits: dict[str, int]) -> None:
+    for name, value in limits.items():
+        with open(os.path.join(directory, name), "w") as f:
+            f.write(str(value))
 
 
 def _oom_killed(directory: str) -> bool:

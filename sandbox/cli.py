@@ -168,7 +168,7 @@ async def _probe_here() -> dict:
     except OSError as exc:
         cgroup_error = exc.strerror or str(exc)
     try:
-        zygote = await Zygote.start(preload=[])
+        zygote = await Zygote.start(preload=[], cgroups=cgroups)
         try:
             host = await probe(zygote, cgroups, cgroup_error)
         finally:

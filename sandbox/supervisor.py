@@ -133,7 +133,7 @@ class Sandbox:
     async def _new_zygote(self) -> Zygote:
         preload = sorted({pattern.removesuffix(".*") for policy in self.policies.values()
                           for pattern in policy.allowed_modules})
-        return await Zygote.start(preload=preload)
+        return await Zygote.start(preload=preload, cgroups=self._cgroups)
 
     async def close(self) -> None:
         """Fail queued and running runs with SandboxClosed and stop every process."""

@@ -23,12 +23,15 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import runtime
+from sandbox.cgroups import CgroupParents
 
 _BOOT = "import sys; sys.path.insert(0, sys.argv[1]); from runtime.zygote import main; main(sys.argv[2:])"
 _RUNTIME_ROOT = str(Path(runtime.__file__).resolve().parent.parent)
 _START_TIMEOUT_S = 30.0
 _MAX_EVENT_BYTES = 64 * 1024
 USERNS_INSIDE_ID = 1000  # the uid/gid workers see inside the user namespace when unprivileged
+_STANDBY_WORKERS = 2  # forked ahead of need by the zygote, so that a spawn costs no fork
+_STANDBY_MEMORY_BYTES = 64 * 1024 * 1024
 
 
 class SpawnFailed(Exception):
@@ -77,7 +80,7 @@ class Zygote:
         self._loop.add_reader(control.fileno(), self._on_readable)
 
     @classmethod
-    async def start(cls, *, preload: list[str]) -> "Zygote":
+    async def start(cls, *, preload: list[str], cgroups: CgroupParents | None) -> "Zygote":
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         config = {
             "control_fd": theirs.fileno(),
@@ -85,6 +88,11 @@ class Zygote:
             "userns": None if os.geteuid() == 0 else {
                 "uid": os.geteuid(), "gid": os.getegid(), "inside_id": USERNS_INSIDE_ID},
             "preload": preload,
+            "standby": _STANDBY_WORKERS,
+            # Standby workers wait in groups of their own under these limits
+            # until a spawn request writes the tenant's.
+            "standby_cgroups": None if cgroups is None else cgroups.worker_limits(
+                max_tasks=1, memory_bytes=_STANDBY_MEMORY_BYTES),
         }
         try:
             process = await asyncio.create_subprocess_exec(
