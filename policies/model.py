@@ -84,6 +84,8 @@ class Policy(BaseModel):
                            description="Names of supervisor environment variables passed to the code.")
     required_layers: Literal["auto"] | list[Layer] = Field(
         "auto", description="Layers that must be active, or 'auto': every layer this host supports.")
+    skip_layers: list[Layer] = Field(
+        default_factory=list, description="Layers not to apply at all (for trusted tenants, or to measure a layer's cost).")
 
     # --- worker reuse -------------------------------------------------------------
     fresh_process_per_run: bool = Field(False, description="Never reuse a worker process.")
@@ -134,4 +136,6 @@ class Policy(BaseModel):
     def _consistent(self) -> "Policy":
         if self.max_reply_bytes < self.max_result_bytes:
             raise ValueError("max_reply_bytes must be at least max_result_bytes")
+        if self.required_layers != "auto" and set(self.required_layers) & set(self.skip_layers):
+            raise ValueError("a layer cannot be both in required_layers and in skip_layers")
         return self

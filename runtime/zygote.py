@@ -151,7 +151,8 @@ class _Zygote:
                 except (BlockingIOError, InterruptedError):
                     continue
                 if not message:
-                    return  # supervisor closed the control socket: shut down
+                    self._shut_down()  # the supervisor closed the control socket
+                    return
                 self._handle(pickle.loads(message), fds)
             elif len(self.stock) < self.stock_size:
                 self._restock()
@@ -323,6 +324,32 @@ class _Zygote:
             self._send({"op": "exited", "worker_id": record["id"], "status": status,
                         "cpu_s": usage.ru_utime + usage.ru_stime, "maxrss_kb": usage.ru_maxrss,
                         "oom": oom})
+
+    def _shut_down(self) -> None:
+        """Kill every worker and standby, then remove what they owned on the host.
+
+        Only as pid 1 of the namespace holding them all does kill(-1) reach
+        exactly them; without PID namespaces each is killed by its pid.
+        """
+        targets = [-1] if os.getpid() == 1 else [*self.workers, *(s.init_pid for s in self.stock)]
+        for pid in targets:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        while True:
+            try:
+                os.wait()
+            except ChildProcessError:
+                break
+        for record in self.workers.values():
+            self._release(record)
+        for standby in self.stock:
+            self.stale_cgroups.extend(standby.cgroups)
+        deadline = time.monotonic() + 1.0
+        while self.stale_cgroups and time.monotonic() < deadline:
+            self.stale_cgroups = [d for d in self.stale_cgroups if not _rmdir(d)]
+            time.sleep(0.01)
 
     def _release(self, record: dict) -> None:
         # rmtree never follows a symlink, so a worker cannot point it elsewhere.

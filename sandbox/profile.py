@@ -76,7 +76,7 @@ class TenantProfile:
 
 def build_profile(name: str, policy: Policy, host: HostSupport) -> TenantProfile:
     """Fail closed: raise ConfinementUnavailable if a required layer is missing."""
-    applicable = set(host.supported)
+    applicable = set(host.supported) - set(policy.skip_layers)
     if policy.network:
         applicable.discard("netns")  # network means staying in the host's namespace
     if policy.required_layers == "auto":

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import socket
 import textwrap
@@ -198,3 +199,19 @@ async def test_no_privilege_can_be_regained(sb):
     r = await sb.run(code)
     assert r.outputs["caps"] == {"CapInh": 0, "CapPrm": 0, "CapEff": 0, "CapBnd": 0, "CapAmb": 0}
     assert r.outputs["no_new_privs"] == "1" and r.outputs["seccomp"] == "2"
+
+
+async def test_without_a_mount_namespace_the_scratch_is_a_private_host_directory():
+    bare = quick_policy(**OPEN, skip_layers=["mountns", "landlock"])
+    async with Sandbox(bare, workers=1) as sandbox:
+        first = await sandbox.run("import os\ncwd = os.getcwd()\nopen('note.txt', 'w').write('x')\n"
+                                  "tmp_listing_ok = bool(os.listdir('/tmp'))")
+        cwd = first.outputs["cwd"]
+        assert cwd.startswith("/tmp/sandbox-w") and os.path.isdir(cwd)
+        second = await sandbox.run("import os\nleft = os.listdir('.')")
+        assert second.outputs["left"] == []
+        assert first.stats.worker_pid == second.stats.worker_pid
+    deadline = asyncio.get_running_loop().time() + 3
+    while os.path.exists(cwd) and asyncio.get_running_loop().time() < deadline:
+        await asyncio.sleep(0.05)
+    assert not os.path.exists(cwd)

@@ -205,3 +205,11 @@ async def test_a_policy_requiring_an_unavailable_layer_makes_the_sandbox_refuse_
     report = json.loads(done.stdout.strip().splitlines()[-1])
     assert report["outcome"] == "refused", report
     assert report["layer"] == "cgroup" and "cgroup" in report["message"]
+
+
+def test_skipped_layers_are_neither_applied_nor_required():
+    profile = build_profile("t", Policy(skip_layers=["landlock", "cgroup"]), _host({}))
+    assert "landlock" not in profile.template["layers"] and "landlock" not in profile.required
+    assert "seccomp" in profile.required
+    with pytest.raises(pydantic.ValidationError, match="both in required_layers and in skip_layers"):
+        Policy(required_layers=["landlock"], skip_layers=["landlock"])
