@@ -36,9 +36,10 @@ import _thread
 
 from runtime import wire
 from runtime.codenode import CodeNode, RunOutcome
-from runtime.confine import WORKER_PID_IN_NAMESPACE, Scratch
+from runtime.confine import CLEAR_REFS_FD, RUNTIME_FDS, WORKER_PID_IN_NAMESPACE, Scratch
 
 _LEFTOVER_GRACE_S = 1.0  # how long processes killed at the end of a run may take to disappear
+_FD_CEILING = 1 << 20  # above any RLIMIT_NOFILE a policy can set; one close_range() call covers it
 
 def serve(channel: int, layers: dict[str, str], scratch: Scratch, settings: dict) -> None:
     channel_identity = _identity(channel)
@@ -47,7 +48,7 @@ def serve(channel: int, layers: dict[str, str], scratch: Scratch, settings: dict
     sys.stdout = sys.__stdout__ = _text_stream(1)
     sys.stderr = sys.__stderr__ = _text_stream(2)
     node = CodeNode(settings)
-    peak = _PeakMemory(scratch.clear_refs)
+    peak = _PeakMemory()
     requests = wire.FrameReader(channel)
     wire.write_all(channel, wire.frame(wire.encode_hello(layers, None)))
     while True:
@@ -66,6 +67,7 @@ def serve(channel: int, layers: dict[str, str], scratch: Scratch, settings: dict
         peak.reset()
         outcome = node.run(code, inputs, allow_await, filename)
         _end_leftover_processes()
+        os.closerange(RUNTIME_FDS, _FD_CEILING)  # fds the run opened and left open die with it
         retire |= _restore_stdio() | outcome.retire | _empty_scratch(scratch)
         usage = resource.getrusage(resource.RUSAGE_SELF)
         used = _cpu_seconds(usage)
@@ -218,13 +220,13 @@ def _empty_scratch(scratch: Scratch) -> bool:
 class _PeakMemory:
     """Per-run peak RSS: reset the high-water mark, so ru_maxrss after the run is this run's peak."""
 
-    def __init__(self, clear_refs: int | None) -> None:
-        self._clear_refs = clear_refs
+    def __init__(self) -> None:
+        self._usable = True
 
     def reset(self) -> None:
-        if self._clear_refs is not None:
+        if self._usable:
             try:
-                os.write(self._clear_refs, b"5")
+                os.write(CLEAR_REFS_FD, b"5")
             except OSError:
-                self._clear_refs = None
+                self._usable = False
 

@@ -17,6 +17,8 @@ sees an ordinary ``PermissionError`` it can handle:
   threads; ``clone`` with any namespace flag is always denied;
 * ptrace and cross-process memory access; mounts, namespaces, bpf, perf,
   userfaultfd, keyrings, io_uring, kernel modules and other host-wide knobs;
+* memory outside the memory limit's sight: memfd, System V IPC and POSIX
+  message queues;
 * sockets of any family but ``AF_UNIX``, and ``bind``/``connect``/``listen``/
   ``accept``, unless the policy allows network;
 * ``kill``, ``tgkill`` and ``prlimit64`` aimed at any pid above 2. Inside a
@@ -45,6 +47,13 @@ _ALWAYS_DENIED = (
     "lookup_dcookie", "fanotify_init", "syslog", "settimeofday", "clock_settime", "clock_adjtime",
     "adjtimex", "mknod", "mknodat", "iopl", "ioperm", "vhangup", "uselib", "ustat", "sysfs",
     "tkill",
+    # Memory that neither RLIMIT_DATA nor the RSS watchdog sees: memfd pages
+    # written but never mapped, System V shared memory and message queues
+    # that outlive their mapping, POSIX message queues. Without a memory
+    # cgroup (unprivileged) they would escape memory_mb.
+    "memfd_create", "memfd_secret", "shmget", "shmat", "shmctl", "shmdt", "msgget", "msgsnd", "msgrcv",
+    "msgctl", "semget", "semop", "semtimedop", "semctl", "mq_open", "mq_timedsend", "mq_timedreceive",
+    "mq_notify", "mq_getsetattr", "mq_unlink",
 )
 _PROCESS_CREATION = ("fork", "vfork", "execve", "execveat")
 _NETWORK = ("bind", "connect", "listen", "accept", "accept4")
