@@ -42,7 +42,7 @@ _LEFTOVER_GRACE_S = 1.0  # how long processes killed at the end of a run may tak
 _FD_CEILING = 1 << 20  # above any RLIMIT_NOFILE a policy can set; one close_range() call covers it
 
 def serve(channel: int, layers: dict[str, str], scratch: Scratch, settings: dict) -> None:
-    channel_identity = _identity(channel)
+    own_fds = _identities()  # stdin, stdout, stderr and the channel, as confinement left them
     limits = _limits()
     cpu_hard = limits[0][1]
     sys.stdout = sys.__stdout__ = _text_stream(1)
@@ -73,9 +73,11 @@ def serve(channel: int, layers: dict[str, str], scratch: Scratch, settings: dict
         used = _cpu_seconds(usage)
         retire |= (_thread._count() > 0 or _limits() != limits
                    or (cpu_hard != resource.RLIM_INFINITY and used + cpu_time_s + 1 > cpu_hard))
-        reply = _reply(token, outcome, used - before, usage.ru_maxrss * 1024, used, retire, settings)
-        if _identity(channel) != channel_identity:
+        fds = _identities()
+        if fds[channel] != own_fds[channel]:
             os._exit(0)  # user code replaced our channel fd; never write a reply into its file
+        retire |= fds != own_fds  # a closed or replaced stdio would break the next run
+        reply = _reply(token, outcome, used - before, usage.ru_maxrss * 1024, used, retire, settings)
         wire.write_all(channel, wire.frame(reply))
 
 
@@ -99,12 +101,16 @@ def _reply(token: bytes, outcome: RunOutcome, cpu_s: float, peak_rss: int, worke
     return reply
 
 
-def _identity(fd: int) -> tuple[int, int] | None:
-    try:
-        st = os.fstat(fd)
-        return st.st_dev, st.st_ino
-    except OSError:
-        return None
+def _identities() -> list[tuple[int, int] | None]:
+    """(device, inode) of fds 0 to 3, or None for a closed one."""
+    identities = []
+    for fd in range(4):
+        try:
+            st = os.fstat(fd)
+            identities.append((st.st_dev, st.st_ino))
+        except OSError:
+            identities.append(None)
+    return identities
 
 
 def _text_stream(fd: int) -> io.TextIOWrapper:

@@ -5,11 +5,12 @@ user classes, functions, numpy arrays, anything over a decoding budget).
 
 Must never: run any of the value's code on the host by accident. An Opaque
 compares by identity, hashes by identity, and its repr is built from the
-type label the worker reported, escaped and truncated. Pickling an Opaque
-on the host (to cache it, say) pickles only its bytes, so unpickling it
-gives back an Opaque, never the foreign object. The one way to rebuild the
-real object on the host is :meth:`Opaque.unsafe_unpickle`, whose name says
-what it does.
+type label the worker reported, truncated and escaped down to printable
+ASCII, so no newline or terminal control sequence gets through. Pickling an
+Opaque on the host (to cache it, say) pickles only its bytes, so unpickling
+it gives back an Opaque, never the foreign object. The one way to rebuild
+the real object on the host is :meth:`Opaque.unsafe_unpickle`, whose name
+says what it does.
 
 Passing an Opaque as an input to a later run sends its bytes to the worker,
 which rebuilds the object there, under that run's import policy.
@@ -49,5 +50,5 @@ class Opaque:
         return (Opaque, (self._data, self.type_name, self.reason))
 
     def __repr__(self) -> str:
-        label = self.type_name[:80].encode("ascii", "backslashreplace").decode("ascii")
+        label = self.type_name[:80].encode("unicode_escape").decode("ascii")
         return f"<Opaque {label!s} ({len(self._data)} bytes)>"

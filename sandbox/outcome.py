@@ -19,10 +19,11 @@ from sandbox.errors import (CodeError, InputError, MemoryLimitExceeded, OutputLi
                             SandboxError, TimeLimitExceeded, WorkerCrashed)
 from sandbox.profile import TenantProfile
 from sandbox.result import Result, RunStats
-from sandbox.snapshot import decode_value
+from sandbox.snapshot import Allowance, Budget, decode_value
 from sandbox.zygote import ExitInfo
 
 _DECODE_INLINE_BYTES = 64 * 1024  # larger outputs are decoded in a thread
+_BUDGET = Budget()
 
 
 async def to_result(completed, profile: TenantProfile) -> Result:
@@ -41,7 +42,8 @@ async def to_result(completed, profile: TenantProfile) -> Result:
 
 
 def _decode_all(outputs: list[tuple[str, str, bytes]]) -> dict[str, object]:
-    return {name: decode_value(blob, label) for name, label, blob in outputs}
+    allowance = Allowance(_BUDGET)  # one reply, one budget, however many outputs it splits into
+    return {name: decode_value(blob, label, _BUDGET, allowance) for name, label, blob in outputs}
 
 
 def _reported_error(reply: wire.Reply, profile: TenantProfile, **captured: str) -> SandboxError:
@@ -85,6 +87,11 @@ def output_overflow(limit: int, stdout: str, stderr: str) -> OutputLimitExceeded
 def protocol_violation(detail: str, stdout: str, stderr: str) -> WorkerCrashed:
     return WorkerCrashed(f"worker was killed for a protocol violation: {detail}",
                          protocol_violation=True, stdout=stdout, stderr=stderr)
+
+
+def channel_closed(stdout: str, stderr: str) -> WorkerCrashed:
+    return WorkerCrashed("the run closed or replaced its channel to the supervisor (fd 3), so it could not "
+                         "report; its worker was stopped", stdout=stdout, stderr=stderr)
 
 
 def worker_died(info: ExitInfo | None, profile: TenantProfile, stdout: str, stderr: str) -> SandboxError:

@@ -20,8 +20,17 @@ before any structure exists. What loading cannot see (depth, and shared
 references that expand exponentially when walked, like a 60-level doubling
 chain) is checked afterwards by one iterative walk that stops at its budget.
 Keys of dicts and sets are checked before insertion for nesting depth (the C
-``tuple.__hash__`` recursion has no guard) and for repeated hashes (integer
-hashes are not randomized, so a crafted dict could make insertion quadratic).
+``tuple.__hash__`` recursion has no guard), for expanded size (a tuple
+re-hashes shared members every time) and for repeated hashes (integer hashes
+are not randomized, so a crafted dict could make insertion quadratic).
+
+The allowed constructors are called only the way their own ``__reduce__``
+calls them: with plain scalar arguments, whose strings may not add up to more
+than the pickle itself holds (one memoized string fed to a million
+``Decimal`` calls would), ``Fraction`` from two integers only (from a string
+or a ``Decimal`` it computes ``10**exponent``), ``UUID`` created empty and
+given exactly its own fields. Text opcodes that parse an integer from a line
+of unbounded length are refused; protocol 5 never emits them.
 
 Most outputs are one scalar, pickled by the worker as a handful of opcodes.
 :func:`_decode_scalar` reads exactly those shapes byte by byte, with no
@@ -41,7 +50,19 @@ from dataclasses import dataclass
 
 from sandbox.opaque import Opaque
 
-_ALLOWED_GLOBALS: dict[tuple[str, str], type] = {
+
+class _Refused(Exception):
+    """The value is not inert data, or is over budget; keep it opaque."""
+
+
+def _fraction(*terms: object) -> fractions.Fraction:
+    """``Fraction`` as its ``__reduce__`` calls it: from a numerator and a denominator."""
+    if len(terms) != 2 or any(type(term) is not int for term in terms):
+        raise _Refused("Fraction is rebuilt only from two integers")
+    return fractions.Fraction(*terms)
+
+
+_ALLOWED_GLOBALS: dict[tuple[str, str], object] = {
     ("builtins", "complex"): complex,
     ("datetime", "datetime"): datetime.datetime,
     ("datetime", "date"): datetime.date,
@@ -49,40 +70,59 @@ _ALLOWED_GLOBALS: dict[tuple[str, str], type] = {
     ("datetime", "timedelta"): datetime.timedelta,
     ("datetime", "timezone"): datetime.timezone,
     ("decimal", "Decimal"): decimal.Decimal,
-    ("fractions", "Fraction"): fractions.Fraction,
+    ("fractions", "Fraction"): _fraction,
     ("uuid", "UUID"): uuid.UUID,
 }
 _SCALARS = frozenset({type(None), bool, int, float, complex, str, bytes, bytearray, datetime.datetime,
                       datetime.date, datetime.time, datetime.timedelta, datetime.timezone,
                       decimal.Decimal, fractions.Fraction})
 _SEQUENCES = frozenset({list, tuple, set, frozenset})
+_ARGUMENT_TYPES = frozenset({type(None), bool, int, float, str, bytes, datetime.timedelta, datetime.timezone})
+_UUID_FIELDS = frozenset({"int", "is_safe"})
 
 
 @dataclass(frozen=True)
 class Budget:
-    """Limits on decoding one value; the defaults suit JSON-like results."""
+    """Limits on decoding; the defaults suit JSON-like results.
 
-    max_ops: int = 2_000_000  # pickle opcodes executed
+    ``max_ops`` is shared by all the outputs of one reply (see
+    :class:`Allowance`), and an opcode that creates a container costs
+    ``CONTAINER_OP_COST``: memory, not just time, is what a hostile reply
+    spends, and an empty set takes two hundred bytes of the host's for one
+    byte of pickle. Two million units hold a list of a million floats.
+    """
+
+    max_ops: int = 2_000_000  # pickle opcodes executed, weighted
     max_nodes: int = 1_000_000  # objects visited, counting every shared reference again
     max_depth: int = 100  # nesting of containers
     max_int_bytes: int = 4096  # one int, in two's-complement bytes
     max_equal_hashes: int = 16  # distinct keys of one dict/set sharing a hash
 
 
-class _Refused(Exception):
-    """The value is not inert data, or is over budget; keep it opaque."""
+CONTAINER_OP_COST = 8
+
+
+class Allowance:
+    """The decoding work left for one reply, shared by all its outputs."""
+
+    __slots__ = ("ops_left",)
+
+    def __init__(self, budget: Budget) -> None:
+        self.ops_left = budget.max_ops
 
 
 class _RestrictedUnpickler(pickle._Unpickler):  # type: ignore[name-defined]
     dispatch = dict(pickle._Unpickler.dispatch)  # type: ignore[attr-defined]
 
-    def __init__(self, data: bytes, budget: Budget) -> None:
+    def __init__(self, data: bytes, budget: Budget, allowance: Allowance) -> None:
         super().__init__(io.BytesIO(data), fix_imports=False)
         self.budget = budget
-        self.ops_left = budget.max_ops
+        self.allowance = allowance
+        self.key_nodes_left = budget.max_nodes
+        self.argument_bytes_left = len(data)
         self.hash_counts: dict[int, dict[int, int]] = {}
 
-    def find_class(self, module: str, name: str) -> type:
+    def find_class(self, module: str, name: str) -> object:
         try:
             return _ALLOWED_GLOBALS[(module, name)]
         except (KeyError, TypeError):
@@ -95,18 +135,26 @@ class _RestrictedUnpickler(pickle._Unpickler):  # type: ignore[name-defined]
         counts = self.hash_counts.setdefault(id(container), {})
         for key in keys:
             if type(key) in (tuple, frozenset):
-                _check_depth(key, self.budget.max_depth)
+                self.key_nodes_left = _check_key(key, self.budget.max_depth, self.key_nodes_left)
             digest = hash(key)
             counts[digest] = counts.get(digest, 0) + 1
             if counts[digest] > self.budget.max_equal_hashes:
                 raise _Refused("too many keys share one hash")
 
+    def admit_arguments(self, args: object) -> None:
+        if type(args) is not tuple or any(type(arg) not in _ARGUMENT_TYPES for arg in args):
+            raise _Refused("constructor arguments are not plain scalars")
+        self.argument_bytes_left -= sum(len(arg) for arg in args if type(arg) in (str, bytes))
+        if self.argument_bytes_left < 0:
+            raise _Refused("constructor arguments repeat more data than the pickle holds")
 
-def _counted(handler):
+
+def _counted(handler, cost: int):
     def run(self: _RestrictedUnpickler) -> None:
-        self.ops_left -= 1
-        if self.ops_left < 0:
-            raise _Refused("too many pickle operations")
+        allowance = self.allowance
+        allowance.ops_left -= cost
+        if allowance.ops_left < 0:
+            raise _Refused("the reply needs more decoding work than the budget allows")
         handler(self)
     return run
 
@@ -144,40 +192,79 @@ def _load_frozenset(self: _RestrictedUnpickler) -> None:
     pickle._Unpickler.load_frozenset(self)  # type: ignore[attr-defined]
 
 
+def _load_reduce(self: _RestrictedUnpickler) -> None:
+    args = self.stack.pop()
+    self.admit_arguments(args)
+    self.stack[-1] = self.stack[-1](*args)
+
+
+def _load_newobj(self: _RestrictedUnpickler) -> None:
+    args = self.stack.pop()
+    cls = self.stack.pop()
+    if cls is not uuid.UUID or type(args) is not tuple or args:
+        raise _Refused("only UUID is created empty and filled in afterwards")
+    self.append(uuid.UUID.__new__(uuid.UUID))
+
+
 def _load_build(self: _RestrictedUnpickler) -> None:
-    if type(self.stack[-2]) is not uuid.UUID:
-        raise _Refused("only UUID restores state")
-    pickle._Unpickler.load_build(self)  # type: ignore[attr-defined]
+    state = self.stack.pop()
+    target = self.stack[-1]
+    if type(target) is not uuid.UUID or hasattr(target, "int") or not _is_uuid_state(state):
+        raise _Refused("only a new UUID restores state, and only its own fields")
+    target.__setstate__(state)
+
+
+def _is_uuid_state(state: object) -> bool:
+    """True for what ``UUID.__getstate__`` returns: a 128-bit int and maybe a safety flag."""
+    if type(state) is not dict or not state.keys() <= _UUID_FIELDS:
+        return False
+    number, safe = state.get("int"), state.get("is_safe")
+    return (type(number) is int and 0 <= number < 1 << 128
+            and (safe is None or (type(safe) is int and safe in (0, -1))))
+
+
+def _refuse_opcode(self: _RestrictedUnpickler) -> None:
+    raise _Refused("the pickle uses an opcode that inert data never needs")
 
 
 def _build_dispatch() -> None:
     op = pickle
     table = _RestrictedUnpickler.dispatch
-    for code in (op.PERSID, op.BINPERSID, op.INST, op.OBJ, op.EXT1, op.EXT2, op.EXT4,
-                 op.NEXT_BUFFER, op.READONLY_BUFFER, op.DICT):
-        table.pop(code[0], None)
+    for code in (op.PERSID, op.BINPERSID, op.INST, op.OBJ, op.EXT1, op.EXT2, op.EXT4, op.NEWOBJ_EX,
+                 op.NEXT_BUFFER, op.READONLY_BUFFER, op.DICT, op.INT, op.LONG, op.GET, op.PUT):
+        table[code[0]] = _refuse_opcode
     table[op.LONG1[0]] = _load_long("<B")
     table[op.LONG4[0]] = _load_long("<i")
     table[op.SETITEM[0]] = _load_setitem
     table[op.SETITEMS[0]] = _load_setitems
     table[op.ADDITEMS[0]] = _load_items_into_set
     table[op.FROZENSET[0]] = _load_frozenset
+    table[op.REDUCE[0]] = _load_reduce
+    table[op.NEWOBJ[0]] = _load_newobj
     table[op.BUILD[0]] = _load_build
+    containers = {code[0] for code in (op.EMPTY_LIST, op.EMPTY_DICT, op.EMPTY_SET, op.EMPTY_TUPLE, op.MARK,
+                                       op.LIST, op.TUPLE, op.TUPLE1, op.TUPLE2, op.TUPLE3, op.FROZENSET,
+                                       op.BYTEARRAY8, op.REDUCE, op.NEWOBJ)}
     for code, handler in list(table.items()):
-        table[code] = _counted(handler)
+        table[code] = _counted(handler, CONTAINER_OP_COST if code in containers else 1)
 
 
 _build_dispatch()
 
 
-def _check_depth(root: object, max_depth: int) -> None:
+def _check_key(root: object, max_depth: int, nodes_left: int) -> int:
+    """Walk a tuple or frozenset key before it is hashed; return the node budget left."""
     stack = [(root, 1)]
     while stack:
         obj, depth = stack.pop()
+        nodes_left -= 1
+        if nodes_left < 0:
+            raise _Refused("keys expand to more objects than the budget")
         if depth > max_depth:
             raise _Refused("nested deeper than the budget")
         if type(obj) in (tuple, frozenset):
             stack.extend((child, depth + 1) for child in obj)
+    return nodes_left
 
 
 def _walk(root: object, budget: Budget) -> None:
@@ -253,13 +340,17 @@ def _decode_scalar(data: bytes) -> object:
     return _NOT_A_SCALAR
 
 
-def decode_value(data: bytes, type_label: str, budget: Budget = Budget()) -> object:
-    """The value if it is inert data within budget, else an Opaque holding it."""
+def decode_value(data: bytes, type_label: str, budget: Budget = Budget(),
+                 allowance: Allowance | None = None) -> object:
+    """The value if it is inert data within budget, else an Opaque holding it.
+
+    Pass the same ``allowance`` for every output of one reply.
+    """
     value = _decode_scalar(data)
     if value is not _NOT_A_SCALAR:
         return value
     try:
-        value = _RestrictedUnpickler(data, budget).load()
+        value = _RestrictedUnpickler(data, budget, allowance or Allowance(budget)).load()
         _walk(value, budget)
         return value
     except _Refused as exc:

@@ -269,6 +269,7 @@ class WorkerProcess:
         job, was = self.job, self.state
         self._drain_outputs()
         stdout, stderr = self._take_output()
+        still_running = bool(self._pidfds) and not _has_exited(self._pidfds[1])
         self.kill()
         if was is State.STARTING:
             if self._hello is not None and not self._hello.done():
@@ -276,6 +277,9 @@ class WorkerProcess:
             return
         self._listener.worker_lost(self)
         if job is None or was is not State.BUSY:
+            return
+        if still_running:
+            job.fail(outcome.channel_closed(stdout, stderr))
             return
 
         def settle(info: ExitInfo | None) -> None:
@@ -402,6 +406,13 @@ class WorkerProcess:
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
+
+
+def _has_exited(pidfd: int) -> bool:
+    """A pidfd polls readable once its process has exited."""
+    poller = select.poll()
+    poller.register(pidfd, select.POLLIN)
+    return bool(poller.poll(0))
 
 
 def _text(chunks: list[bytes]) -> str:
