@@ -267,9 +267,14 @@ class Sandbox:
         TimeLimitExceeded even where a kernel limit is unavailable.
         """
         processes: dict[WorkerProcess, psutil.Process] = {}
+        # CPU time each run started from: the worker's own report, unless the
+        # first sample is lower (a worker that lied to gain headroom loses it).
+        baselines: dict[Job, float] = {}
         while True:
             await asyncio.sleep(_WATCHDOG_PERIOD_S)
             now = self._loop.time()
+            for job in [j for j in baselines if j not in self._running]:
+                del baselines[job]
             for job, worker in list(self._running.items()):
                 if worker.state is not State.BUSY or job.started_at is None or now - job.started_at < 0.05:
                     continue
@@ -281,10 +286,12 @@ class Sandbox:
                 except psutil.Error:
                     continue
                 policy = worker.profile.policy
+                cpu = times.user + times.system
+                baseline = baselines.setdefault(job, min(worker.worker_cpu_s, cpu))
                 if rss > policy.memory_mb * MiB:
                     worker.fail_run(lambda out, err, p=policy: outcome.memory_exceeded(
                         p.memory_mb, "seen by the supervisor's RSS watchdog", stdout=out, stderr=err))
-                elif times.user + times.system - worker.worker_cpu_s > policy.cpu_time_s:
+                elif cpu - baseline > policy.cpu_time_s:
                     worker.fail_run(lambda out, err, p=policy: outcome.cpu_exceeded(
                         p.cpu_time_s, stdout=out, stderr=err))
             for worker in [w for w in processes if w.state is State.DEAD]:
