@@ -44,6 +44,9 @@ TOKEN_BYTES = 16
 
 KIND_HELLO = 1
 KIND_REPLY = 2
+# A worker that finds its channel closed or replaced (user code did it) exits
+# with this code, so the host can say so instead of reporting a crash.
+EXIT_CHANNEL_LOST = 75
 
 # Reply status codes.
 OK = 0

@@ -52,7 +52,10 @@ def serve(channel: int, layers: dict[str, str], scratch: Scratch, settings: dict
     requests = wire.FrameReader(channel)
     wire.write_all(channel, wire.frame(wire.encode_hello(layers, None)))
     while True:
-        payload = requests.next()
+        try:
+            payload = requests.next()
+        except OSError:
+            os._exit(wire.EXIT_CHANNEL_LOST)
         if payload is None:
             return
         request = pickle.loads(payload)
@@ -75,10 +78,13 @@ def serve(channel: int, layers: dict[str, str], scratch: Scratch, settings: dict
                    or (cpu_hard != resource.RLIM_INFINITY and used + cpu_time_s + 1 > cpu_hard))
         fds = _identities()
         if fds[channel] != own_fds[channel]:
-            os._exit(0)  # user code replaced our channel fd; never write a reply into its file
+            os._exit(wire.EXIT_CHANNEL_LOST)  # never write a reply into whatever user code put on fd 3
         retire |= fds != own_fds  # a closed or replaced stdio would break the next run
         reply = _reply(token, outcome, used - before, usage.ru_maxrss * 1024, used, retire, settings)
-        wire.write_all(channel, wire.frame(reply))
+        try:
+            wire.write_all(channel, wire.frame(reply))
+        except OSError:
+            os._exit(wire.EXIT_CHANNEL_LOST)
 
 
 def _reply(token: bytes, outcome: RunOutcome, cpu_s: float, peak_rss: int, worker_cpu_s: float,

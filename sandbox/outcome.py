@@ -100,6 +100,8 @@ def worker_died(info: ExitInfo | None, profile: TenantProfile, stdout: str, stde
     if info is None:
         return WorkerCrashed("worker process ended during the run (no exit status was reported)",
                              stdout=stdout, stderr=stderr)
+    if info.exit_code == wire.EXIT_CHANNEL_LOST:
+        return channel_closed(stdout, stderr)
     if info.oom_killed:
         return memory_exceeded(policy.memory_mb, "killed by the kernel's OOM killer", stdout=stdout, stderr=stderr)
     cpu_hard_limit = profile.template["rlimits"]["cpu"][1]

@@ -47,6 +47,7 @@ from sandbox.zygote import ExitInfo, Zygote
 _PIPE_CHUNK = 64 * 1024
 _HELLO_TIMEOUT_S = 30.0
 _EXIT_REPORT_GRACE_S = 1.0
+_DYING_GRACE_S = 0.05  # how long a worker whose channel closed may take to be seen exited
 # One receive buffer for every channel: the loop runs one callback at a
 # time, and reusing it spares a large allocation per message.
 _RECEIVE_BUFFER = memoryview(bytearray(256 * 1024))
@@ -265,32 +266,57 @@ class WorkerProcess:
             self._listener.worker_lost(self)
 
     def _on_channel_closed(self) -> None:
-        """The worker died, or user code closed the channel; find out which."""
+        """The worker is dying, or user code closed the channel; find out which.
+
+        A dying process closes its files before it counts as exited, so the
+        channel's end can arrive first: the process gets a moment to finish
+        dying on its own before it is taken for alive and killed.
+        """
         job, was = self.job, self.state
         self._drain_outputs()
         stdout, stderr = self._take_output()
-        still_running = bool(self._pidfds) and not _has_exited(self._pidfds[1])
-        self.kill()
-        if was is State.STARTING:
-            if self._hello is not None and not self._hello.done():
+        if was is not State.BUSY or job is None:
+            self.kill()
+            if was is State.STARTING and self._hello is not None and not self._hello.done():
                 self._hello.set_exception(SandboxError("worker exited while starting"))
+            elif was is State.IDLE:
+                self._listener.worker_lost(self)
             return
-        self._listener.worker_lost(self)
-        if job is None or was is not State.BUSY:
-            return
-        if still_running:
-            job.fail(outcome.channel_closed(stdout, stderr))
-            return
+        pidfd = self._pidfds[1]
+        self._loop.remove_reader(self._sock.fileno())  # its end of file would keep firing
+        decided = False
 
-        def settle(info: ExitInfo | None) -> None:
-            self._awaiting_exit = None
-            job.fail(outcome.worker_died(info, self.profile, stdout, stderr))
+        def decide(exited: bool) -> None:
+            nonlocal decided
+            if decided:
+                return
+            decided = True
+            self._loop.remove_reader(pidfd)
+            timer.cancel()
+            self.kill()
+            self._listener.worker_lost(self)
+            if exited:
+                self._when_exit_reported(lambda info: job.fail(outcome.worker_died(info, self.profile,
+                                                                                   stdout, stderr)))
+            else:
+                job.fail(outcome.channel_closed(stdout, stderr))
 
+        timer = self._loop.call_later(_DYING_GRACE_S, decide, False)
+        self._loop.add_reader(pidfd, decide, True)
+
+    def _when_exit_reported(self, settle: Callable[[ExitInfo | None], None]) -> None:
+        """Call ``settle`` with the zygote's exit report, or with None if it is late."""
         if self.exit_info is not None:
             settle(self.exit_info)
-        else:
-            self._awaiting_exit = settle
-            self._loop.call_later(_EXIT_REPORT_GRACE_S, lambda: self._awaiting_exit and self._awaiting_exit(None))
+            return
+
+        def once(info: ExitInfo | None) -> None:
+            if self._awaiting_exit is not None:
+                self._awaiting_exit = None
+                settle(info)
+
+        self._awaiting_exit = once
+        self._loop.call_later(_EXIT_REPORT_GRACE_S, once, None)
 
     def _on_exit(self, info: ExitInfo) -> None:
         self.exit_info = info
@@ -406,13 +432,6 @@ class WorkerProcess:
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
-
-
-def _has_exited(pidfd: int) -> bool:
-    """A pidfd polls readable once its process has exited."""
-    poller = select.poll()
-    poller.register(pidfd, select.POLLIN)
-    return bool(poller.poll(0))
 
 
 def _text(chunks: list[bytes]) -> str:
