@@ -27,7 +27,6 @@ import functools
 import inspect
 import linecache
 import pickle
-import signal
 import threading
 import traceback
 import types
@@ -42,11 +41,6 @@ _TOP_LEVEL_AWAIT = 0x2000  # ast.PyCF_ALLOW_TOP_LEVEL_AWAIT
 _INTERPRETER_NAMES = frozenset({"__builtins__", "__name__", "__warningregistry__", "__annotations__"})
 _COMPILE_CACHE_SIZE = 256
 _LEFTOVER_TASK_GRACE_S = 0.2
-
-
-class CpuTimeExceeded(BaseException):
-    """Raised in user code by the per-run SIGXCPU handler. BaseException, so a
-    bare ``except Exception`` in user code does not swallow it."""
 
 
 _FUNCTIONS = (types.FunctionType, types.BuiltinFunctionType, types.MethodType, types.MethodWrapperType,
@@ -108,15 +102,6 @@ class CodeNode:
         self.max_total_bytes: int = settings["max_reply_bytes"]
         self.prebind_asyncio = not any(p in ("asyncio", "asyncio.*") for p in settings["denied_modules"])
         self._compiled: dict[tuple[str, bool, str], types.CodeType] = {}
-        self.in_user_code = False
-        signal.signal(signal.SIGXCPU, self._on_cpu_soft_limit)
-
-    def _on_cpu_soft_limit(self, signum: int, frame: object) -> None:
-        # The soft RLIMIT_CPU is moved to "used + this run's budget" before
-        # every run. Outside user code we let it pass: the hard limit and
-        # the supervisor's watchdog still hold.
-        if self.in_user_code:
-            raise CpuTimeExceeded("CPU time limit exceeded")
 
     def run(self, code: str, inputs: dict[str, bytes], allow_await: bool, filename: str) -> RunOutcome:
         namespace: dict = {"__builtins__": self.guard.fresh_builtins(), "__name__": "__main__"}
@@ -140,16 +125,12 @@ class CodeNode:
             return _failure(wire.CODE_ERROR, exc, _format_traceback(exc, filename), "")
         outcome = RunOutcome()
         try:
-            self.in_user_code = True
             if compiled.co_flags & inspect.CO_COROUTINE:
                 outcome.retire = _run_coroutine(eval(compiled, namespace))
             else:
                 exec(compiled, namespace)
         except BaseException as exc:
-            self.in_user_code = False
             return self._classify_failure(exc, filename, namespace, outcome.retire)
-        finally:
-            self.in_user_code = False
         try:
             self._snapshot(namespace, preset, outcome)
         except MemoryError as exc:
@@ -176,12 +157,10 @@ class CodeNode:
             status, detail = wire.MEMORY_LIMIT, ""
         elif isinstance(exc, ImportBlocked):
             status, detail = wire.POLICY_VIOLATION, exc.module
-        elif isinstance(exc, CpuTimeExceeded):
-            status, detail = wire.CPU_LIMIT, ""
         else:
             status, detail = wire.CODE_ERROR, ""
         outcome = _failure(status, exc, _format_traceback(exc, filename), detail)
-        outcome.retire = retire or status == wire.CPU_LIMIT
+        outcome.retire = retire
         return outcome
 
     def _snapshot(self, namespace: dict, preset: dict, outcome: RunOutcome) -> None:

@@ -44,10 +44,10 @@ from runtime import linux
 
 SCRATCH_DIR = "/work"
 WORKER_PID_IN_NAMESPACE = 2  # pid 1 is the namespace's init; the worker is forked right after it.
-# A worker's own fds: stdin, stdout, stderr, the channel, clear_refs. Every
-# fd above them belongs to a run and is closed when the run ends.
+# A worker's own fds: stdin, stdout, stderr, the channel and (when /proc lets
+# it be opened) clear_refs. Every fd above them belongs to a run and is
+# closed when the run ends.
 CLEAR_REFS_FD = 4
-RUNTIME_FDS = CLEAR_REFS_FD + 1
 
 _MS_FROM_ST = {  # statvfs flag -> mount flag, for flags a user namespace locks on a bind
     os.ST_RDONLY: linux.MS_RDONLY, os.ST_NOSUID: linux.MS_NOSUID, os.ST_NODEV: linux.MS_NODEV,
@@ -98,6 +98,7 @@ class Scratch:
     cwd: str
     dirs: list[ScratchDir] = field(default_factory=list)
     inodes_at_start: int = 0
+    clear_refs: bool = False  # /proc/self/clear_refs is open on CLEAR_REFS_FD
 
     @classmethod
     def of(cls, cwd: str, paths: tuple[str, ...]) -> "Scratch":
@@ -140,7 +141,7 @@ def confine(config: dict, empty_netns_fd: int | None, template_fd: int | None) -
     scratch = _private_scratch() if report["mountns"] == "on" else _host_scratch(config["host_scratch"])
     # Opened now: once the worker has its own uid it is no longer dumpable,
     # and its /proc/self files belong to root.
-    _open_clear_refs()
+    scratch.clear_refs = _open_clear_refs()
     linux.set_no_new_privs()
     attempt("landlock", _restrict_paths, report["mountns"] == "on")
     attempt("identity", _drop_identity, config.get("uid"), config.get("gid"))
@@ -161,15 +162,16 @@ def _host_scratch(directory: str) -> Scratch:
     return Scratch.of(directory, (directory,))
 
 
-def _open_clear_refs() -> None:
-    """Place /proc/self/clear_refs on CLEAR_REFS_FD (or leave it closed if /proc says no)."""
+def _open_clear_refs() -> bool:
+    """Place /proc/self/clear_refs on CLEAR_REFS_FD; False if /proc says no."""
     try:
         fd = os.open("/proc/self/clear_refs", os.O_WRONLY | os.O_CLOEXEC)
     except OSError:
-        return
+        return False
     if fd != CLEAR_REFS_FD:
         os.dup2(fd, CLEAR_REFS_FD)
         os.close(fd)
+    return True
 
 
 def _raise_oom_score() -> None:

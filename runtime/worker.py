@@ -23,7 +23,6 @@ so every byte a run wrote before it finished belongs to that run.
 from __future__ import annotations
 
 import io
-import math
 import os
 import pickle
 import resource
@@ -36,7 +35,7 @@ import _thread
 
 from runtime import wire
 from runtime.codenode import CodeNode, RunOutcome
-from runtime.confine import CLEAR_REFS_FD, RUNTIME_FDS, WORKER_PID_IN_NAMESPACE, Scratch
+from runtime.confine import CLEAR_REFS_FD, WORKER_PID_IN_NAMESPACE, Scratch
 
 _LEFTOVER_GRACE_S = 1.0  # how long processes killed at the end of a run may take to disappear
 _FD_CEILING = 1 << 20  # above any RLIMIT_NOFILE a policy can set; one close_range() call covers it
@@ -44,11 +43,16 @@ _FD_CEILING = 1 << 20  # above any RLIMIT_NOFILE a policy can set; one close_ran
 def serve(channel: int, layers: dict[str, str], scratch: Scratch, settings: dict) -> None:
     own_fds = _identities()  # stdin, stdout, stderr and the channel, as confinement left them
     limits = _limits()
-    cpu_hard = limits[0][1]
+    cpu_hard = resource.getrlimit(resource.RLIMIT_CPU)[1]
+    # With seccomp on, no rlimit can change (sandbox.seccomp); otherwise a run
+    # could lower its own, and the worker must notice before reusing itself.
+    limits_locked = layers.get("seccomp") == "on"
+    allow_processes = settings["allow_processes"]
     sys.stdout = sys.__stdout__ = _text_stream(1)
     sys.stderr = sys.__stderr__ = _text_stream(2)
     node = CodeNode(settings)
-    peak = _PeakMemory()
+    peak = _PeakMemory(scratch.clear_refs)
+    first_run_fd = CLEAR_REFS_FD + 1 if scratch.clear_refs else CLEAR_REFS_FD
     requests = wire.FrameReader(channel)
     wire.write_all(channel, wire.frame(wire.encode_hello(layers, None)))
     while True:
@@ -66,15 +70,15 @@ def serve(channel: int, layers: dict[str, str], scratch: Scratch, settings: dict
         _, token, code, inputs, allow_await, filename, cpu_time_s = request
         os.chdir(scratch.cwd)
         before = _cpu_seconds(resource.getrusage(resource.RUSAGE_SELF))
-        retire = _start_cpu_budget(before, cpu_time_s, cpu_hard)
         peak.reset()
         outcome = node.run(code, inputs, allow_await, filename)
-        _end_leftover_processes()
-        os.closerange(RUNTIME_FDS, _FD_CEILING)  # fds the run opened and left open die with it
-        retire |= _restore_stdio() | outcome.retire | _empty_scratch(scratch)
+        if allow_processes:
+            _end_leftover_processes()
+        os.closerange(first_run_fd, _FD_CEILING)  # fds the run opened and left open die with it
+        retire = _restore_stdio() | outcome.retire | _empty_scratch(scratch)
         usage = resource.getrusage(resource.RUSAGE_SELF)
         used = _cpu_seconds(usage)
-        retire |= (_thread._count() > 0 or _limits() != limits
+        retire |= (_thread._count() > 0 or (not limits_locked and _limits() != limits)
                    or (cpu_hard != resource.RLIM_INFINITY and used + cpu_time_s + 1 > cpu_hard))
         fds = _identities()
         if fds[channel] != own_fds[channel]:
@@ -142,35 +146,19 @@ def _cpu_seconds(usage: resource.struct_rusage) -> float:
     return usage.ru_utime + usage.ru_stime
 
 
-def _start_cpu_budget(used: float, cpu_time_s: float, hard: int) -> bool:
-    """Move the soft CPU limit to this run's budget; True if that failed."""
-    target = math.ceil(used + cpu_time_s)
-    if hard != resource.RLIM_INFINITY:
-        target = min(target, hard)
-    try:
-        resource.setrlimit(resource.RLIMIT_CPU, (target, hard))
-    except (OSError, ValueError):
-        return True
-    return False
-
-
 def _limits() -> list[tuple[int, int]]:
-    """The hard CPU limit and every other rlimit, to notice user code changing them.
-
-    User code can lower its own limits (``prlimit(0, ...)``); a worker whose
-    limits no longer match its policy is not reused. The soft CPU limit is
-    left out: the loop moves it before every run.
-    """
-    return [(0, resource.getrlimit(resource.RLIMIT_CPU)[1])] + [resource.getrlimit(r) for r in _LIMITS]
+    """Every rlimit that a run could lower for the runs after it."""
+    return [resource.getrlimit(r) for r in _LIMITS]
 
 
-_LIMITS = (resource.RLIMIT_DATA, resource.RLIMIT_NOFILE, resource.RLIMIT_FSIZE, resource.RLIMIT_STACK,
+_LIMITS = (resource.RLIMIT_CPU, resource.RLIMIT_DATA, resource.RLIMIT_NOFILE, resource.RLIMIT_FSIZE, resource.RLIMIT_STACK,
            resource.RLIMIT_NPROC, resource.RLIMIT_AS, resource.RLIMIT_CORE)
 
 
 def _end_leftover_processes() -> None:
     """Nothing a run starts outlives it: SIGKILL every other process of our
-    PID namespace, and wait until they are gone.
+    PID namespace, and wait until they are gone. Only when the policy allows
+    processes; otherwise seccomp refuses to create any.
 
     ``kill(-1)`` reaches every process the caller may signal except init and
     itself. That is exactly the run's leftovers only when we are pid 2 of a
@@ -184,8 +172,8 @@ def _end_leftover_processes() -> None:
         return
     try:
         os.kill(-1, signal.SIGKILL)
-    except OSError:
-        return  # nobody else there (ESRCH), or seccomp refuses kill because processes are not allowed
+    except ProcessLookupError:
+        return  # nobody else there
     deadline = time.monotonic() + _LEFTOVER_GRACE_S
     while time.monotonic() < deadline:
         try:
@@ -232,8 +220,8 @@ def _empty_scratch(scratch: Scratch) -> bool:
 class _PeakMemory:
     """Per-run peak RSS: reset the high-water mark, so ru_maxrss after the run is this run's peak."""
 
-    def __init__(self) -> None:
-        self._usable = True
+    def __init__(self, usable: bool) -> None:
+        self._usable = usable
 
     def reset(self) -> None:
         if self._usable:

@@ -58,8 +58,6 @@ def _reported_error(reply: wire.Reply, profile: TenantProfile, **captured: str) 
     if reply.status == wire.OUTPUT_LIMIT:
         return OutputLimitExceeded(f"{message}; return less data or raise the limit",
                                    limit_bytes=policy.max_result_bytes, variable=detail or None, **captured)
-    if reply.status == wire.CPU_LIMIT:
-        return cpu_exceeded(policy.cpu_time_s, **captured)
     return InputError(f"input {detail!r} could not be loaded in the worker: {message}", **captured)
 
 

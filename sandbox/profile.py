@@ -118,6 +118,7 @@ def build_profile(name: str, policy: Policy, host: HostSupport) -> TenantProfile
             "max_reply_bytes": policy.max_reply_bytes,
             "max_frame_bytes": policy.max_reply_bytes + _FRAME_HEADROOM,
             "max_error_text_bytes": MAX_ERROR_TEXT_BYTES // 2,
+            "allow_processes": policy.allow_processes,
         },
     }
     env = {**BASE_ENV, **{key: os.environ[key] for key in policy.env if key in os.environ}}
@@ -130,16 +131,16 @@ def scratch_bytes(policy: Policy) -> int:
 
 
 def _rlimits(policy: Policy, root: bool) -> dict[str, tuple[int, int]]:
-    # RLIMIT_CPU counts a process's whole life. A reused worker's soft limit
-    # is moved to "used + budget" before each run (runtime.worker), under a
-    # hard limit of twice the budget; the worker asks to be replaced before
-    # the hard limit could cut a run short. A fresh process per run gets
-    # soft = hard = the budget.
+    # RLIMIT_CPU counts a process's whole life, and no rlimit can change
+    # after confinement (seccomp). A fresh process per run gets exactly the
+    # run's budget. A reused worker gets twice the budget plus a second, and
+    # asks to be replaced before the limit could cut a run short; each run's
+    # own budget is enforced by the supervisor's watchdog, to the tick.
     cpu = math.ceil(policy.cpu_time_s)
     cpu_hard = cpu if policy.fresh_process_per_run else 2 * cpu + 1
     memory = policy.memory_mb * MiB
     limits = {
-        "cpu": (cpu, cpu_hard),
+        "cpu": (cpu_hard, cpu_hard),
         "data": (memory, memory),
         "nofile": (policy.max_open_files, policy.max_open_files),
         "fsize": (policy.max_file_size_mb * MiB, policy.max_file_size_mb * MiB),

@@ -21,9 +21,11 @@ sees an ordinary ``PermissionError`` it can handle:
   message queues;
 * sockets of any family but ``AF_UNIX``, and ``bind``/``connect``/``listen``/
   ``accept``, unless the policy allows network;
-* ``kill``, ``tgkill`` and ``prlimit64`` aimed at any pid above 2. Inside a
-  worker's PID namespace pid 1 is its init and pid 2 the worker itself, so
-  this leaves exactly "self" (and the init, which ignores signals).
+* ``kill`` and ``tgkill`` aimed at any pid above 2. Inside a worker's PID
+  namespace pid 1 is its init and pid 2 the worker itself, so this leaves
+  exactly "self" (and the init, which ignores signals);
+* changing any rlimit, of any process (``setrlimit``, ``prlimit64`` with a
+  new limit): limits only ever come from the policy.
 
 Architectures other than the native one are killed outright (libseccomp's
 bad-arch action), which closes the i386 ``int 0x80`` and x32 side doors.
@@ -93,10 +95,13 @@ def build_filter(*, allow_processes: bool, allow_network: bool, pid_namespace: b
         for name in _PROCESS_CREATION:
             rule(deny, name)
         rule(deny, "clone", sc.Arg(0, sc.MASKED_EQ, _CLONE_THREAD, 0))
-    if pid_namespace:
-        targets = ("prlimit64",) if allow_processes else ("kill", "tgkill", "prlimit64")
-        for name in targets:
+    if pid_namespace and not allow_processes:
+        for name in ("kill", "tgkill"):
             rule(deny, name, sc.Arg(0, sc.GT, _HIGHEST_OWN_PID))
+    # Limits are set by confinement and never change afterwards: reading them
+    # (prlimit64 with no new limit) is all that is left.
+    rule(deny, "setrlimit")
+    rule(deny, "prlimit64", sc.Arg(2, sc.NE, 0))
     if not allow_network:
         rule(sc.ERRNO(errno.EAFNOSUPPORT), "socket", sc.Arg(0, sc.NE, socket.AF_UNIX))
         rule(sc.ERRNO(errno.EAFNOSUPPORT), "socketpair", sc.Arg(0, sc.NE, socket.AF_UNIX))

@@ -162,18 +162,35 @@ async def test_kill_and_prlimit_reach_only_the_worker_itself(sb):
         errors = {}
         for name, call in (("kill_init", lambda: os.kill(1, 0)), ("kill_other", lambda: os.kill(3, 0)),
                            ("kill_all", lambda: os.kill(-1, 0)),
-                           ("prlimit_other", lambda: resource.prlimit(1, resource.RLIMIT_NOFILE))):
+                           ("prlimit_other", lambda: resource.prlimit(1, resource.RLIMIT_NOFILE)),
+                           ("lower_own", lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (16, 16))),
+                           ("lower_own_prlimit", lambda: resource.prlimit(0, resource.RLIMIT_CPU, (1, 1)))):
             try:
                 call()
                 errors[name] = None
             except OSError as e:
                 errors[name] = e.errno
+            except ValueError as e:  # how setrlimit() reports EPERM
+                errors[name] = str(e)
         own = resource.prlimit(0, resource.RLIMIT_NOFILE)
     """)
     r = await sb.run(code)
     assert r.outputs["errors"]["kill_other"] == 1 and r.outputs["errors"]["kill_all"] == 1
     assert r.outputs["errors"]["prlimit_other"] == 1
+    assert r.outputs["errors"]["lower_own"] == "not allowed to raise maximum limit"  # seccomp's EPERM
+    assert r.outputs["errors"]["lower_own_prlimit"] == 1
     assert tuple(r.outputs["own"]) == (64, 64)
+
+
+async def test_without_seccomp_a_worker_whose_rlimits_were_lowered_is_not_reused():
+    policy = quick_policy(**OPEN, skip_layers=["seccomp"])
+    async with Sandbox(policy, workers=1) as sandbox:
+        lowered = await sandbox.run("import resource\nresource.setrlimit(resource.RLIMIT_NOFILE, (16, 16))")
+        untouched = await sandbox.run("x = 1")
+        after = await sandbox.run("import resource\nnofile = resource.getrlimit(resource.RLIMIT_NOFILE)")
+    assert lowered.stats.worker_pid != untouched.stats.worker_pid
+    assert untouched.stats.worker_pid == after.stats.worker_pid
+    assert tuple(after.outputs["nofile"]) == (64, 64)
 
 
 async def test_rlimits_match_the_policy(sb):

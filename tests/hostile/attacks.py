@@ -247,9 +247,8 @@ for _name, _attempt in _attempts.items():
 PRLIMIT_PARENT = '''
 os = _mod("os")
 resource = _mod("resource")
-resource.prlimit(os.getppid(), resource.RLIMIT_NOFILE, (3, 3))
-resource.prlimit(os.getppid(), resource.RLIMIT_AS, (1 << 26, 1 << 26))
-lowered = True
+resource.prlimit(os.getppid(), resource.RLIMIT_NOFILE, (3, 3))  # getppid() is 0 (self) in the PID namespace
+resource.setrlimit(resource.RLIMIT_AS, (1 << 26, 1 << 26))
 '''
 
 PRLIMIT_INIT = '''
