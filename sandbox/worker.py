@@ -175,10 +175,15 @@ class WorkerProcess:
 
     def fail_run(self, make_error: Callable[[str, str], SandboxError]) -> None:
         """End the current run with ``make_error(stdout, stderr)`` and kill the worker."""
-        job = self.job
-        if job is None or self.state is not State.BUSY:
+        if self.job is None or self.state is not State.BUSY:
             return
         self._drain_outputs()
+        if self.state is State.BUSY:  # unless the drain found the output cap exceeded
+            self._end_run(make_error)
+
+    def _end_run(self, make_error: Callable[[str, str], SandboxError]) -> None:
+        job = self.job
+        assert job is not None
         stdout, stderr = self._take_output()
         self.kill()
         job.fail(make_error(stdout, stderr))
@@ -382,8 +387,8 @@ class WorkerProcess:
         room = limit - self._captured_bytes
         self._captured[index].append(data[:room])
         self._captured_bytes += min(len(data), room)
-        if len(data) > room:
-            self.fail_run(lambda out, err: outcome.output_overflow(limit, out, err))
+        if len(data) > room:  # no drain first: whatever else is in the pipes is over the cap too
+            self._end_run(lambda out, err: outcome.output_overflow(limit, out, err))
 
     def _drain_outputs(self) -> None:
         """Collect what the pipes already hold; one poll() when they hold nothing."""
@@ -392,6 +397,8 @@ class WorkerProcess:
             if not ready:
                 return
             for fd, _ in ready:
+                if self.state is not State.BUSY:
+                    return
                 self._on_output(self._pipes.index(fd))
 
     def _take_output(self) -> tuple[str, str]:

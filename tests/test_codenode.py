@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import builtins
 import textwrap
 
@@ -219,6 +220,22 @@ async def test_output_limit_keeps_the_head(shared_sandbox):
     assert error.variable is None
     assert error.stdout.startswith("line 0\nline 1\n")
     assert len(error.stdout.encode()) == shared_sandbox.policies["default"].max_output_bytes
+
+
+async def test_a_flood_on_both_pipes_ends_the_run_once_without_loop_errors(shared_sandbox):
+    loop = asyncio.get_running_loop()
+    errors: list[dict] = []
+    previous = loop.get_exception_handler()
+    loop.set_exception_handler(lambda _, context: errors.append(context))
+    try:
+        for _ in range(5):
+            with pytest.raises(OutputLimitExceeded):
+                await shared_sandbox.run("err = open(2, 'w', closefd=False)\nwhile True:\n"
+                                         "    print('x' * 65536)\n    print('y' * 65536, file=err)")
+        assert (await shared_sandbox.run("ok = 1")).outputs == {"ok": 1}
+    finally:
+        loop.set_exception_handler(previous)
+    assert errors == []
 
 
 async def test_output_of_a_failing_run_is_kept_on_the_error(shared_sandbox):
