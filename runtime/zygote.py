@@ -150,6 +150,8 @@ class _Zygote:
                     message, fds, _, _ = socket.recv_fds(self.control, _MAX_CONTROL_MESSAGE, 8)
                 except (BlockingIOError, InterruptedError):
                     continue
+                except OSError:  # ECONNRESET: the supervisor closed with our events unread
+                    message, fds = b"", []
                 if not message:
                     self._shut_down()  # the supervisor closed the control socket
                     return
@@ -159,8 +161,6 @@ class _Zygote:
             self.stale_cgroups = [d for d in self.stale_cgroups if not _rmdir(d)]
 
     def _handle(self, request: dict, fds: list[int]) -> None:
-        if request["op"] == "shutdown":
-            sys.exit(0)
         worker_id = request["worker_id"]
         config = request["config"]
         record = {"id": worker_id, "cgroups": [], "scratch": None}
@@ -361,8 +361,9 @@ class _Zygote:
         data = json.dumps(event).encode()
         try:
             socket.send_fds(self.control, [data], list(fds))
-        except OSError:
-            sys.exit(0)  # the supervisor is gone; pdeathsig will follow
+        except OSError:  # the supervisor is gone (or closing): clean up, as on EOF
+            self._shut_down()
+            os._exit(0)
 
 
 def _run_init() -> None:

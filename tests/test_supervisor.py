@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import glob
 import hashlib
+import os
+import tempfile
 import textwrap
 import time
 
@@ -189,6 +192,21 @@ async def test_leaving_the_sandbox_fails_waiting_runs_and_leaves_no_process():
     while descendants() and time.monotonic() < deadline:
         await asyncio.sleep(0.05)
     assert descendants() == []
+
+
+async def test_close_returns_once_every_host_scratch_directory_is_gone():
+    """The zygote removes what its workers owned on the host before close() returns,
+    even when a worker exit is still being reported as the supervisor hangs up."""
+    pattern = os.path.join(tempfile.gettempdir(), "sandbox-w*")
+    before = set(glob.glob(pattern))
+    for _ in range(4):
+        async with Sandbox(quick_policy(), workers=2) as sb:
+            for _ in range(10):
+                await sb.run("x = 1")
+            with pytest.raises(WorkerCrashed):
+                await sb.run(ESCAPE + "_mod('os')._exit(3)")
+            assert set(glob.glob(pattern)) - before, "each worker should have a host scratch directory"
+        assert set(glob.glob(pattern)) - before == set()
 
 
 async def test_event_loop_stays_responsive_while_workers_spin():
