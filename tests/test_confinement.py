@@ -193,6 +193,21 @@ async def test_without_seccomp_a_worker_whose_rlimits_were_lowered_is_not_reused
     assert tuple(after.outputs["nofile"]) == (64, 64)
 
 
+async def test_workers_run_at_a_lower_cpu_priority_they_cannot_raise(sb):
+    code = textwrap.dedent("""
+        import os
+        nice = os.getpriority(os.PRIO_PROCESS, 0)
+        try:
+            os.setpriority(os.PRIO_PROCESS, 0, 0)
+            raised = True
+        except PermissionError:
+            raised = False
+    """)
+    r = await sb.run(code)
+    assert r.outputs == {"nice": 10, "raised": False}
+    assert os.getpriority(os.PRIO_PROCESS, 0) == 0
+
+
 async def test_rlimits_match_the_policy(sb):
     code = textwrap.dedent("""
         import resource
