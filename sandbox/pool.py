@@ -3,8 +3,7 @@
 Owns: how many workers exist (never more than ``capacity``, counting those
 still starting), which tenant each belongs to, which are idle, spawning
 through the zygote (restarting it if it ever dies), retiring workers that
-asked for it or sat idle too long, and evicting another tenant's idle
-worker when a tenant needs capacity.
+asked for it or sat idle too long, or whose slot another tenant needs.
 
 Must never: give one tenant's worker to another tenant (a worker is
 confined for its tenant at birth, and its memory may hold that tenant's
@@ -39,6 +38,7 @@ class Pool:
         self.workers: set[WorkerProcess] = set()
         self._idle: dict[str, list[WorkerProcess]] = {name: [] for name in profiles}
         self._starting: dict[str, int] = dict.fromkeys(profiles, 0)
+        self._held: dict[str, int] = dict.fromkeys(profiles, 0)
         self._spawn_tasks: set[asyncio.Task] = set()
         self.last_spawn_error: BaseException | None = None
 
@@ -53,8 +53,9 @@ class Pool:
     def has_room(self) -> bool:
         return len(self.workers) < self.capacity
 
-    def has_idle_except(self, tenant: str) -> bool:
-        return any(workers for name, workers in self._idle.items() if name != tenant)
+    def held(self, tenant: str) -> int:
+        """Workers of ``tenant``, starting ones included."""
+        return self._held[tenant]
 
     # --- actions -----------------------------------------------------------------
 
@@ -62,18 +63,16 @@ class Pool:
         idle = self._idle[tenant]
         return idle.pop() if idle else None  # most recently used: warmest caches
 
-    def evict_idle_except(self, tenant: str) -> bool:
-        """Retire the longest-idle worker of another tenant to free a slot."""
-        candidates = [w for name, workers in self._idle.items() if name != tenant for w in workers]
-        if not candidates:
-            return False
-        self._retire(min(candidates, key=lambda w: w.idle_since))
-        return True
+    def idle_victim(self, may_lose: Callable[[str], bool]) -> WorkerProcess | None:
+        """The longest-idle worker among tenants that ``may_lose`` one."""
+        candidates = [w for name, workers in self._idle.items() if workers and may_lose(name) for w in workers]
+        return min(candidates, key=lambda w: w.idle_since, default=None)
 
     def spawn(self, tenant: str) -> None:
         """Start a worker for ``tenant`` in the background; it counts at once."""
         worker = WorkerProcess(next(self._ids), self._profiles[tenant], self)
         self.workers.add(worker)
+        self._held[tenant] += 1
         self._starting[tenant] += 1
         task = asyncio.get_running_loop().create_task(self._start(worker))
         self._spawn_tasks.add(task)
@@ -114,14 +113,17 @@ class Pool:
     def retire_idle_since(self, deadline: float) -> None:
         for workers in self._idle.values():
             for worker in [w for w in workers if w.idle_since < deadline]:
-                self._retire(worker)
+                self.retire(worker)
 
-    def _retire(self, worker: WorkerProcess) -> None:
+    def retire(self, worker: WorkerProcess) -> None:
         worker.kill()
         self._forget(worker)
 
     def _forget(self, worker: WorkerProcess) -> None:
-        self.workers.discard(worker)
+        if worker not in self.workers:
+            return
+        self.workers.remove(worker)
+        self._held[worker.tenant] -= 1
         idle = self._idle[worker.tenant]
         if worker in idle:
             idle.remove(worker)
@@ -130,7 +132,7 @@ class Pool:
 
     def worker_released(self, worker: WorkerProcess, *, retire: bool) -> None:
         if retire:
-            self._retire(worker)
+            self.retire(worker)
         else:
             self._idle[worker.tenant].append(worker)
         self._on_change()

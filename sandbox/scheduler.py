@@ -102,6 +102,14 @@ class Scheduler:
                     best = tenant
         return best
 
+    def fair_share(self, tenant: TenantQueue, capacity: int) -> float:
+        """How many of ``capacity`` workers ``tenant`` is due: its weight's
+        part among the active tenants (0 when it is not active)."""
+        if not tenant.active:
+            return 0.0
+        total = sum(t.policy.weight for t in self.tenants.values() if t.active)
+        return capacity * tenant.policy.weight / total
+
     def started(self, tenant: TenantQueue) -> Job:
         job = tenant.queue.popleft()
         tenant.in_flight += 1

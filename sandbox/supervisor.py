@@ -8,8 +8,8 @@ tenant with the pool's workers, cancellation, and the watchdog.
 ::
 
     run() ──▶ Scheduler.admit ──▶ _pump ──▶ Pool: idle worker of that tenant,
-      ▲        (quotas, FIFO,       │         or spawn one (evicting another
-      │         fair share)         │         tenant's idle worker if full)
+      ▲        (quotas, FIFO,       │         or spawn one (if full, evicting an
+      │         fair share)         │         idle worker of a tenant over its share)
       │                             ▼
       └── outcome.to_result ◀── WorkerProcess.begin ── channel ──▶ worker
                                    (wall timer, output cap, token)
@@ -223,7 +223,7 @@ class Sandbox:
             worker = pool.take_idle(tenant.name)
             if worker is None:
                 if not pool.has_room():
-                    pool.evict_idle_except(tenant.name)
+                    pool.retire(self._eviction_victim(tenant))
                 pool.spawn(tenant.name)
                 continue
             job = scheduler.started(tenant)
@@ -241,7 +241,22 @@ class Sandbox:
         cap = tenant.policy.max_concurrency
         if cap is not None and tenant.in_flight + starting >= cap:
             return False
-        return pool.has_room() or pool.has_idle_except(tenant.name)
+        return pool.has_room() or self._eviction_victim(tenant) is not None
+
+    def _eviction_victim(self, tenant: TenantQueue) -> WorkerProcess | None:
+        """Another tenant's idle worker that ``tenant`` may take, if any.
+
+        Only to bring ``tenant`` up to its fair share of the pool, and only
+        from a tenant holding more than its own. A worker start costs
+        milliseconds, a warm run a fraction of one: two busy tenants on a
+        full pool would otherwise take each other's workers at every run.
+        An idle tenant's share is 0, so its idle workers go first.
+        """
+        pool, scheduler = self._pool, self._scheduler
+        if pool.held(tenant.name) >= scheduler.fair_share(tenant, pool.capacity):
+            return None
+        return pool.idle_victim(lambda name: pool.held(name) > scheduler.fair_share(scheduler.tenants[name],
+                                                                                   pool.capacity))
 
     def _keep_spares(self) -> None:
         """Fresh-process tenants get a worker forked ahead of their next run."""

@@ -84,6 +84,25 @@ async def test_pool_capacity_is_shared_and_bounded():
         assert {r.stats.tenant for r in results} == {"a", "b", "c"}
 
 
+async def test_busy_tenants_keep_their_fair_share_of_workers_instead_of_trading_them():
+    """Two tenants, both always busy, on two workers: one worker each, not an
+    eviction and a new worker at every run."""
+    async with Sandbox(tenants={"a": quick_policy(), "b": quick_policy()}, workers=2) as sb:
+        runs = [sb.run("x = 1", tenant=t) for _ in range(60) for t in ("a", "b")]
+        results = await asyncio.gather(*runs)
+    pids = {tenant: {r.stats.worker_pid for r in results if r.stats.tenant == tenant} for tenant in ("a", "b")}
+    # Pre-started workers may all belong to one tenant; the other then takes one of them, once.
+    assert len(pids["a"]) + len(pids["b"]) <= 3, pids
+
+
+async def test_a_tenant_takes_an_idle_worker_of_a_tenant_over_its_share():
+    async with Sandbox(tenants={"a": quick_policy(), "b": quick_policy()}, workers=2) as sb:
+        await asyncio.gather(*(sb.run("x = 1", tenant="a") for _ in range(10)))
+        r = await sb.run("x = 1", tenant="b")
+        assert r.outputs == {"x": 1}
+        assert sb._pool.held("a") + sb._pool.held("b") <= 2
+
+
 async def test_idle_workers_are_retired():
     async with Sandbox(quick_policy(), workers=2, idle_timeout_s=0.2) as sb:
         assert len(sb._pool.workers) == 2
