@@ -1,0 +1,572 @@
+#!/usr/bin/env python3
+"""Benchmark the sandbox side by side with process pools, in one run.
+
+What it does: measures, in this one process and interleaved metric by
+metric, this sandbox, ``concurrent.futures.ProcessPoolExecutor`` (PPE) and,
+when installed (``pip install '.[bench]'``), pebble's ``ProcessPool`` and
+loky's ``ProcessPoolExecutor``:
+
+* warm round trip of a trivial run, p50 and p99: one run at a time on a
+  warm pool (sandbox: ``await sb.run("result = 1")``; pools:
+  ``pool.submit(fn).result()``);
+* throughput of trivial runs with all cores (sandbox: all runs submitted at
+  once with ``asyncio.gather``; pools: ``map(fn, range(n), chunksize=1)``);
+* timeout enforcement on a one-worker pool: a spinning run with a 0.5 s
+  limit, how late its failure arrives after the limit, and the time from
+  that failure until the next trivial run has completed. The sandbox and
+  pebble stop the run themselves. PPE and loky cannot stop a running task:
+  the caller stops waiting (``future.result(timeout=...)``) and the only
+  way to get a usable worker back is to kill the pool and start a new one,
+  which is what is timed for them;
+* pool cold start: construct the pool and get the first trivial result;
+* a new process per run, p50 and p99 (sandbox:
+  ``Policy(fresh_process_per_run=True)``; PPE: ``max_tasks_per_child=1``
+  with forkserver, as 3.11 refuses it with fork; pebble: ``max_tasks=1``;
+  loky has no such option).
+
+It prints a table with each figure's ratio to PPE's and the project's
+targets, and writes everything to ``--json`` when asked.
+
+How to run (from the repository root; see docs/BENCHMARKS.md)::
+
+    python scripts/bench.py --json bench.json
+    python scripts/bench.py --rounds 300 --throughput-runs 1000   # quicker
+
+Must never: compare figures from different runs (every figure in a table
+comes from the same invocation); print a figure it did not measure; fail on
+a target (targets are reported, never enforced); or leave a pool, a worker
+or a spinning task running when it returns.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import concurrent.futures
+import datetime
+import json
+import math
+import multiprocessing
+import os
+import platform
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+TRIVIAL_CODE = "result = 1"
+FRESH_WARMUP = 5  # runs before the new-process-per-run round trips
+SPIN_CODE = "while True:\n    pass"
+
+# Pool workers started with spawn or forkserver re-import this module, so it
+# imports the sandbox (and uvloop) only inside the functions that use them.
+
+
+def trivial() -> int:
+    return 1
+
+
+def trivial_arg(_: int) -> int:
+    return 1
+
+
+def spin() -> None:
+    while True:
+        pass
+
+
+def percentile(values: Sequence[float], q: float) -> float:
+    """Nearest-rank percentile."""
+    ordered = sorted(values)
+    return ordered[max(1, math.ceil(q / 100 * len(ordered))) - 1]
+
+
+def median(values: Sequence[float]) -> float:
+    return percentile(values, 50)
+
+
+def timed(call: Callable[[], object]) -> float:
+    start = time.perf_counter()
+    call()
+    return time.perf_counter() - start
+
+
+@dataclass(frozen=True)
+class TimeoutFigures:
+    late_s: float  # failure (or the caller's TimeoutError) this long after the limit
+    usable_again_s: float  # from that moment until the next trivial run completed
+
+
+class Contender(Protocol):
+    name: str
+    timeout_mechanism: str
+
+    def round_trips(self, rounds: int, warmup: int) -> list[float]: ...
+
+    def throughput(self, runs: int) -> float: ...
+
+    def timeout(self, limit_s: float) -> TimeoutFigures: ...
+
+    def cold_start(self) -> float: ...
+
+    def fresh_round_trips(self, rounds: int, warmup: int) -> list[float] | None: ...
+
+
+# --- this sandbox ------------------------------------------------------------------------------------
+
+
+class SandboxContender:
+    name = "sandbox"
+    timeout_mechanism = "the sandbox kills the run at its wall limit; the pool spawns a new worker"
+
+    def __init__(self, workers: int) -> None:
+        sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout
+        import uvloop
+
+        from sandbox import Policy, Sandbox, TimeLimitExceeded
+
+        self._run_loop = uvloop.run
+        self._policy, self._sandbox, self._time_limit = Policy, Sandbox, TimeLimitExceeded
+        self.workers = workers
+
+    @staticmethod
+    async def _timed(awaitable: object) -> float:
+        start = time.perf_counter()
+        await awaitable
+        return time.perf_counter() - start
+
+    def round_trips(self, rounds: int, warmup: int) -> list[float]:
+        return self._run_loop(self._round_trips(self._policy(), rounds, warmup))
+
+    def fresh_round_trips(self, rounds: int, warmup: int) -> list[float]:
+        return self._run_loop(self._round_trips(self._policy(fresh_process_per_run=True), rounds, warmup))
+
+    async def _round_trips(self, policy: object, rounds: int, warmup: int) -> list[float]:
+        async with self._sandbox(policy, workers=self.workers) as sb:
+            for _ in range(warmup):
+                await sb.run(TRIVIAL_CODE)
+            return [await self._timed(sb.run(TRIVIAL_CODE)) for _ in range(rounds)]
+
+    def throughput(self, runs: int) -> float:
+        return self._run_loop(self._throughput(runs))
+
+    async def _throughput(self, runs: int) -> float:
+        async with self._sandbox(self._policy(), workers=self.workers) as sb:
+            await asyncio.gather(*(sb.run(TRIVIAL_CODE) for _ in range(self.workers * 10)))
+            elapsed = await self._timed(asyncio.gather(*(sb.run(TRIVIAL_CODE) for _ in range(runs))))
+            return runs / elapsed
+
+    def timeout(self, limit_s: float) -> TimeoutFigures:
+        return self._run_loop(self._timeout(limit_s))
+
+    async def _timeout(self, limit_s: float) -> TimeoutFigures:
+        async with self._sandbox(self._policy(), workers=1) as sb:
+            await sb.run(TRIVIAL_CODE)
+            start = time.perf_counter()
+            try:
+                await sb.run(SPIN_CODE, timeout=limit_s)
+            except self._time_limit:
+                failed = time.perf_counter()
+            else:
+                raise RuntimeError("the spinning run returned")
+            await sb.run(TRIVIAL_CODE)
+            return TimeoutFigures(failed - start - limit_s, time.perf_counter() - failed)
+
+    def cold_start(self) -> float:
+        return self._run_loop(self._cold_start())
+
+    async def _cold_start(self) -> float:
+        start = time.perf_counter()
+        sb = self._sandbox(self._policy(), workers=self.workers)
+        await sb.start()
+        try:
+            await sb.run(TRIVIAL_CODE)
+            return time.perf_counter() - start
+        finally:
+            await sb.close()
+
+
+# --- executor-style pools ----------------------------------------------------------------------------
+
+
+def warm_executor(pool: concurrent.futures.Executor, workers: int) -> None:
+    """Run enough tasks at once that every worker process has started."""
+    list(pool.map(trivial_arg, range(workers * 10), chunksize=1))
+
+
+def executor_round_trips(pool: concurrent.futures.Executor, rounds: int) -> list[float]:
+    return [timed(lambda: pool.submit(trivial).result()) for _ in range(rounds)]
+
+
+def give_up_waiting(pool: concurrent.futures.Executor, limit_s: float) -> tuple[float, float]:
+    """Submit a spinning task and stop waiting for it after ``limit_s``: (submitted, gave up) times.
+
+    The task itself spins on: these executors cannot stop a running task.
+    """
+    start = time.perf_counter()
+    try:
+        pool.submit(spin).result(timeout=limit_s)
+    except concurrent.futures.TimeoutError:
+        return start, time.perf_counter()
+    raise RuntimeError("the spinning task returned")
+
+
+class PPEContender:
+    name = "ProcessPoolExecutor"
+    timeout_mechanism = ("not enforced: future.result(timeout) returns, the task spins on; "
+                         "usable again = kill the workers and start a new pool")
+
+    def __init__(self, workers: int) -> None:
+        self.workers = workers
+
+    def round_trips(self, rounds: int, warmup: int) -> list[float]:
+        with concurrent.futures.ProcessPoolExecutor(self.workers) as pool:
+            warm_executor(pool, self.workers)
+            executor_round_trips(pool, warmup)
+            return executor_round_trips(pool, rounds)
+
+    def fresh_round_trips(self, rounds: int, warmup: int) -> list[float]:
+        context = multiprocessing.get_context("forkserver")
+        with concurrent.futures.ProcessPoolExecutor(self.workers, mp_context=context,
+                                                    max_tasks_per_child=1) as pool:
+            executor_round_trips(pool, warmup)
+            return executor_round_trips(pool, rounds)
+
+    def throughput(self, runs: int) -> float:
+        with concurrent.futures.ProcessPoolExecutor(self.workers) as pool:
+            warm_executor(pool, self.workers)
+            return runs / timed(lambda: list(pool.map(trivial_arg, range(runs), chunksize=1)))
+
+    def timeout(self, limit_s: float) -> TimeoutFigures:
+        pool = concurrent.futures.ProcessPoolExecutor(1)
+        pool.submit(trivial).result()
+        start, failed = give_up_waiting(pool, limit_s)
+        # The executor has no public way to stop a running task; kill its workers.
+        for process in list(pool._processes.values()):
+            process.kill()
+        pool.shutdown(wait=True, cancel_futures=True)
+        with concurrent.futures.ProcessPoolExecutor(1) as fresh:
+            fresh.submit(trivial).result()
+            return TimeoutFigures(failed - start - limit_s, time.perf_counter() - failed)
+
+    def cold_start(self) -> float:
+        start = time.perf_counter()
+        with concurrent.futures.ProcessPoolExecutor(self.workers) as pool:
+            pool.submit(trivial).result()
+            return time.perf_counter() - start
+
+
+class PebbleContender:
+    name = "pebble"
+    timeout_mechanism = "pebble kills the worker at the task's timeout and starts a new one"
+
+    def __init__(self, workers: int) -> None:
+        import pebble
+
+        self._pool_class = pebble.ProcessPool
+        self.workers = workers
+
+    def _round_trips(self, pool: object, rounds: int) -> list[float]:
+        return [timed(lambda: pool.submit(trivial, None).result()) for _ in range(rounds)]
+
+    def _close(self, pool: object) -> None:
+        pool.stop()
+        pool.join()
+
+    def round_trips(self, rounds: int, warmup: int) -> list[float]:
+        pool = self._pool_class(max_workers=self.workers)
+        try:
+            list(pool.map(trivial_arg, range(self.workers * 10), chunksize=1).result())
+            self._round_trips(pool, warmup)
+            return self._round_trips(pool, rounds)
+        finally:
+            self._close(pool)
+
+    def fresh_round_trips(self, rounds: int, warmup: int) -> list[float]:
+        pool = self._pool_class(max_workers=self.workers, max_tasks=1)
+        try:
+            self._round_trips(pool, warmup)
+            return self._round_trips(pool, rounds)
+        finally:
+            self._close(pool)
+
+    def throughput(self, runs: int) -> float:
+        pool = self._pool_class(max_workers=self.workers)
+        try:
+            list(pool.map(trivial_arg, range(self.workers * 10), chunksize=1).result())
+            return runs / timed(lambda: list(pool.map(trivial_arg, range(runs), chunksize=1).result()))
+        finally:
+            self._close(pool)
+
+    def timeout(self, limit_s: float) -> TimeoutFigures:
+        pool = self._pool_class(max_workers=1)
+        try:
+            pool.submit(trivial, None).result()
+            start = time.perf_counter()
+            try:
+                pool.submit(spin, limit_s).result()
+            except concurrent.futures.TimeoutError:
+                failed = time.perf_counter()
+            else:
+                raise RuntimeError("the spinning task returned")
+            pool.submit(trivial, None).result()
+            return TimeoutFigures(failed - start - limit_s, time.perf_counter() - failed)
+        finally:
+            self._close(pool)
+
+    def cold_start(self) -> float:
+        start = time.perf_counter()
+        pool = self._pool_class(max_workers=self.workers)
+        try:
+            pool.submit(trivial, None).result()
+            return time.perf_counter() - start
+        finally:
+            self._close(pool)
+
+
+class LokyContender:
+    name = "loky"
+    timeout_mechanism = ("not enforced: future.result(timeout) returns, the task spins on; "
+                         "usable again = shutdown(kill_workers=True) and a new executor")
+
+    def __init__(self, workers: int) -> None:
+        import loky
+
+        self._executor_class = loky.ProcessPoolExecutor
+        self.workers = workers
+
+    def _executor(self, workers: int) -> concurrent.futures.Executor:
+        return self._executor_class(max_workers=workers)
+
+    def round_trips(self, rounds: int, warmup: int) -> list[float]:
+        pool = self._executor(self.workers)
+        try:
+            warm_executor(pool, self.workers)
+            executor_round_trips(pool, warmup)
+            return executor_round_trips(pool, rounds)
+        finally:
+            pool.shutdown(wait=True, kill_workers=True)
+
+    def fresh_round_trips(self, rounds: int, warmup: int) -> None:
+        return None  # loky has no option to recycle a worker after each task
+
+    def throughput(self, runs: int) -> float:
+        pool = self._executor(self.workers)
+        try:
+            warm_executor(pool, self.workers)
+            return runs / timed(lambda: list(pool.map(trivial_arg, range(runs), chunksize=1)))
+        finally:
+            pool.shutdown(wait=True, kill_workers=True)
+
+    def timeout(self, limit_s: float) -> TimeoutFigures:
+        pool = self._executor(1)
+        pool.submit(trivial).result()
+        start, failed = give_up_waiting(pool, limit_s)
+        pool.shutdown(wait=True, kill_workers=True)
+        fresh = self._executor(1)
+        try:
+            fresh.submit(trivial).result()
+            return TimeoutFigures(failed - start - limit_s, time.perf_counter() - failed)
+        finally:
+            fresh.shutdown(wait=True, kill_workers=True)
+
+    def cold_start(self) -> float:
+        start = time.perf_counter()
+        pool = self._executor(self.workers)
+        try:
+            pool.submit(trivial).result()
+            return time.perf_counter() - start
+        finally:
+            pool.shutdown(wait=True, kill_workers=True)
+
+
+def contenders(workers: int) -> tuple[list[Contender], list[str]]:
+    """Every contender that can run here, and a note for each optional one that cannot."""
+    found: list[Contender] = [SandboxContender(workers), PPEContender(workers)]
+    missing = []
+    for factory, package in ((PebbleContender, "pebble"), (LokyContender, "loky")):
+        try:
+            found.append(factory(workers))
+        except ImportError:
+            missing.append(f"{package} is not installed (pip install '.[bench]')")
+    return found, missing
+
+
+# --- measuring -----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Metric:
+    key: str
+    label: str
+    higher_is_better: bool = False
+    ratio: bool = True  # False where PPE's figure does not measure the same thing
+
+
+METRICS = [
+    Metric("warm_p50_ms", "warm round trip p50 (ms)"),
+    Metric("warm_p99_ms", "warm round trip p99 (ms)"),
+    Metric("throughput_per_s", "throughput, all cores (runs/s)", higher_is_better=True),
+    Metric("timeout_late_ms", "timeout: failure after the limit (ms)", ratio=False),
+    Metric("timeout_usable_ms", "timeout: next run completed after (ms)"),
+    Metric("cold_start_ms", "cold start: construct + first result (ms)"),
+    Metric("fresh_p50_ms", "new process per run p50 (ms)"),
+    Metric("fresh_p99_ms", "new process per run p99 (ms)"),
+]
+
+
+def measure(pool: list[Contender], options: argparse.Namespace, log: Callable[[str], None]) -> dict:
+    """Every figure of every contender, interleaved metric by metric; raw samples kept."""
+    figures: dict[str, dict[str, float | None]] = {c.name: {} for c in pool}
+    samples: dict[str, dict[str, list[float]]] = {c.name: {} for c in pool}
+    for contender in pool:
+        log(f"warm round trips: {contender.name}")
+        trips = contender.round_trips(options.rounds, options.warmup)
+        figures[contender.name].update(warm_p50_ms=percentile(trips, 50) * 1000,
+                                       warm_p99_ms=percentile(trips, 99) * 1000)
+    for contender in pool:
+        log(f"throughput: {contender.name}")
+        figures[contender.name]["throughput_per_s"] = contender.throughput(options.throughput_runs)
+    for contender in pool:
+        log(f"timeout: {contender.name}")
+        runs = [contender.timeout(options.timeout_s) for _ in range(options.repeats)]
+        samples[contender.name]["timeout_late_ms"] = [r.late_s * 1000 for r in runs]
+        samples[contender.name]["timeout_usable_ms"] = [r.usable_again_s * 1000 for r in runs]
+        figures[contender.name].update(timeout_late_ms=median(samples[contender.name]["timeout_late_ms"]),
+                                       timeout_usable_ms=median(samples[contender.name]["timeout_usable_ms"]))
+    for contender in pool:
+        log(f"cold start: {contender.name}")
+        samples[contender.name]["cold_start_ms"] = [contender.cold_start() * 1000 for _ in range(options.repeats)]
+        figures[contender.name]["cold_start_ms"] = median(samples[contender.name]["cold_start_ms"])
+    for contender in pool:
+        log(f"new process per run: {contender.name}")
+        trips = contender.fresh_round_trips(options.fresh_rounds, FRESH_WARMUP)
+        figures[contender.name].update(fresh_p50_ms=percentile(trips, 50) * 1000 if trips else None,
+                                       fresh_p99_ms=percentile(trips, 99) * 1000 if trips else None)
+    return {"figures": figures, "samples": samples}
+
+
+def ratios(figures: dict[str, dict[str, float | None]]) -> dict[str, dict[str, float | None]]:
+    base = figures[PPEContender.name]
+    table: dict[str, dict[str, float | None]] = {}
+    for name, values in figures.items():
+        table[name] = {}
+        for metric in METRICS:
+            value, reference = values.get(metric.key), base.get(metric.key)
+            usable = metric.ratio and value is not None and reference
+            table[name][metric.key] = value / reference if usable else None
+    return table
+
+
+@dataclass(frozen=True)
+class Target:
+    description: str
+    metric: str
+    bound: float
+    is_ratio: bool  # bound applies to the ratio to PPE, else to the figure itself
+    at_most: bool = True
+
+    def check(self, figure: float | None, ratio: float | None) -> tuple[float | None, bool | None]:
+        value = ratio if self.is_ratio else figure
+        if value is None:
+            return None, None
+        return value, (value <= self.bound if self.at_most else value >= self.bound)
+
+
+TARGETS = [
+    Target("warm trivial run p50 <= 0.6x PPE", "warm_p50_ms", 0.6, is_ratio=True),
+    Target("throughput >= 1.5x PPE.map(chunksize=1)", "throughput_per_s", 1.5, is_ratio=True, at_most=False),
+    Target("next run after a timeout kill <= 10 ms", "timeout_usable_ms", 10.0, is_ratio=False),
+    Target("fresh-process-per-run p50 <= 5 ms", "fresh_p50_ms", 5.0, is_ratio=False),
+]
+
+
+def judge_targets(figures: dict, ratio_table: dict) -> list[dict[str, object]]:
+    rows = []
+    for target in TARGETS:
+        value, met = target.check(figures["sandbox"].get(target.metric), ratio_table["sandbox"].get(target.metric))
+        rows.append({"target": target.description, "value": value, "ratio": target.is_ratio, "met": met})
+    return rows
+
+
+# --- output ------------------------------------------------------------------------------------------
+
+
+def cell(value: float | None, ratio: float | None) -> str:
+    if value is None:
+        return "n/a"
+    text = f"{value:.1f}" if value >= 10 else f"{value:.2f}"
+    return f"{text} ({ratio:.2f}x)" if ratio is not None else text
+
+
+def print_table(report: dict) -> None:
+    names = list(report["figures"])
+    width = max(16, *(len(n) + 2 for n in names))
+    print(f"\n{'':<44}" + "".join(f"{name:>{width}}" for name in names))
+    for metric in METRICS:
+        row = "".join(f"{cell(report['figures'][n].get(metric.key), report['ratios'][n].get(metric.key)):>{width}}"
+                      for n in names)
+        print(f"{metric.label:<44}{row}")
+    print("\n(x) = ratio to ProcessPoolExecutor from this run; throughput: higher is better, "
+          "everything else: lower is better.")
+    print(f"timeout limit {report['options']['timeout_s']:g} s on a one-worker pool; "
+          f"timeout and cold start are medians of {report['options']['repeats']} repeats.")
+    for name, mechanism in report["timeout_mechanisms"].items():
+        print(f"  timeout, {name}: {mechanism}")
+    for note in report["missing"]:
+        print(f"  not compared: {note}")
+    print("\ntargets (sandbox, this run)")
+    for row in report["targets"]:
+        if row["value"] is None:
+            print(f"  {row['target']:<44} n/a")
+            continue
+        value = f"{row['value']:.2f}x" if row["ratio"] else f"{row['value']:.1f} ms"
+        print(f"  {row['target']:<44}{value:>10}  {'met' if row['met'] else 'NOT met'}")
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--workers", type=int, default=os.cpu_count() or 2,
+                        help="worker processes of each pool (default: number of CPUs)")
+    parser.add_argument("--rounds", type=int, default=1000, help="warm round trips per contender (default 1000)")
+    parser.add_argument("--warmup", type=int, default=50,
+                        help="sequential runs before the warm round trips are timed (default 50)")
+    parser.add_argument("--throughput-runs", type=int, default=3000,
+                        help="trivial runs in the throughput test (default 3000)")
+    parser.add_argument("--timeout-s", type=float, default=0.5, help="limit of the spinning run (default 0.5)")
+    parser.add_argument("--repeats", type=int, default=5,
+                        help="repeats of the timeout and cold-start tests (default 5)")
+    parser.add_argument("--fresh-rounds", type=int, default=200,
+                        help="round trips with a new process per run (default 200)")
+    parser.add_argument("--json", type=Path, help="also write the report here")
+    return parser.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    options = parse_args(argv)
+    pool, missing = contenders(options.workers)
+    measured = measure(pool, options, lambda text: print(f"measuring {text}", file=sys.stderr, flush=True))
+    ratio_table = ratios(measured["figures"])
+    report = {
+        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "host": {"cpus": os.cpu_count(), "python": sys.version.split()[0], "platform": platform.platform()},
+        "command": " ".join(["python", "scripts/bench.py", *(argv if argv is not None else sys.argv[1:])]),
+        "options": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(options).items()},
+        "figures": measured["figures"],
+        "ratios": ratio_table,
+        "samples": measured["samples"],
+        "timeout_mechanisms": {c.name: c.timeout_mechanism for c in pool},
+        "missing": missing,
+        "targets": judge_targets(measured["figures"], ratio_table),
+    }
+    print_table(report)
+    if options.json is not None:
+        options.json.write_text(json.dumps(report, indent=1))
+        print(f"\nreport written to {options.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
