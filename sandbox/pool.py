@@ -47,6 +47,9 @@ class Pool:
     def has_idle(self, tenant: str) -> bool:
         return bool(self._idle[tenant])
 
+    def idle_count(self, tenant: str) -> int:
+        return len(self._idle[tenant])
+
     def starting(self, tenant: str) -> int:
         return self._starting[tenant]
 

@@ -47,6 +47,7 @@ from sandbox.zygote import Zygote
 
 DEFAULT_TENANT = "default"
 _WATCHDOG_PERIOD_S = 0.05
+_FRESH_SPARES = 2  # workers ready or starting for an active fresh-process tenant
 MiB = 1024 * 1024
 
 
@@ -259,11 +260,19 @@ class Sandbox:
                                                                                    pool.capacity))
 
     def _keep_spares(self) -> None:
-        """Fresh-process tenants get a worker forked ahead of their next run."""
+        """An active fresh-process tenant gets workers started ahead of its next runs.
+
+        Each of its runs uses up a worker, and a start takes several times
+        as long as a trivial run; with only one spare on its way, runs that
+        follow each other wait for one start each. Spares use free slots
+        only and, being idle, are the first to go when another tenant needs
+        a slot (see ``_eviction_victim``).
+        """
         pool = self._pool
         for tenant in self._fresh_tenants:
-            if (tenant.in_flight and pool.has_room() and not pool.has_idle(tenant.name)
-                    and not pool.starting(tenant.name)):
+            if not tenant.active:
+                continue
+            while pool.has_room() and pool.idle_count(tenant.name) + pool.starting(tenant.name) < _FRESH_SPARES:
                 pool.spawn(tenant.name)
 
     def _spawn_failed(self, tenant: str, error: BaseException) -> None:
