@@ -66,9 +66,9 @@ class Pool:
         idle = self._idle[tenant]
         return idle.pop() if idle else None  # most recently used: warmest caches
 
-    def idle_victim(self, may_lose: Callable[[str], bool]) -> WorkerProcess | None:
-        """The longest-idle worker among tenants that ``may_lose`` one."""
-        candidates = [w for name, workers in self._idle.items() if workers and may_lose(name) for w in workers]
+    def idle_victim(self, may_take: Callable[[WorkerProcess], bool]) -> WorkerProcess | None:
+        """The longest-idle worker that ``may_take`` accepts."""
+        candidates = [w for workers in self._idle.values() for w in workers if may_take(w)]
         return min(candidates, key=lambda w: w.idle_since, default=None)
 
     def spawn(self, tenant: str) -> None:

@@ -48,6 +48,7 @@ from sandbox.zygote import Zygote
 DEFAULT_TENANT = "default"
 _WATCHDOG_PERIOD_S = 0.05
 _FRESH_SPARES = 2  # workers ready or starting for an active fresh-process tenant
+_EVICTION_GRACE_S = 0.02  # an idle worker is taken from its tenant only after idling this long
 MiB = 1024 * 1024
 
 
@@ -84,6 +85,8 @@ class Sandbox:
         self._pool: Pool | None = None
         self._cgroups: CgroupParents | None = None
         self._watchdog: asyncio.Task | None = None
+        self._pump_timer: asyncio.Handle | None = None
+        self._pump_timer_when = 0.0
         self.host: HostSupport | None = None
 
     # --- lifecycle -------------------------------------------------------------
@@ -150,6 +153,8 @@ class Sandbox:
         self._state = "closed"
 
     async def _teardown(self) -> None:
+        if self._pump_timer is not None:
+            self._pump_timer.cancel()
         if self._watchdog is not None:
             self._watchdog.cancel()
             await asyncio.gather(self._watchdog, return_exceptions=True)
@@ -252,12 +257,46 @@ class Sandbox:
         milliseconds, a warm run a fraction of one: two busy tenants on a
         full pool would otherwise take each other's workers at every run.
         An idle tenant's share is 0, so its idle workers go first.
+
+        An idle worker of a tenant with nothing to run is taken only once it
+        has idled ``_EVICTION_GRACE_S``, a few worker starts' worth: a
+        tenant between two bursts of runs has nothing to run for a moment,
+        and taking its worker at once would make it take one back, at the
+        price of a start, when its next run comes. Waiting about as long as
+        a start costs bounds what either choice can lose (the ski-rental
+        rule); the supervisor looks again when the grace has passed. A
+        tenant with runs of its own to start gets no grace: it is over its
+        share, and a grace would let it keep the worker for good.
         """
         pool, scheduler = self._pool, self._scheduler
         if pool.held(tenant.name) >= scheduler.fair_share(tenant, pool.capacity):
             return None
-        return pool.idle_victim(lambda name: pool.held(name) > scheduler.fair_share(scheduler.tenants[name],
-                                                                                   pool.capacity))
+        now = self._loop.time()
+
+        def may_take(worker: WorkerProcess) -> bool:
+            owner = scheduler.tenants[worker.tenant]
+            return (pool.held(owner.name) > scheduler.fair_share(owner, pool.capacity)
+                    and (owner.active or worker.idle_since + _EVICTION_GRACE_S <= now))
+
+        victim = pool.idle_victim(may_take)
+        if victim is None:
+            resting = pool.idle_victim(lambda worker: not scheduler.tenants[worker.tenant].active)
+            if resting is not None:
+                self._pump_later(resting.idle_since + _EVICTION_GRACE_S)
+        return victim
+
+    def _pump_later(self, when: float) -> None:
+        """Make sure ``_pump`` runs again at ``when`` (loop time) or earlier."""
+        if self._pump_timer is not None:
+            if self._pump_timer_when <= when:
+                return
+            self._pump_timer.cancel()
+        self._pump_timer = self._loop.call_at(when, self._pump_again)
+        self._pump_timer_when = when
+
+    def _pump_again(self) -> None:
+        self._pump_timer = None
+        self._pump()
 
     def _keep_spares(self) -> None:
         """An active fresh-process tenant gets workers started ahead of its next runs.

@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from sandbox import QuotaExceeded, Sandbox
+from sandbox import QuotaExceeded, Sandbox, supervisor
 from tests.conftest import HOSTILE, quick_policy
 
 ESCAPE = textwrap.dedent("""
@@ -101,6 +101,34 @@ async def test_a_tenant_takes_an_idle_worker_of_a_tenant_over_its_share():
         r = await sb.run("x = 1", tenant="b")
         assert r.outputs == {"x": 1}
         assert sb._pool.held("a") + sb._pool.held("b") <= 2
+
+
+async def _one_worker_each(sb: Sandbox) -> dict[str, int]:
+    """Bring tenants a and b to one worker each; return each one's worker pid."""
+    pids = {t: (await sb.run("x = 1", tenant=t)).stats.worker_pid for t in ("a", "b")}
+    assert sb._pool.held("a") == sb._pool.held("b") == 1
+    return pids
+
+
+async def test_a_tenant_between_bursts_keeps_its_worker_through_the_grace(monkeypatch):
+    """b has nothing to run while a is busy; within the grace a leaves b's idle worker alone."""
+    async with Sandbox(tenants={"a": quick_policy(), "b": quick_policy()}, workers=2) as sb:
+        pids = await _one_worker_each(sb)
+        monkeypatch.setattr(supervisor, "_EVICTION_GRACE_S", 30.0)
+        burst = await asyncio.gather(*(sb.run("import time\ntime.sleep(0.01)", tenant="a") for _ in range(10)))
+        assert {r.stats.worker_pid for r in burst} == {pids["a"]}
+        assert (await sb.run("x = 1", tenant="b")).stats.worker_pid == pids["b"]
+
+
+async def test_a_waiting_tenant_takes_a_resting_worker_when_the_grace_ends(monkeypatch):
+    """No run ends while a waits: the supervisor itself looks again once b's worker has rested long enough."""
+    async with Sandbox(tenants={"a": quick_policy(wall_time_s=10), "b": quick_policy()}, workers=2) as sb:
+        pids = await _one_worker_each(sb)
+        monkeypatch.setattr(supervisor, "_EVICTION_GRACE_S", 0.3)
+        code = "import time\nstart = time.monotonic()\ntime.sleep(1.5)\nend = time.monotonic()"
+        first, second = await asyncio.gather(*(sb.run(code, tenant="a") for _ in range(2)))
+    assert second.outputs["start"] < first.outputs["end"]  # it did not wait for the first run to end
+    assert second.stats.worker_pid not in (pids["a"], pids["b"])  # b's worker was retired, a new one started
 
 
 async def test_idle_workers_are_retired():
