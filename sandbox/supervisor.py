@@ -266,7 +266,9 @@ class Sandbox:
         a start costs bounds what either choice can lose (the ski-rental
         rule); the supervisor looks again when the grace has passed. A
         tenant with runs of its own to start gets no grace: it is over its
-        share, and a grace would let it keep the worker for good.
+        share, and a grace would let it keep the worker for good. Nor does
+        a worker that never ran (one started with the pool, or a spare):
+        its tenant had no burst to come back from.
         """
         pool, scheduler = self._pool, self._scheduler
         if pool.held(tenant.name) >= scheduler.fair_share(tenant, pool.capacity):
@@ -276,7 +278,7 @@ class Sandbox:
         def may_take(worker: WorkerProcess) -> bool:
             owner = scheduler.tenants[worker.tenant]
             return (pool.held(owner.name) > scheduler.fair_share(owner, pool.capacity)
-                    and (owner.active or worker.idle_since + _EVICTION_GRACE_S <= now))
+                    and (owner.active or not worker.runs or worker.idle_since + _EVICTION_GRACE_S <= now))
 
         victim = pool.idle_victim(may_take)
         if victim is None:

@@ -131,6 +131,14 @@ async def test_a_waiting_tenant_takes_a_resting_worker_when_the_grace_ends(monke
     assert second.stats.worker_pid not in (pids["a"], pids["b"])  # b's worker was retired, a new one started
 
 
+async def test_a_worker_that_never_ran_is_taken_without_a_grace(monkeypatch):
+    """The pool starts its workers for the default tenant; another tenant's first run need not wait."""
+    monkeypatch.setattr(supervisor, "_EVICTION_GRACE_S", 30.0)
+    async with Sandbox(tenants={"a": quick_policy()}, workers=2) as sb:
+        result = await asyncio.wait_for(sb.run("x = 1", tenant="a"), timeout=10)
+        assert result.outputs == {"x": 1} and sb._pool.held("a") == 1
+
+
 async def test_idle_workers_are_retired():
     async with Sandbox(quick_policy(), workers=2, idle_timeout_s=0.2) as sb:
         assert len(sb._pool.workers) == 2
