@@ -10,7 +10,10 @@ loky's ``ProcessPoolExecutor``:
   warm pool (sandbox: ``await sb.run("result = 1")``; pools:
   ``pool.submit(fn).result()``);
 * throughput of trivial runs with all cores (sandbox: all runs submitted at
-  once with ``asyncio.gather``; pools: ``map(fn, range(n), chunksize=1)``);
+  once with ``asyncio.gather``; pools: ``map(fn, range(n), chunksize=1)``),
+  and where the CPU went meanwhile: per run, in this (the caller's or
+  supervisor's) process, all threads, and in every process below it. With
+  both cores busy, their sum bounds the throughput;
 * timeout enforcement on a one-worker pool: a spinning run with a 0.5 s
   limit, how late its failure arrives after the limit, and the time from
   that failure until the next trivial run has completed. The sandbox and
@@ -93,6 +96,42 @@ def timed(call: Callable[[], object]) -> float:
     return time.perf_counter() - start
 
 
+def cpu_below_us() -> float:
+    """CPU time, in microseconds, of every live process below this one."""
+    import psutil
+
+    total = 0.0
+    for process in psutil.Process().children(recursive=True):
+        try:
+            times = process.cpu_times()
+        except psutil.Error:
+            continue  # gone, or not ours to read
+        total += times.user + times.system
+    return total * 1e6
+
+
+@dataclass(frozen=True)
+class Throughput:
+    per_s: float
+    host_cpu_us: float  # per run, this process (the caller, or the supervisor), every thread
+    worker_cpu_us: float  # per run, every process below this one
+
+
+class CpuSplit:
+    """Where CPU went during a ``with`` block: this process, and the processes below it."""
+
+    def __enter__(self) -> CpuSplit:
+        self._host, self._below = time.process_time(), cpu_below_us()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.host_us = (time.process_time() - self._host) * 1e6
+        self.below_us = cpu_below_us() - self._below
+
+    def throughput(self, runs: int, elapsed_s: float) -> Throughput:
+        return Throughput(runs / elapsed_s, self.host_us / runs, self.below_us / runs)
+
+
 @dataclass(frozen=True)
 class TimeoutFigures:
     late_s: float  # failure (or the caller's TimeoutError) this long after the limit
@@ -105,7 +144,7 @@ class Contender(Protocol):
 
     def round_trips(self, rounds: int, warmup: int) -> list[float]: ...
 
-    def throughput(self, runs: int) -> float: ...
+    def throughput(self, runs: int) -> Throughput: ...
 
     def timeout(self, limit_s: float) -> TimeoutFigures: ...
 
@@ -149,14 +188,15 @@ class SandboxContender:
                 await sb.run(TRIVIAL_CODE)
             return [await self._timed(sb.run(TRIVIAL_CODE)) for _ in range(rounds)]
 
-    def throughput(self, runs: int) -> float:
+    def throughput(self, runs: int) -> Throughput:
         return self._run_loop(self._throughput(runs))
 
-    async def _throughput(self, runs: int) -> float:
+    async def _throughput(self, runs: int) -> Throughput:
         async with self._sandbox(self._policy(), workers=self.workers) as sb:
             await asyncio.gather(*(sb.run(TRIVIAL_CODE) for _ in range(self.workers * 10)))
-            elapsed = await self._timed(asyncio.gather(*(sb.run(TRIVIAL_CODE) for _ in range(runs))))
-            return runs / elapsed
+            with CpuSplit() as cpu:
+                elapsed = await self._timed(asyncio.gather(*(sb.run(TRIVIAL_CODE) for _ in range(runs))))
+            return cpu.throughput(runs, elapsed)
 
     def timeout(self, limit_s: float) -> TimeoutFigures:
         return self._run_loop(self._timeout(limit_s))
@@ -234,10 +274,12 @@ class PPEContender:
             executor_round_trips(pool, warmup)
             return executor_round_trips(pool, rounds)
 
-    def throughput(self, runs: int) -> float:
+    def throughput(self, runs: int) -> Throughput:
         with concurrent.futures.ProcessPoolExecutor(self.workers) as pool:
             warm_executor(pool, self.workers)
-            return runs / timed(lambda: list(pool.map(trivial_arg, range(runs), chunksize=1)))
+            with CpuSplit() as cpu:
+                elapsed = timed(lambda: list(pool.map(trivial_arg, range(runs), chunksize=1)))
+            return cpu.throughput(runs, elapsed)
 
     def timeout(self, limit_s: float) -> TimeoutFigures:
         pool = concurrent.futures.ProcessPoolExecutor(1)
@@ -292,11 +334,13 @@ class PebbleContender:
         finally:
             self._close(pool)
 
-    def throughput(self, runs: int) -> float:
+    def throughput(self, runs: int) -> Throughput:
         pool = self._pool_class(max_workers=self.workers)
         try:
             list(pool.map(trivial_arg, range(self.workers * 10), chunksize=1).result())
-            return runs / timed(lambda: list(pool.map(trivial_arg, range(runs), chunksize=1).result()))
+            with CpuSplit() as cpu:
+                elapsed = timed(lambda: list(pool.map(trivial_arg, range(runs), chunksize=1).result()))
+            return cpu.throughput(runs, elapsed)
         finally:
             self._close(pool)
 
@@ -352,11 +396,13 @@ class LokyContender:
     def fresh_round_trips(self, rounds: int, warmup: int) -> None:
         return None  # loky has no option to recycle a worker after each task
 
-    def throughput(self, runs: int) -> float:
+    def throughput(self, runs: int) -> Throughput:
         pool = self._executor(self.workers)
         try:
             warm_executor(pool, self.workers)
-            return runs / timed(lambda: list(pool.map(trivial_arg, range(runs), chunksize=1)))
+            with CpuSplit() as cpu:
+                elapsed = timed(lambda: list(pool.map(trivial_arg, range(runs), chunksize=1)))
+            return cpu.throughput(runs, elapsed)
         finally:
             pool.shutdown(wait=True, kill_workers=True)
 
@@ -409,6 +455,8 @@ METRICS = [
     Metric("warm_p50_ms", "warm round trip p50 (ms)"),
     Metric("warm_p99_ms", "warm round trip p99 (ms)"),
     Metric("throughput_per_s", "throughput, all cores (runs/s)", higher_is_better=True),
+    Metric("host_cpu_us", "  CPU per run: caller/supervisor (us)"),
+    Metric("worker_cpu_us", "  CPU per run: processes below it (us)"),
     Metric("timeout_late_ms", "timeout: failure after the limit (ms)", ratio=False),
     Metric("timeout_usable_ms", "timeout: next run completed after (ms)"),
     Metric("cold_start_ms", "cold start: construct + first result (ms)"),
@@ -428,7 +476,9 @@ def measure(pool: list[Contender], options: argparse.Namespace, log: Callable[[s
                                        warm_p99_ms=percentile(trips, 99) * 1000)
     for contender in pool:
         log(f"throughput: {contender.name}")
-        figures[contender.name]["throughput_per_s"] = contender.throughput(options.throughput_runs)
+        throughput = contender.throughput(options.throughput_runs)
+        figures[contender.name].update(throughput_per_s=throughput.per_s, host_cpu_us=throughput.host_cpu_us,
+                                       worker_cpu_us=throughput.worker_cpu_us)
     for contender in pool:
         log(f"timeout: {contender.name}")
         runs = [contender.timeout(options.timeout_s) for _ in range(options.repeats)]
