@@ -310,11 +310,7 @@ def _add_own_mounts(config: dict) -> None:
         linux.mount(f"{_STAGING}/{source}", target, None, linux.MS_BIND)
     for index, path in enumerate(_shadowed(config["readonly_paths"])):
         source = f"{_SOURCES}/{index}"
-        if os.path.isdir(source):
-            os.makedirs(path, exist_ok=True)
-        else:
-            os.makedirs(os.path.dirname(path), exist_ok=True)
-            open(path, "a").close()
+        _make_mount_point(source, path)
         linux.mount(source, path, None, linux.MS_BIND)
     linux.umount(_STAGING, linux.MNT_DETACH)
     linux.mount("proc", "/proc", "proc", linux.MS_NOSUID | linux.MS_NODEV | linux.MS_NOEXEC)
@@ -340,13 +336,18 @@ def _worker_ids(config: dict) -> tuple[int, int]:
 def _bind_readonly(source: str, target: str) -> None:
     if not os.path.exists(source):
         return
+    _make_mount_point(source, target)
+    linux.mount(source, target, None, linux.MS_BIND)
+    _remount_readonly(target, locked=os.statvfs(source).f_flag)
+
+
+def _make_mount_point(source: str, target: str) -> None:
+    """A directory or an empty file at ``target``, whichever ``source`` is, to bind it onto."""
     if os.path.isdir(source):
         os.makedirs(target, exist_ok=True)
     else:
         os.makedirs(os.path.dirname(target), exist_ok=True)
         open(target, "a").close()
-    linux.mount(source, target, None, linux.MS_BIND)
-    _remount_readonly(target, locked=os.statvfs(source).f_flag)
 
 
 def _remount_readonly(target: str, locked: int | None = None) -> None:

@@ -66,7 +66,8 @@ class CgroupParents:
             _rmdir(directory)
 
 
-def _own_group(controller: str) -> str | None:
+def own_group(controller: str) -> str | None:
+    """This process's cgroup path in the v1 hierarchy of ``controller``, if it has one."""
     with open("/proc/self/cgroup") as f:
         for line in f:
             _, controllers, path = line.rstrip("\n").split(":", 2)
@@ -78,7 +79,7 @@ def _own_group(controller: str) -> str | None:
 def _v1_parents() -> tuple[int, dict[str, str]] | None:
     parents = {}
     for controller in ("pids", "memory"):
-        own = _own_group(controller)
+        own = own_group(controller)
         directory = os.path.join(_V1_ROOT, controller) + (own or "/")
         if own is None or not os.access(directory, os.W_OK) or not os.path.exists(
                 os.path.join(directory, "cgroup.procs")):
@@ -95,7 +96,7 @@ def _v2_parent() -> tuple[int, dict[str, str]] | None:
             if fields[fields.index("-") + 1] == "cgroup2":
                 mount = fields[4]
                 break
-    own = _own_group("")
+    own = own_group("")
     if mount is None or own is None:
         return None
     directory = (mount + own).rstrip("/")

@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import psutil
+import pytest
 import pytest_asyncio
 import uvloop
 
 from sandbox import Policy, Sandbox
+from tests.hostile.checks import Targets, open_targets
 
 REPO = Path(__file__).resolve().parent.parent
 HOSTILE = REPO.parent / "shared" / "hostile"
@@ -52,3 +55,10 @@ def descendants() -> list[psutil.Process]:
         except psutil.NoSuchProcess:
             pass
     return alive
+
+
+@pytest.fixture
+def targets(harness) -> Iterator[Targets]:
+    """Fresh canaries and listeners for one hostile run; each hostile module defines ``harness``."""
+    with open_targets(harness) as opened:
+        yield opened

@@ -25,8 +25,7 @@ from sandbox.zygote import USERNS_INSIDE_ID
 from tests.conftest import IS_ROOT
 from tests.hostile import attacks
 from tests.hostile.attacks import escaped
-from tests.hostile.checks import (TIME_MARGIN_S, Targets, attack, lost_workers,
-                                  open_targets, output_value, report_text)
+from tests.hostile.checks import TIME_MARGIN_S, Targets, attack, lost_workers, output_value, report_text
 from tests.hostile.client import HarnessProcess
 from tests.hostile.harness import SECRET_VARIABLE
 
@@ -48,12 +47,6 @@ def harness() -> Iterator[HarnessProcess]:
     process = HarnessProcess(TENANTS)
     yield process
     process.close()
-
-
-@pytest.fixture
-def targets(harness: HarnessProcess) -> Iterator[Targets]:
-    with open_targets(harness) as opened:
-        yield opened
 
 
 def assert_refused(report: dict) -> None:

@@ -15,16 +15,11 @@ import pytest
 from sandbox import (CodeError, Policy, QuotaExceeded, Sandbox, SandboxClosed, SandboxError, TimeLimitExceeded,
                      WorkerCrashed, run_sync)
 from tests.conftest import descendants, quick_policy
+from tests.hostile.attacks import ESCAPES
 
 # Code that gets `os`/`signal` despite the allowlist, the way attackers do;
 # the OS-level confinement is what these tests lean on.
-ESCAPE = textwrap.dedent("""
-    def _mod(name):
-        for c in ().__class__.__base__.__subclasses__():
-            if c.__name__ == "_wrap_close":
-                g = c.__init__.__globals__
-                return g["sys"].modules.get(name) or g["__builtins__"]["__import__"](name)
-""")
+ESCAPE = ESCAPES["subclass_walk"]
 
 
 class LagMonitor:

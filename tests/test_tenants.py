@@ -3,21 +3,15 @@
 from __future__ import annotations
 
 import asyncio
-import textwrap
 import time
 
 import pytest
 
 from sandbox import QuotaExceeded, Sandbox, supervisor
 from tests.conftest import HOSTILE, quick_policy
+from tests.hostile.attacks import ESCAPES
 
-ESCAPE = textwrap.dedent("""
-    def _mod(name):
-        for c in ().__class__.__base__.__subclasses__():
-            if c.__name__ == "_wrap_close":
-                g = c.__init__.__globals__
-                return g["sys"].modules.get(name) or g["__builtins__"]["__import__"](name)
-""")
+ESCAPE = ESCAPES["subclass_walk"]
 
 
 async def test_tenants_never_share_a_worker_process():

@@ -18,7 +18,7 @@ from sandbox.zygote import USERNS_INSIDE_ID
 from tests.conftest import HOSTILE
 from tests.hostile import attacks, samples
 from tests.hostile.attacks import escaped
-from tests.hostile.checks import Targets, attack, lost_workers, open_targets, output_value
+from tests.hostile.checks import Targets, attack, lost_workers, output_value
 from tests.hostile.client import UNPRIVILEGED_UID, HarnessProcess, unprivileged_unavailable
 from tests.hostile.contract import check_sample
 
@@ -42,12 +42,6 @@ def harness() -> Iterator[HarnessProcess]:
     process = HarnessProcess(TENANTS, unprivileged=True)
     yield process
     process.close()
-
-
-@pytest.fixture
-def targets(harness: HarnessProcess) -> Iterator[Targets]:
-    with open_targets(harness) as opened:
-        yield opened
 
 
 def test_the_sandbox_starts_with_every_layer_but_cgroup(harness: HarnessProcess) -> None:

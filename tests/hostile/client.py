@@ -34,6 +34,7 @@ import time
 from pathlib import Path
 from typing import IO
 
+from sandbox.cgroups import own_group
 from tests.hostile.harness import SECRET_VARIABLE
 
 REPO = Path(__file__).resolve().parent.parent.parent
@@ -64,7 +65,7 @@ class ThrowawayCgroups:
         name = f"hostile-{os.getpid()}-{secrets.token_hex(4)}"
         directories = []
         for controller in ("pids", "memory"):
-            own = _own_group(controller)
+            own = own_group(controller)
             if own is None or not (_CGROUP_V1 / controller / own.lstrip("/") / "cgroup.procs").exists():
                 return None
             directories.append(_CGROUP_V1 / controller / own.lstrip("/") / name)
@@ -98,15 +99,6 @@ class ThrowawayCgroups:
                 if not directory.exists() or time.monotonic() > deadline:
                     break
                 time.sleep(0.05)
-
-
-def _own_group(controller: str) -> str | None:
-    with open("/proc/self/cgroup") as f:
-        for line in f:
-            _, controllers, path = line.rstrip("\n").split(":", 2)
-            if controller in controllers.split(","):
-                return path
-    return None
 
 
 def unprivileged_unavailable() -> str | None:
