@@ -259,11 +259,11 @@ class Sandbox:
         An idle tenant's share is 0, so its idle workers go first.
 
         An idle worker of a tenant with nothing to run is taken only once it
-        has idled ``_EVICTION_GRACE_S``, a few worker starts' worth: a
-        tenant between two bursts of runs has nothing to run for a moment,
-        and taking its worker at once would make it take one back, at the
-        price of a start, when its next run comes. Waiting about as long as
-        a start costs bounds what either choice can lose (the ski-rental
+        has idled ``_EVICTION_GRACE_S``: a tenant between two bursts of runs
+        has nothing to run for a moment, and taking its worker at once would
+        make it take one back when its next run comes, a worker start on
+        each side (about 6 ms each here). Waiting about as long as such a
+        swap costs bounds what either choice can lose (the ski-rental
         rule); the supervisor looks again when the grace has passed. A
         tenant with runs of its own to start gets no grace: it is over its
         share, and a grace would let it keep the worker for good. Nor does
