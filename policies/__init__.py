@@ -8,8 +8,14 @@ Owns: what a policy is (``policies.model``) and how it is read from disk
 Must never: import the supervisor or the runtime; a policy is plain data.
 """
 
-from policies.loader import PolicyFileError, load_policies
-from policies.model import DEFAULT_ALLOWED_MODULES, DEFAULT_DENIED_MODULES, LAYERS, Policy
+from sandbox.policies.loader import PolicyFileError, load_policies
+from sandbox.policies.model import DEFAULT_ALLOWED_MODULES, DEFAULT_DENIED_MODULES, LAYERS, Policy
 
-__all__ = ["Policy", "PolicyFileError", "load_policies", "LAYERS", "DEFAULT_ALLOWED_MODULES",
-           "DEFAULT_DENIED_MODULES"]
+__all__ = [
+    "DEFAULT_ALLOWED_MODULES",
+    "DEFAULT_DENIED_MODULES",
+    "LAYERS",
+    "Policy",
+    "PolicyFileError",
+    "load_policies",
+]

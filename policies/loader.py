@@ -24,7 +24,7 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
-from policies.model import Policy
+from sandbox.policies.model import Policy
 
 
 class PolicyFileError(ValueError):
@@ -69,8 +69,11 @@ def _load_file(file: Path) -> dict[str, Policy | list[str]]:
         document = tomllib.loads(file.read_text())
     except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
         return {"": [f"{file}: {exc}"]}
-    problems = [f"{file}: unknown top-level section {key!r} (expected [base] and [tenants.NAME])"
-                for key in document if key not in ("base", "tenants")]
+    problems = [
+        f"{file}: unknown top-level section {key!r} (expected [base] and [tenants.NAME])"
+        for key in document
+        if key not in ("base", "tenants")
+    ]
     base = document.get("base", {})
     tenants = document.get("tenants", {})
     if not isinstance(base, dict):
@@ -102,5 +105,4 @@ def _field_errors(fields: dict) -> list[str]:
 
 
 def _describe(exc: ValidationError) -> list[str]:
-    return [f"{'.'.join(str(part) for part in error['loc']) or 'policy'}: {error['msg']}"
-            for error in exc.errors()]
+    return [f"{'.'.join(str(part) for part in error['loc']) or 'policy'}: {error['msg']}" for error in exc.errors()]

@@ -21,17 +21,79 @@ Layer = Literal["rlimits", "identity", "pidns", "mountns", "netns", "ipcns", "la
 LAYERS: tuple[str, ...] = get_args(Layer)
 
 DEFAULT_ALLOWED_MODULES = [
-    "asyncio", "json", "math", "cmath", "re", "datetime", "zoneinfo", "calendar", "time",
-    "collections", "collections.abc", "itertools", "functools", "operator", "statistics", "random",
-    "decimal", "fractions", "numbers", "typing", "dataclasses", "enum", "abc", "contextlib",
-    "string", "textwrap", "difflib", "unicodedata", "pprint", "uuid", "hashlib", "hmac", "secrets",
-    "base64", "binascii", "struct", "array", "copy", "heapq", "bisect", "csv", "io", "html",
+    "asyncio",
+    "json",
+    "math",
+    "cmath",
+    "re",
+    "datetime",
+    "zoneinfo",
+    "calendar",
+    "time",
+    "collections",
+    "collections.abc",
+    "itertools",
+    "functools",
+    "operator",
+    "statistics",
+    "random",
+    "decimal",
+    "fractions",
+    "numbers",
+    "typing",
+    "dataclasses",
+    "enum",
+    "abc",
+    "contextlib",
+    "string",
+    "textwrap",
+    "difflib",
+    "unicodedata",
+    "pprint",
+    "uuid",
+    "hashlib",
+    "hmac",
+    "secrets",
+    "base64",
+    "binascii",
+    "struct",
+    "array",
+    "copy",
+    "heapq",
+    "bisect",
+    "csv",
+    "io",
+    "html",
     "warnings",
 ]
 DEFAULT_DENIED_MODULES = [
-    "os", "sys", "subprocess", "socket", "ctypes", "importlib", "pickle", "marshal", "gc", "inspect",
-    "signal", "multiprocessing", "threading", "pathlib", "shutil", "tempfile", "builtins", "code", "pty",
-    "mmap", "resource", "_thread", "posix", "_posixsubprocess", "_ctypes", "_socket", "_signal",
+    "os",
+    "sys",
+    "subprocess",
+    "socket",
+    "ctypes",
+    "importlib",
+    "pickle",
+    "marshal",
+    "gc",
+    "inspect",
+    "signal",
+    "multiprocessing",
+    "threading",
+    "pathlib",
+    "shutil",
+    "tempfile",
+    "builtins",
+    "code",
+    "pty",
+    "mmap",
+    "resource",
+    "_thread",
+    "posix",
+    "_posixsubprocess",
+    "_ctypes",
+    "_socket",
+    "_signal",
 ]
 DEFAULT_REMOVED_BUILTINS = ["breakpoint", "input", "help", "exit", "quit", "copyright", "credits", "license"]
 
@@ -46,19 +108,25 @@ class Policy(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
 
     # --- time -------------------------------------------------------------
-    wall_time_s: float = Field(10.0, gt=0, le=86_400,
-                               description="Wall-clock limit of one run, enforced by the supervisor with SIGKILL.")
-    cpu_time_s: float = Field(5.0, gt=0, le=86_400,
-                              description="CPU-time limit of one run (all threads).")
+    wall_time_s: float = Field(
+        10.0, gt=0, le=86_400, description="Wall-clock limit of one run, enforced by the supervisor with SIGKILL."
+    )
+    cpu_time_s: float = Field(5.0, gt=0, le=86_400, description="CPU-time limit of one run (all threads).")
 
     # --- memory and output -------------------------------------------------
-    memory_mb: int = Field(256, ge=64, le=1_048_576,
-                           description="Memory of one worker: RLIMIT_DATA, the memory cgroup and the RSS watchdog.")
-    max_output_bytes: int = Field(1 * MiB, ge=1,
-                                  description="stdout and stderr of one run together; past it the run fails.")
+    memory_mb: int = Field(
+        256,
+        ge=64,
+        le=1_048_576,
+        description="Memory of one worker: RLIMIT_DATA, the memory cgroup and the RSS watchdog.",
+    )
+    max_output_bytes: int = Field(
+        1 * MiB, ge=1, description="stdout and stderr of one run together; past it the run fails."
+    )
     max_result_bytes: int = Field(8 * MiB, ge=1, description="Serialized size of one output variable.")
-    max_reply_bytes: int = Field(32 * MiB, ge=1024,
-                                 description="Serialized size of all output variables of one run together.")
+    max_reply_bytes: int = Field(
+        32 * MiB, ge=1024, description="Serialized size of all output variables of one run together."
+    )
 
     # --- files, processes ------------------------------------------------------
     max_file_size_mb: int = Field(16, ge=0, description="RLIMIT_FSIZE: largest file a run can write.")
@@ -77,21 +145,26 @@ class Policy(BaseModel):
     # --- isolation ---------------------------------------------------------------
     network: bool = Field(False, description="Keep the host network namespace and allow IP sockets.")
     filesystem: Literal["scratch", "readonly"] = Field(
-        "scratch", description="'scratch': /work, /tmp, /dev/shm writable; 'readonly': nothing writable.")
-    readonly_paths: list[str] = Field(default_factory=list,
-                                      description="Extra host paths the worker may read.")
-    env: list[str] = Field(default_factory=list,
-                           description="Names of supervisor environment variables passed to the code.")
+        "scratch", description="'scratch': /work, /tmp, /dev/shm writable; 'readonly': nothing writable."
+    )
+    readonly_paths: list[str] = Field(default_factory=list, description="Extra host paths the worker may read.")
+    env: list[str] = Field(
+        default_factory=list, description="Names of supervisor environment variables passed to the code."
+    )
     required_layers: Literal["auto"] | list[Layer] = Field(
-        "auto", description="Layers that must be active, or 'auto': every layer this host supports.")
+        "auto", description="Layers that must be active, or 'auto': every layer this host supports."
+    )
     skip_layers: list[Layer] = Field(
-        default_factory=list, description="Layers not to apply at all (for trusted tenants, or to measure a layer's cost).")
+        default_factory=list,
+        description="Layers not to apply at all (for trusted tenants, or to measure a layer's cost).",
+    )
 
     # --- worker reuse -------------------------------------------------------------
     fresh_process_per_run: bool = Field(False, description="Never reuse a worker process.")
     max_runs_per_worker: int = Field(10_000, ge=1, description="Recycle a worker after this many runs.")
-    max_memory_growth_mb: int = Field(64, ge=1,
-                                      description="Recycle a worker whose RSS grew this much since its first run.")
+    max_memory_growth_mb: int = Field(
+        64, ge=1, description="Recycle a worker whose RSS grew this much since its first run."
+    )
 
     # --- quotas and fair share ---------------------------------------------------------
     max_concurrency: int | None = Field(None, ge=1, description="Runs of this tenant in flight at once.")
@@ -133,7 +206,7 @@ class Policy(BaseModel):
         return paths
 
     @model_validator(mode="after")
-    def _consistent(self) -> "Policy":
+    def _consistent(self) -> Policy:
         if self.max_reply_bytes < self.max_result_bytes:
             raise ValueError("max_reply_bytes must be at least max_result_bytes")
         if self.required_layers != "auto" and set(self.required_layers) & set(self.skip_layers):

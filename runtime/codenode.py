@@ -33,8 +33,8 @@ import types
 
 import cloudpickle
 
-from runtime import wire
-from runtime.guards import Guard, ImportBlocked, ImportPolicy, InputUnpickler
+from sandbox.runtime import wire
+from sandbox.runtime.guards import Guard, ImportBlocked, ImportPolicy, InputUnpickler
 
 _TOP_LEVEL_AWAIT = 0x2000  # ast.PyCF_ALLOW_TOP_LEVEL_AWAIT
 # Names the interpreter itself puts into a module namespace; never the code's own variables.
@@ -43,14 +43,32 @@ _COMPILE_CACHE_SIZE = 256
 _LEFTOVER_TASK_GRACE_S = 0.2
 
 
-_FUNCTIONS = (types.FunctionType, types.BuiltinFunctionType, types.MethodType, types.MethodWrapperType,
-              types.WrapperDescriptorType, types.MethodDescriptorType, types.ClassMethodDescriptorType,
-              functools.partial, staticmethod, classmethod)
+_FUNCTIONS = (
+    types.FunctionType,
+    types.BuiltinFunctionType,
+    types.MethodType,
+    types.MethodWrapperType,
+    types.WrapperDescriptorType,
+    types.MethodDescriptorType,
+    types.ClassMethodDescriptorType,
+    functools.partial,
+    staticmethod,
+    classmethod,
+)
 _AWAITABLES = (types.CoroutineType, asyncio.Future, concurrent.futures.Future)
 _GENERATORS = (types.GeneratorType, types.AsyncGeneratorType)
-_SYNC_PRIMITIVES = (asyncio.Lock, asyncio.Semaphore, asyncio.Event, asyncio.Condition, asyncio.Barrier,
-                    type(threading.Lock()), type(threading.RLock()), threading.Semaphore,
-                    threading.Event, threading.Condition)
+_SYNC_PRIMITIVES = (
+    asyncio.Lock,
+    asyncio.Semaphore,
+    asyncio.Event,
+    asyncio.Condition,
+    asyncio.Barrier,
+    type(threading.Lock()),
+    type(threading.RLock()),
+    threading.Semaphore,
+    threading.Event,
+    threading.Condition,
+)
 
 
 def _skip_reason(name: str, value: object) -> str | None:
@@ -84,7 +102,7 @@ def _type_label(value: object) -> str:
 class RunOutcome:
     """What one run produced, before the worker adds token and statistics."""
 
-    __slots__ = ("status", "outputs", "skipped", "error", "retire")
+    __slots__ = ("error", "outputs", "retire", "skipped", "status")
 
     def __init__(self, status: int = wire.OK) -> None:
         self.status = status
@@ -144,8 +162,7 @@ class CodeNode:
         key = (code, allow_await, filename)
         compiled = self._compiled.get(key)
         if compiled is None:
-            compiled = compile(code, filename, "exec", flags=_TOP_LEVEL_AWAIT if allow_await else 0,
-                               dont_inherit=True)
+            compiled = compile(code, filename, "exec", flags=_TOP_LEVEL_AWAIT if allow_await else 0, dont_inherit=True)
             if len(self._compiled) >= _COMPILE_CACHE_SIZE:
                 self._compiled.pop(next(iter(self._compiled)))
             self._compiled[key] = compiled
@@ -176,7 +193,7 @@ class CodeNode:
                     blob = _serialize(value)
                 except MemoryError:
                     raise
-                except BaseException as exc:  # noqa: BLE001 - user __reduce__ may raise anything
+                except BaseException as exc:
                     reason = f"cannot be serialized: {_describe(exc)}"
             if reason is not None:
                 outcome.skipped[name] = wire.clip_text(reason, wire.MAX_LABEL_BYTES // 2)
@@ -185,11 +202,15 @@ class CodeNode:
             over_value = len(blob) > self.max_value_bytes
             if over_value or total > self.max_total_bytes:
                 if over_value:
-                    message = (f"variable {name!r} is {len(blob)} bytes serialized, over the policy's "
-                               f"max_result_bytes of {self.max_value_bytes}")
+                    message = (
+                        f"variable {name!r} is {len(blob)} bytes serialized, over the policy's "
+                        f"max_result_bytes of {self.max_value_bytes}"
+                    )
                 else:
-                    message = (f"variable {name!r} brings the outputs to {total} bytes serialized, over "
-                               f"the policy's max_reply_bytes of {self.max_total_bytes}")
+                    message = (
+                        f"variable {name!r} brings the outputs to {total} bytes serialized, over "
+                        f"the policy's max_reply_bytes of {self.max_total_bytes}"
+                    )
                 outcome.status = wire.OUTPUT_LIMIT
                 outcome.outputs.clear()
                 outcome.skipped.clear()
@@ -243,7 +264,7 @@ def _failure(status: int, exc: BaseException, tb: str, detail: str) -> RunOutcom
 def _describe(exc: BaseException) -> str:
     try:
         text = str(exc)
-    except BaseException:  # noqa: BLE001
+    except BaseException:
         text = "<str() of the exception failed>"
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
@@ -255,5 +276,5 @@ def _format_traceback(exc: BaseException, filename: str) -> str:
         lines = ["Traceback (most recent call last):\n", *traceback.format_list(frames)] if frames else []
         lines += traceback.format_exception_only(type(exc), exc)
         return "".join(lines)
-    except BaseException:  # noqa: BLE001
+    except BaseException:
         return _describe(exc)

@@ -40,7 +40,7 @@ import shutil
 import signal
 from dataclasses import dataclass, field
 
-from runtime import linux
+from sandbox.runtime import linux
 
 SCRATCH_DIR = "/work"
 WORKER_PID_IN_NAMESPACE = 2  # pid 1 is the namespace's init; the worker is forked right after it.
@@ -51,8 +51,13 @@ CLEAR_REFS_FD = 4
 WORKER_NICE = 10  # CFS weight 110 against the supervisor's 1024
 
 _MS_FROM_ST = {  # statvfs flag -> mount flag, for flags a user namespace locks on a bind
-    os.ST_RDONLY: linux.MS_RDONLY, os.ST_NOSUID: linux.MS_NOSUID, os.ST_NODEV: linux.MS_NODEV,
-    os.ST_NOEXEC: linux.MS_NOEXEC, os.ST_NOATIME: 1024, os.ST_NODIRATIME: 2048, os.ST_RELATIME: 1 << 21,
+    os.ST_RDONLY: linux.MS_RDONLY,
+    os.ST_NOSUID: linux.MS_NOSUID,
+    os.ST_NODEV: linux.MS_NODEV,
+    os.ST_NOEXEC: linux.MS_NOEXEC,
+    os.ST_NOATIME: 1024,
+    os.ST_NODIRATIME: 2048,
+    os.ST_RELATIME: 1 << 21,
 }
 _DEVICES = ("null", "zero", "full", "random", "urandom")
 _PRIVATE_TMPFS = (SCRATCH_DIR, "/tmp", "/dev/shm")
@@ -83,7 +88,7 @@ class ScratchDir:
     keep: frozenset[str]
 
     @classmethod
-    def of(cls, path: str) -> "ScratchDir":
+    def of(cls, path: str) -> ScratchDir:
         return cls(path, os.lstat(path).st_dev, frozenset(os.listdir(path)))
 
 
@@ -102,7 +107,7 @@ class Scratch:
     clear_refs: bool = False  # /proc/self/clear_refs is open on CLEAR_REFS_FD
 
     @classmethod
-    def of(cls, cwd: str, paths: tuple[str, ...]) -> "Scratch":
+    def of(cls, cwd: str, paths: tuple[str, ...]) -> Scratch:
         st = os.statvfs(paths[0])
         return cls(cwd, [ScratchDir.of(path) for path in paths], st.f_files - st.f_ffree)
 
@@ -295,8 +300,9 @@ def _enter_template(template_fd: int | None, config: dict) -> None:
 def _add_own_mounts(config: dict) -> None:
     linux.unshare(linux.CLONE_NEWNS | linux.CLONE_NEWCGROUP)
     uid, gid = _worker_ids(config)
-    linux.mount("tmpfs", _STAGING, "tmpfs", linux.MS_NOSUID | linux.MS_NODEV,
-                f"mode=0755,size={config['scratch_bytes']}")
+    linux.mount(
+        "tmpfs", _STAGING, "tmpfs", linux.MS_NOSUID | linux.MS_NODEV, f"mode=0755,size={config['scratch_bytes']}"
+    )
     for name, mode in (("work", 0o700), ("tmp", 0o1777), ("shm", 0o1777)):
         os.mkdir(f"{_STAGING}/{name}")
         os.chmod(f"{_STAGING}/{name}", mode)
@@ -305,8 +311,13 @@ def _add_own_mounts(config: dict) -> None:
         f.write(f"sandbox:x:{uid}:{gid}:sandbox:{SCRATCH_DIR}:/nonexistent\n")
     with open(f"{_STAGING}/group", "w") as f:
         f.write(f"sandbox:x:{gid}:\n")
-    for source, target in (("work", SCRATCH_DIR), ("tmp", "/tmp"), ("shm", "/dev/shm"),
-                           ("passwd", "/etc/passwd"), ("group", "/etc/group")):
+    for source, target in (
+        ("work", SCRATCH_DIR),
+        ("tmp", "/tmp"),
+        ("shm", "/dev/shm"),
+        ("passwd", "/etc/passwd"),
+        ("group", "/etc/group"),
+    ):
         linux.mount(f"{_STAGING}/{source}", target, None, linux.MS_BIND)
     for index, path in enumerate(_shadowed(config["readonly_paths"])):
         source = f"{_SOURCES}/{index}"
@@ -386,8 +397,12 @@ def _populate_dev() -> None:
         target = "/newroot/dev/" + name
         open(target, "w").close()
         linux.mount("/oldroot/dev/" + name, target, None, linux.MS_BIND)
-    for name, dest in (("fd", "/proc/self/fd"), ("stdin", "/proc/self/fd/0"),
-                       ("stdout", "/proc/self/fd/1"), ("stderr", "/proc/self/fd/2")):
+    for name, dest in (
+        ("fd", "/proc/self/fd"),
+        ("stdin", "/proc/self/fd/0"),
+        ("stdout", "/proc/self/fd/1"),
+        ("stderr", "/proc/self/fd/2"),
+    ):
         os.symlink(dest, "/newroot/dev/" + name)
     os.mkdir("/newroot/dev/shm")
 
@@ -415,8 +430,12 @@ def _drop_identity(uid: int | None, gid: int | None) -> None:
 
 
 _RLIMITS = {
-    "cpu": resource.RLIMIT_CPU, "data": resource.RLIMIT_DATA, "nofile": resource.RLIMIT_NOFILE,
-    "fsize": resource.RLIMIT_FSIZE, "core": resource.RLIMIT_CORE, "stack": resource.RLIMIT_STACK,
+    "cpu": resource.RLIMIT_CPU,
+    "data": resource.RLIMIT_DATA,
+    "nofile": resource.RLIMIT_NOFILE,
+    "fsize": resource.RLIMIT_FSIZE,
+    "core": resource.RLIMIT_CORE,
+    "stack": resource.RLIMIT_STACK,
     "nproc": resource.RLIMIT_NPROC,
 }
 

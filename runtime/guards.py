@@ -45,8 +45,7 @@ class ImportBlocked(ImportError):
     """
 
     def __init__(self, module: str, tenant: str) -> None:
-        super().__init__(f"import of {module!r} is not allowed by the policy of tenant {tenant!r}",
-                         name=module)
+        super().__init__(f"import of {module!r} is not allowed by the policy of tenant {tenant!r}", name=module)
         self.module = module
         self.tenant = tenant
 
@@ -75,8 +74,9 @@ class ImportPolicy:
     def allows(self, module: str) -> bool:
         verdict = self._cache.get(module)
         if verdict is None:
-            verdict = (not any(_matches(module, p, subtree=True) for p in self.denied)
-                       and any(_matches(module, p, subtree=False) for p in self.allowed))
+            verdict = not any(_matches(module, p, subtree=True) for p in self.denied) and any(
+                _matches(module, p, subtree=False) for p in self.allowed
+            )
             self._cache[module] = verdict
         return verdict
 

@@ -82,8 +82,10 @@ def setns(fd: int, nstype: int) -> None:
 
 
 def mount(source: str | None, target: str, fstype: str | None, flags: int = 0, data: str | None = None) -> None:
-    _check(_libc.mount(_encode(source), _encode(target), _encode(fstype), ctypes.c_ulong(flags), _encode(data)),
-           f"mount {target}")
+    _check(
+        _libc.mount(_encode(source), _encode(target), _encode(fstype), ctypes.c_ulong(flags), _encode(data)),
+        f"mount {target}",
+    )
 
 
 def umount(target: str, flags: int = 0) -> None:
@@ -96,8 +98,9 @@ def pivot_root(new_root: str, put_old: str) -> None:
 
 def prctl(option: int, arg2: int = 0, arg3: int = 0, arg4: int = 0, arg5: int = 0) -> int:
     return _check(
-        _libc.prctl(ctypes.c_int(option), ctypes.c_ulong(arg2), ctypes.c_ulong(arg3),
-                    ctypes.c_ulong(arg4), ctypes.c_ulong(arg5)),
+        _libc.prctl(
+            ctypes.c_int(option), ctypes.c_ulong(arg2), ctypes.c_ulong(arg3), ctypes.c_ulong(arg4), ctypes.c_ulong(arg5)
+        ),
         f"prctl({option})",
     )
 
@@ -119,8 +122,7 @@ class _CapHeader(ctypes.Structure):
 
 
 class _CapData(ctypes.Structure):
-    _fields_ = [("effective", ctypes.c_uint32), ("permitted", ctypes.c_uint32),
-                ("inheritable", ctypes.c_uint32)]
+    _fields_ = [("effective", ctypes.c_uint32), ("permitted", ctypes.c_uint32), ("inheritable", ctypes.c_uint32)]
 
 
 def drop_bounding_set() -> None:
@@ -174,8 +176,11 @@ _FILE_ACCESS = (1 << 0) | (1 << 1) | (1 << 2) | _LANDLOCK_TRUNCATE | _LANDLOCK_I
 
 
 class _RulesetAttr(ctypes.Structure):
-    _fields_ = [("handled_access_fs", ctypes.c_uint64), ("handled_access_net", ctypes.c_uint64),
-                ("scoped", ctypes.c_uint64)]
+    _fields_ = [
+        ("handled_access_fs", ctypes.c_uint64),
+        ("handled_access_net", ctypes.c_uint64),
+        ("scoped", ctypes.c_uint64),
+    ]
 
 
 class _PathBeneath(ctypes.Structure):
@@ -185,8 +190,9 @@ class _PathBeneath(ctypes.Structure):
 
 def landlock_abi() -> int:
     """The kernel's landlock ABI version, or 0 when landlock is unavailable."""
-    result = _libc.syscall(_LANDLOCK_CREATE_RULESET, None, ctypes.c_size_t(0),
-                           ctypes.c_uint32(_LANDLOCK_CREATE_RULESET_VERSION))
+    result = _libc.syscall(
+        _LANDLOCK_CREATE_RULESET, None, ctypes.c_size_t(0), ctypes.c_uint32(_LANDLOCK_CREATE_RULESET_VERSION)
+    )
     return max(result, 0)
 
 
@@ -210,8 +216,10 @@ def landlock_restrict(read_paths: list[str], write_paths: list[str]) -> int:
     scoped = (_LANDLOCK_SCOPE_ABSTRACT_UNIX_SOCKET | _LANDLOCK_SCOPE_SIGNAL) if abi >= 6 else 0
     attr = _RulesetAttr(handled, 0, scoped)
     size = ctypes.sizeof(_RulesetAttr) if abi >= 6 else 8
-    ruleset = _check(_libc.syscall(_LANDLOCK_CREATE_RULESET, ctypes.byref(attr), ctypes.c_size_t(size),
-                                   ctypes.c_uint32(0)), "landlock_create_ruleset")
+    ruleset = _check(
+        _libc.syscall(_LANDLOCK_CREATE_RULESET, ctypes.byref(attr), ctypes.c_size_t(size), ctypes.c_uint32(0)),
+        "landlock_create_ruleset",
+    )
     try:
         for paths, access in ((read_paths, LANDLOCK_READ), (write_paths, LANDLOCK_READ | write)):
             for path in paths:
@@ -221,14 +229,21 @@ def landlock_restrict(read_paths: list[str], write_paths: list[str]) -> int:
                     if not os.path.isdir(path):
                         allowed &= _FILE_ACCESS
                     rule = _PathBeneath(allowed, fd)
-                    _check(_libc.syscall(_LANDLOCK_ADD_RULE, ctypes.c_int(ruleset),
-                                         ctypes.c_int(_LANDLOCK_RULE_PATH_BENEATH),
-                                         ctypes.byref(rule), ctypes.c_uint32(0)),
-                           f"landlock_add_rule {path}")
+                    _check(
+                        _libc.syscall(
+                            _LANDLOCK_ADD_RULE,
+                            ctypes.c_int(ruleset),
+                            ctypes.c_int(_LANDLOCK_RULE_PATH_BENEATH),
+                            ctypes.byref(rule),
+                            ctypes.c_uint32(0),
+                        ),
+                        f"landlock_add_rule {path}",
+                    )
                 finally:
                     os.close(fd)
-        _check(_libc.syscall(_LANDLOCK_RESTRICT_SELF, ctypes.c_int(ruleset), ctypes.c_uint32(0)),
-               "landlock_restrict_self")
+        _check(
+            _libc.syscall(_LANDLOCK_RESTRICT_SELF, ctypes.c_int(ruleset), ctypes.c_uint32(0)), "landlock_restrict_self"
+        )
     finally:
         os.close(ruleset)
     return abi

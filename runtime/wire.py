@@ -69,16 +69,19 @@ class ProtocolError(Exception):
 
 # --- requests (host -> worker) -------------------------------------------
 
+
 def setup_request(env: dict[str, str]) -> tuple:
     return ("setup", env)
 
 
-def run_request(token: bytes, code: str, inputs: dict[str, bytes], allow_await: bool,
-                filename: str, cpu_time_s: float) -> tuple:
+def run_request(
+    token: bytes, code: str, inputs: dict[str, bytes], allow_await: bool, filename: str, cpu_time_s: float
+) -> tuple:
     return ("run", token, code, inputs, allow_await, filename, cpu_time_s)
 
 
 # --- frames ----------------------------------------------------------------
+
 
 def frame(payload: bytes) -> bytes:
     return FRAME_HEADER.pack(len(payload)) + payload
@@ -102,7 +105,7 @@ class FrameReader:
             if len(buffer) >= FRAME_HEADER.size:
                 end = FRAME_HEADER.size + FRAME_HEADER.unpack_from(buffer)[0]
                 if len(buffer) >= end:
-                    payload = bytes(buffer[FRAME_HEADER.size:end])
+                    payload = bytes(buffer[FRAME_HEADER.size : end])
                     del buffer[:end]
                     return payload
                 missing = end - len(buffer)
@@ -117,10 +120,11 @@ class FrameReader:
 def write_all(fd: int, data: bytes) -> None:
     view = memoryview(data)
     while view:
-        view = view[os.write(fd, view):]
+        view = view[os.write(fd, view) :]
 
 
 # --- hello (worker -> host, once, before any user code ran) -----------------
+
 
 def encode_hello(layers: dict[str, str], error: str | None) -> bytes:
     return bytes([KIND_HELLO]) + json.dumps({"layers": layers, "error": error}).encode()
@@ -134,8 +138,7 @@ def decode_hello(payload: bytes) -> tuple[dict[str, str], str | None]:
         layers, error = body["layers"], body["error"]
     except (ValueError, KeyError, TypeError):
         raise ProtocolError("malformed hello frame") from None
-    if not isinstance(layers, dict) or not all(isinstance(k, str) and isinstance(v, str)
-                                               for k, v in layers.items()):
+    if not isinstance(layers, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in layers.items()):
         raise ProtocolError("malformed hello frame")
     if error is not None and not isinstance(error, str):
         raise ProtocolError("malformed hello frame")
@@ -143,6 +146,7 @@ def decode_hello(payload: bytes) -> tuple[dict[str, str], str | None]:
 
 
 # --- replies (worker -> host, untrusted) -------------------------------------
+
 
 @dataclass
 class Reply:
@@ -159,9 +163,20 @@ class Reply:
 
 def encode_reply(reply: Reply) -> bytes:
     error = reply.error or ()
-    parts = [_REPLY_HEAD.pack(KIND_REPLY, reply.token, reply.status, reply.cpu_s, reply.peak_rss,
-                              reply.worker_cpu_s, reply.retire, len(reply.outputs),
-                              len(reply.skipped), len(error))]
+    parts = [
+        _REPLY_HEAD.pack(
+            KIND_REPLY,
+            reply.token,
+            reply.status,
+            reply.cpu_s,
+            reply.peak_rss,
+            reply.worker_cpu_s,
+            reply.retire,
+            len(reply.outputs),
+            len(reply.skipped),
+            len(error),
+        )
+    ]
 
     def put(data: bytes) -> None:
         parts.append(_FIELD.pack(len(data)))
@@ -193,7 +208,7 @@ def clip_text(value: str, limit: int, keep_tail: bool = False) -> str:
 
 
 class _Cursor:
-    __slots__ = ("view", "pos")
+    __slots__ = ("pos", "view")
 
     def __init__(self, payload: bytes) -> None:
         self.view = memoryview(payload)
@@ -209,7 +224,7 @@ class _Cursor:
         if end + length > len(self.view):
             raise ProtocolError("reply truncated inside a field")
         self.pos = end + length
-        return self.view[end:self.pos]
+        return self.view[end : self.pos]
 
     def text(self, limit: int) -> str:
         try:
@@ -228,8 +243,9 @@ def decode_reply(payload: bytes, max_value_bytes: int, max_text_bytes: int) -> R
     """Parse a reply frame; raise ProtocolError on any deviation at all."""
     if len(payload) < _REPLY_HEAD.size:
         raise ProtocolError("reply shorter than its header")
-    (kind, token, status, cpu_s, peak_rss, worker_cpu_s, retire,
-     n_outputs, n_skipped, n_error) = _REPLY_HEAD.unpack_from(payload)
+    (kind, token, status, cpu_s, peak_rss, worker_cpu_s, retire, n_outputs, n_skipped, n_error) = (
+        _REPLY_HEAD.unpack_from(payload)
+    )
     if kind != KIND_REPLY:
         raise ProtocolError(f"unexpected frame kind {kind}")
     if status not in STATUSES or retire not in (0, 1):

@@ -22,6 +22,7 @@ so every byte a run wrote before it finished belongs to that run.
 
 from __future__ import annotations
 
+import _thread
 import io
 import os
 import pickle
@@ -31,14 +32,13 @@ import signal
 import sys
 import time
 
-import _thread
-
-from runtime import wire
-from runtime.codenode import CodeNode, RunOutcome
-from runtime.confine import CLEAR_REFS_FD, WORKER_PID_IN_NAMESPACE, Scratch
+from sandbox.runtime import wire
+from sandbox.runtime.codenode import CodeNode, RunOutcome
+from sandbox.runtime.confine import CLEAR_REFS_FD, WORKER_PID_IN_NAMESPACE, Scratch
 
 _LEFTOVER_GRACE_S = 1.0  # how long processes killed at the end of a run may take to disappear
 _FD_CEILING = 1 << 20  # above any RLIMIT_NOFILE a policy can set; one close_range() call covers it
+
 
 def serve(channel: int, layers: dict[str, str], scratch: Scratch, settings: dict) -> None:
     own_fds = _identities()  # stdin, stdout, stderr and the channel, as confinement left them
@@ -78,8 +78,11 @@ def serve(channel: int, layers: dict[str, str], scratch: Scratch, settings: dict
         retire = _restore_stdio() | outcome.retire | _empty_scratch(scratch)
         usage = resource.getrusage(resource.RUSAGE_SELF)
         used = _cpu_seconds(usage)
-        retire |= (_thread._count() > 0 or (not limits_locked and _limits() != limits)
-                   or (cpu_hard != resource.RLIM_INFINITY and used + cpu_time_s + 1 > cpu_hard))
+        retire |= (
+            _thread._count() > 0
+            or (not limits_locked and _limits() != limits)
+            or (cpu_hard != resource.RLIM_INFINITY and used + cpu_time_s + 1 > cpu_hard)
+        )
         fds = _identities()
         if fds[channel] != own_fds[channel]:
             os._exit(wire.EXIT_CHANNEL_LOST)  # never write a reply into whatever user code put on fd 3
@@ -91,23 +94,43 @@ def serve(channel: int, layers: dict[str, str], scratch: Scratch, settings: dict
             os._exit(wire.EXIT_CHANNEL_LOST)
 
 
-def _reply(token: bytes, outcome: RunOutcome, cpu_s: float, peak_rss: int, worker_cpu_s: float,
-           retire: bool, settings: dict) -> bytes:
+def _reply(
+    token: bytes, outcome: RunOutcome, cpu_s: float, peak_rss: int, worker_cpu_s: float, retire: bool, settings: dict
+) -> bytes:
     error = outcome.error
     if error is not None:
         limit = settings["max_error_text_bytes"]
         type_name, message, traceback, detail = error
         # Keep the head of a long message and the tail of a long traceback:
         # that is where the exception itself is.
-        error = (wire.clip_text(type_name, 200), wire.clip_text(message, limit),
-                 wire.clip_text(traceback, limit, keep_tail=True), wire.clip_text(detail, 200))
-    reply = wire.encode_reply(wire.Reply(token, outcome.status, cpu_s, peak_rss, worker_cpu_s, retire,
-                                         outcome.outputs, outcome.skipped, error))
+        error = (
+            wire.clip_text(type_name, 200),
+            wire.clip_text(message, limit),
+            wire.clip_text(traceback, limit, keep_tail=True),
+            wire.clip_text(detail, 200),
+        )
+    reply = wire.encode_reply(
+        wire.Reply(
+            token, outcome.status, cpu_s, peak_rss, worker_cpu_s, retire, outcome.outputs, outcome.skipped, error
+        )
+    )
     if len(reply) > settings["max_frame_bytes"]:
-        message = (f"the run's outputs take {len(reply)} bytes in all, over the frame limit of "
-                   f"{settings['max_frame_bytes']}")
-        reply = wire.encode_reply(wire.Reply(token, wire.OUTPUT_LIMIT, cpu_s, peak_rss, worker_cpu_s, retire,
-                                             [], {}, ("OutputLimitExceeded", message, "", "")))
+        message = (
+            f"the run's outputs take {len(reply)} bytes in all, over the frame limit of {settings['max_frame_bytes']}"
+        )
+        reply = wire.encode_reply(
+            wire.Reply(
+                token,
+                wire.OUTPUT_LIMIT,
+                cpu_s,
+                peak_rss,
+                worker_cpu_s,
+                retire,
+                [],
+                {},
+                ("OutputLimitExceeded", message, "", ""),
+            )
+        )
     return reply
 
 
@@ -124,8 +147,9 @@ def _identities() -> list[tuple[int, int] | None]:
 
 
 def _text_stream(fd: int) -> io.TextIOWrapper:
-    return io.TextIOWrapper(io.FileIO(fd, "w", closefd=False), encoding="utf-8",
-                            errors="backslashreplace", line_buffering=True)
+    return io.TextIOWrapper(
+        io.FileIO(fd, "w", closefd=False), encoding="utf-8", errors="backslashreplace", line_buffering=True
+    )
 
 
 def _restore_stdio() -> bool:
@@ -151,8 +175,16 @@ def _limits() -> list[tuple[int, int]]:
     return [resource.getrlimit(r) for r in _LIMITS]
 
 
-_LIMITS = (resource.RLIMIT_CPU, resource.RLIMIT_DATA, resource.RLIMIT_NOFILE, resource.RLIMIT_FSIZE, resource.RLIMIT_STACK,
-           resource.RLIMIT_NPROC, resource.RLIMIT_AS, resource.RLIMIT_CORE)
+_LIMITS = (
+    resource.RLIMIT_CPU,
+    resource.RLIMIT_DATA,
+    resource.RLIMIT_NOFILE,
+    resource.RLIMIT_FSIZE,
+    resource.RLIMIT_STACK,
+    resource.RLIMIT_NPROC,
+    resource.RLIMIT_AS,
+    resource.RLIMIT_CORE,
+)
 
 
 def _end_leftover_processes() -> None:
@@ -229,4 +261,3 @@ class _PeakMemory:
                 os.write(CLEAR_REFS_FD, b"5")
             except OSError:
                 self._usable = False
-

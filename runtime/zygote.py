@@ -50,7 +50,7 @@ import time
 from collections.abc import Callable
 from typing import NamedTuple
 
-from runtime import confine, linux, wire
+from sandbox.runtime import confine, linux, wire
 
 _MAX_CONTROL_MESSAGE = 1 << 20
 _CHANNEL_FD, _STDOUT_FD, _STDERR_FD = 3, 1, 2
@@ -124,7 +124,7 @@ class _Zygote:
                 __import__(name)
             except Exception:  # a missing optional module must not stop the pool
                 pass
-        import runtime.worker  # noqa: F401  (pre-import everything a worker runs)
+        import sandbox.runtime.worker  # noqa: F401  (pre-import everything a worker runs)
 
         self.workers: dict[int, dict] = {}  # worker pid -> record
         self.stale_cgroups: list[str] = []  # removed once the kernel has released them
@@ -166,8 +166,11 @@ class _Zygote:
         record = {"id": worker_id, "cgroups": [], "scratch": None}
         try:
             record["scratch"] = _make_host_scratch(worker_id, config.get("uid"), config.get("gid"))
-            config.update(pid_namespace=self.pid_namespaces, host_scratch=record["scratch"],
-                          readonly_paths=_outermost(self.interpreter_paths + config["extra_readonly_paths"]))
+            config.update(
+                pid_namespace=self.pid_namespaces,
+                host_scratch=record["scratch"],
+                readonly_paths=_outermost(self.interpreter_paths + config["extra_readonly_paths"]),
+            )
             template, config["template_error"] = self._template(config["readonly_paths"], config["etc_files"])
             standby = self._assign(config, fds if template is None else [*fds, template])
         except OSError as exc:
@@ -192,7 +195,8 @@ class _Zygote:
         key = (tuple(readonly_paths), tuple(etc_files))
         if key not in self.templates:
             self.templates[key] = _namespace_from_child(
-                lambda: confine.build_template(readonly_paths, etc_files), "mnt")
+                lambda: confine.build_template(readonly_paths, etc_files), "mnt"
+            )
         return self.templates[key]
 
     def _assign(self, config: dict, fds: list[int]) -> _Standby:
@@ -302,7 +306,8 @@ class _Zygote:
             finally:
                 for fd in namespaces:
                     os.close(fd)
-            from runtime import worker
+            from sandbox.runtime import worker
+
             worker.serve(_CHANNEL_FD, layers, scratch, config["worker"])
         except BaseException:
             os._exit(71)
@@ -321,9 +326,16 @@ class _Zygote:
                 continue
             oom = any(_oom_killed(d) for d in record["cgroups"])
             self._release(record)
-            self._send({"op": "exited", "worker_id": record["id"], "status": status,
-                        "cpu_s": usage.ru_utime + usage.ru_stime, "maxrss_kb": usage.ru_maxrss,
-                        "oom": oom})
+            self._send(
+                {
+                    "op": "exited",
+                    "worker_id": record["id"],
+                    "status": status,
+                    "cpu_s": usage.ru_utime + usage.ru_stime,
+                    "maxrss_kb": usage.ru_maxrss,
+                    "oom": oom,
+                }
+            )
 
     def _shut_down(self) -> None:
         """Kill every worker and standby, then remove what they owned on the host.
@@ -416,10 +428,14 @@ def _drain(fd: int) -> None:
 
 def _interpreter_paths() -> list[str]:
     """What a worker must be able to read: the interpreter, its libraries, the runtime."""
-    runtime_dir = os.path.dirname(os.path.abspath(confine.__file__))
-    paths = ["/usr", sys.prefix, sys.base_prefix, sys.exec_prefix, sys.base_exec_prefix, runtime_dir]
-    # sys.path[0] is the directory holding the runtime package (maybe a whole
-    # checkout); the runtime package itself is enough.
+    import sandbox
+
+    package_dir = os.path.dirname(os.path.abspath(sandbox.__file__))
+    # Resolved: in a checkout, sandbox/runtime is a link to the runtime/ folder.
+    runtime_dir = os.path.dirname(os.path.realpath(confine.__file__))
+    paths = ["/usr", sys.prefix, sys.base_prefix, sys.exec_prefix, sys.base_exec_prefix, package_dir, runtime_dir]
+    # sys.path[0] is the directory holding the sandbox package (maybe a whole
+    # checkout); the package itself is enough.
     paths += [p for p in sys.path[1:] if os.path.isdir(p)]
     return [os.path.abspath(p) for p in paths if p and os.path.abspath(p) != "/"]
 
@@ -473,7 +489,7 @@ def _namespace_from_child(setup: Callable[[], None], kind: str) -> tuple[int | N
             setup()
             fd = os.open(f"self/ns/{kind}", os.O_RDONLY, dir_fd=proc)
             socket.send_fds(child, [b"ok"], [fd])
-        except BaseException as exc:  # noqa: BLE001 - reported to the zygote
+        except BaseException as exc:
             child.send(str(exc).encode()[:1000] or b"setup failed")
         finally:
             os._exit(0)

@@ -2,22 +2,78 @@
 
 This package is the trusted host side: the public API below, the
 supervisor, the worker pool, the protocol's host end, workflows and the
-CLI. What runs inside a worker lives in the separate ``runtime`` package,
-and the policy model in ``policies``.
+CLI. What runs inside a worker is ``sandbox.runtime`` (the repository's
+``runtime/`` folder) and the policy model is ``sandbox.policies`` (its
+``policies/`` folder).
+
+Why the public names are loaded lazily: every worker is forked from a
+zygote that imports ``sandbox.runtime``, and importing a subpackage runs
+this file first. Were the supervisor, pydantic and uvloop imported here,
+each worker would carry them next to hostile code for nothing. So this
+module binds nothing at import time; each public name is imported on first
+use (PEP 562).
 """
 
-from policies import Policy, PolicyFileError, load_policies
-from sandbox.errors import (CodeError, ConfinementUnavailable, InputError, MemoryLimitExceeded,
-                            OutputLimitExceeded, PolicyViolation, QuotaExceeded, SandboxClosed, SandboxError,
-                            TimeLimitExceeded, WorkerCrashed)
-from sandbox.opaque import Opaque
-from sandbox.result import Result, RunStats
-from sandbox.supervisor import Sandbox, run_sync
-from sandbox.workflow import Workflow, WorkflowBuilder, WorkflowDefinitionError, WorkflowError
+from __future__ import annotations
 
-__all__ = [
-    "Sandbox", "run_sync", "Policy", "load_policies", "PolicyFileError", "Result", "RunStats", "Opaque",
-    "SandboxError", "CodeError", "TimeLimitExceeded", "MemoryLimitExceeded", "OutputLimitExceeded",
-    "PolicyViolation", "WorkerCrashed", "QuotaExceeded", "InputError", "SandboxClosed",
-    "ConfinementUnavailable", "WorkflowBuilder", "Workflow", "WorkflowError", "WorkflowDefinitionError",
-]
+import importlib
+from typing import TYPE_CHECKING, Any
+
+__version__ = "0.2.0"
+
+if TYPE_CHECKING:
+    from sandbox.errors import (
+        CodeError,
+        ConfinementUnavailable,
+        InputError,
+        MemoryLimitExceeded,
+        OutputLimitExceeded,
+        PolicyViolation,
+        QuotaExceeded,
+        SandboxClosed,
+        SandboxError,
+        TimeLimitExceeded,
+        WorkerCrashed,
+    )
+    from sandbox.opaque import Opaque
+    from sandbox.policies import Policy, PolicyFileError, load_policies
+    from sandbox.result import Result, RunStats
+    from sandbox.supervisor import Sandbox, run_sync
+    from sandbox.workflow import Workflow, WorkflowBuilder, WorkflowDefinitionError, WorkflowError
+
+_HOMES = {
+    "sandbox.errors": [
+        "SandboxError",
+        "CodeError",
+        "TimeLimitExceeded",
+        "MemoryLimitExceeded",
+        "OutputLimitExceeded",
+        "PolicyViolation",
+        "WorkerCrashed",
+        "QuotaExceeded",
+        "InputError",
+        "SandboxClosed",
+        "ConfinementUnavailable",
+    ],
+    "sandbox.opaque": ["Opaque"],
+    "sandbox.policies": ["Policy", "load_policies", "PolicyFileError"],
+    "sandbox.result": ["Result", "RunStats"],
+    "sandbox.supervisor": ["Sandbox", "run_sync"],
+    "sandbox.workflow": ["WorkflowBuilder", "Workflow", "WorkflowError", "WorkflowDefinitionError"],
+}
+_HOME_OF = {name: module for module, names in _HOMES.items() for name in names}
+
+__all__ = ["__version__", *_HOME_OF]
+
+
+def __getattr__(name: str) -> Any:
+    module = _HOME_OF.get(name)
+    if module is None:
+        raise AttributeError(f"module 'sandbox' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(__all__)

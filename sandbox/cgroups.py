@@ -27,7 +27,7 @@ class CgroupParents:
     version: int
 
     @classmethod
-    def create(cls) -> "CgroupParents":
+    def create(cls) -> CgroupParents:
         """Create parent groups, or raise OSError saying why there are none."""
         if os.geteuid() != 0:
             raise OSError(1, "cgroups need root or a delegated cgroup v2 subtree; running unprivileged")
@@ -81,8 +81,11 @@ def _v1_parents() -> tuple[int, dict[str, str]] | None:
     for controller in ("pids", "memory"):
         own = own_group(controller)
         directory = os.path.join(_V1_ROOT, controller) + (own or "/")
-        if own is None or not os.access(directory, os.W_OK) or not os.path.exists(
-                os.path.join(directory, "cgroup.procs")):
+        if (
+            own is None
+            or not os.access(directory, os.W_OK)
+            or not os.path.exists(os.path.join(directory, "cgroup.procs"))
+        ):
             return None
         parents[directory.rstrip("/")] = controller
     return 1, parents

@@ -18,10 +18,11 @@ from pathlib import Path
 
 import uvloop
 
-from policies import LAYERS, Policy, PolicyFileError, load_policies
+from sandbox import __version__
 from sandbox.cgroups import CgroupParents
 from sandbox.errors import SandboxError
 from sandbox.layers import probe
+from sandbox.policies import LAYERS, Policy, PolicyFileError, load_policies
 from sandbox.profile import build_profile
 from sandbox.supervisor import DEFAULT_TENANT, Sandbox
 from sandbox.unprivileged import call_as_user, interpreter_paths
@@ -44,12 +45,18 @@ def main(argv: list[str] | None = None) -> int:
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sandbox", description="Run untrusted Python code nodes in confined workers.")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     commands = parser.add_subparsers(required=True, metavar="COMMAND")
 
     run = commands.add_parser("run", help="run a file as a code node and print its outputs as JSON")
     run.add_argument("file", type=Path)
-    run.add_argument("--input", action="append", default=[], metavar="NAME=JSON",
-                     help="bind NAME to a JSON value before the code runs (repeatable)")
+    run.add_argument(
+        "--input",
+        action="append",
+        default=[],
+        metavar="NAME=JSON",
+        help="bind NAME to a JSON value before the code runs (repeatable)",
+    )
     run.add_argument("--policy", type=Path, metavar="FILE", help="TOML policy file (see policies/default.toml)")
     run.add_argument("--tenant", default=DEFAULT_TENANT, help="tenant of the policy file to run as")
     run.add_argument("--timeout", type=float, help="shorten the policy's wall-clock limit (seconds)")
@@ -72,6 +79,7 @@ class _UsageError(Exception):
 
 
 # --- sandbox run -----------------------------------------------------------------
+
 
 def _run(args: argparse.Namespace) -> int:
     try:
@@ -105,8 +113,9 @@ def _parse_input(item: str) -> tuple[str, object]:
     try:
         return name, json.loads(text)
     except json.JSONDecodeError as exc:
-        raise _UsageError(f"--input {name}: not valid JSON ({exc.msg}); quote strings, e.g. {name}='\"text\"'") \
-            from None
+        raise _UsageError(
+            f"--input {name}: not valid JSON ({exc.msg}); quote strings, e.g. {name}='\"text\"'"
+        ) from None
 
 
 def _jsonable(value: object) -> object:
@@ -129,6 +138,7 @@ def _load(path: Path) -> dict[str, Policy]:
 
 # --- sandbox policy check ------------------------------------------------------------
 
+
 def _policy_check(args: argparse.Namespace) -> int:
     try:
         policies = load_policies(args.path)
@@ -145,6 +155,7 @@ def _policy_check(args: argparse.Namespace) -> int:
 
 
 # --- sandbox doctor --------------------------------------------------------------------
+
 
 def _doctor(args: argparse.Namespace) -> int:
     # Fork the unprivileged probe first, while this process has no threads.
@@ -173,16 +184,18 @@ async def _probe_here() -> dict:
             host = await probe(zygote, cgroups, cgroup_error)
         finally:
             await zygote.close()
-    except Exception as exc:  # noqa: BLE001 - the doctor reports whatever went wrong
+    except Exception as exc:
         return {"identity": identity, "layers": {}, "default_policy": {}, "error": f"{type(exc).__name__}: {exc}"}
     finally:
         if cgroups is not None:
             cgroups.remove()
     profile = build_profile(DEFAULT_TENANT, Policy(), host)
-    return {"identity": identity, "layers": host.layers,
-            "default_policy": {layer: ("required" if layer in profile.required else "not used")
-                               for layer in LAYERS},
-            "error": None}
+    return {
+        "identity": identity,
+        "layers": host.layers,
+        "default_policy": {layer: ("required" if layer in profile.required else "not used") for layer in LAYERS},
+        "error": None,
+    }
 
 
 def _probe_unprivileged() -> dict:
@@ -199,14 +212,18 @@ def _print_doctor(columns: dict[str, dict], here: dict) -> None:
     for title, report in columns.items():
         print(f"== {title}")
         if report.get("remounted_for_reachability"):
-            print(f"   (probed in a private mount namespace where {', '.join(report['remounted_for_reachability'])} "
-                  f"is traversable, so that this interpreter can run)")
+            print(
+                f"   (probed in a private mount namespace where {', '.join(report['remounted_for_reachability'])} "
+                f"is traversable, so that this interpreter can run)"
+            )
         if report.get("error") is not None:
             print(f"   probe failed: {report['error']}")
             continue
         for layer in LAYERS:
-            print(f"   {layer:<{width}}{report['layers'].get(layer, '?'):<60} "
-                  f"default policy: {report['default_policy'].get(layer, '?')}")
+            print(
+                f"   {layer:<{width}}{report['layers'].get(layer, '?'):<60} "
+                f"default policy: {report['default_policy'].get(layer, '?')}"
+            )
     if here["error"] is None:
         print("\nThe default policy requires every layer marked 'on' above (required_layers = \"auto\");")
         print("a policy listing a layer that is off is refused with ConfinementUnavailable.")

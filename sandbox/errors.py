@@ -88,8 +88,15 @@ class WorkerCrashed(SandboxError):
     something it must not.
     """
 
-    def __init__(self, message: str, *, signal: int | None = None, exit_code: int | None = None,
-                 protocol_violation: bool = False, **captured: str) -> None:
+    def __init__(
+        self,
+        message: str,
+        *,
+        signal: int | None = None,
+        exit_code: int | None = None,
+        protocol_violation: bool = False,
+        **captured: str,
+    ) -> None:
         super().__init__(message, **captured)
         self.signal = signal
         self.exit_code = exit_code

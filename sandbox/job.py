@@ -19,11 +19,28 @@ _sequence = itertools.count()
 class Job:
     """A plain slotted class rather than a dataclass: one is made per run."""
 
-    __slots__ = ("tenant", "code", "inputs", "allow_await", "filename", "wall_time_s", "future", "seq",
-                 "started_at")
+    __slots__ = (
+        "allow_await",
+        "code",
+        "filename",
+        "future",
+        "inputs",
+        "seq",
+        "started_at",
+        "tenant",
+        "wall_time_s",
+    )
 
-    def __init__(self, tenant: str, code: str, inputs: dict[str, bytes], allow_await: bool, filename: str,
-                 wall_time_s: float, future: asyncio.Future) -> None:
+    def __init__(
+        self,
+        tenant: str,
+        code: str,
+        inputs: dict[str, bytes],
+        allow_await: bool,
+        filename: str,
+        wall_time_s: float,
+        future: asyncio.Future,
+    ) -> None:
         self.tenant = tenant
         self.code = code
         self.inputs = inputs

@@ -13,10 +13,10 @@ from __future__ import annotations
 
 import os
 
-from policies.model import LAYERS, Policy
-from runtime import linux
 from sandbox.cgroups import CgroupParents
+from sandbox.policies.model import LAYERS, Policy
 from sandbox.profile import HostSupport, build_profile
+from sandbox.runtime import linux
 from sandbox.seccomp import SeccompUnavailable, build_filter
 from sandbox.worker import WorkerProcess
 from sandbox.zygote import Zygote
@@ -41,8 +41,9 @@ async def probe(zygote: Zygote, cgroups: CgroupParents | None, cgroup_error: str
     return HostSupport(_probed[key], root, bool(namespaces.get("pid_namespaces")), cgroups)
 
 
-async def _try_layers(zygote: Zygote, root: bool, namespaces: dict, cgroups: CgroupParents | None,
-                      cgroup_error: str | None) -> dict[str, str]:
+async def _try_layers(
+    zygote: Zygote, root: bool, namespaces: dict, cgroups: CgroupParents | None, cgroup_error: str | None
+) -> dict[str, str]:
     unavailable: dict[str, str] = {}
     if not (root or namespaces.get("userns")):
         unavailable["identity"] = f"off: not root, and no user namespace ({namespaces.get('namespace_error')})"

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 
 class Opaque:
-    __slots__ = ("_data", "type_name", "reason")
+    __slots__ = ("_data", "reason", "type_name")
 
     def __init__(self, data: bytes, type_name: str, reason: str) -> None:
         self._data = bytes(data)

@@ -24,9 +24,15 @@ from sandbox.zygote import Zygote
 
 
 class Pool:
-    def __init__(self, capacity: int, profiles: dict[str, TenantProfile], zygote: Zygote,
-                 zygote_factory: Callable[[], Awaitable[Zygote]], on_change: Callable[[], None],
-                 on_spawn_failed: Callable[[str, BaseException], None]) -> None:
+    def __init__(
+        self,
+        capacity: int,
+        profiles: dict[str, TenantProfile],
+        zygote: Zygote,
+        zygote_factory: Callable[[], Awaitable[Zygote]],
+        on_change: Callable[[], None],
+        on_spawn_failed: Callable[[str, BaseException], None],
+    ) -> None:
         self.capacity = capacity
         self._profiles = profiles
         self._zygote = zygote
@@ -89,11 +95,14 @@ class Pool:
             worker.kill()
             self._forget(worker)
             raise
-        except BaseException as exc:  # noqa: BLE001 - every failure must reach the waiting runs
+        except BaseException as exc:
             worker.kill()
             self._forget(worker)
-            error = exc if isinstance(exc, SandboxError) else SandboxError(
-                f"could not start a worker for tenant {worker.tenant!r}: {exc}")
+            error = (
+                exc
+                if isinstance(exc, SandboxError)
+                else SandboxError(f"could not start a worker for tenant {worker.tenant!r}: {exc}")
+            )
             self.last_spawn_error = error
             self._on_spawn_failed(worker.tenant, error)
         else:

@@ -16,9 +16,9 @@ import math
 import os
 from dataclasses import dataclass, field
 
-from policies.model import LAYERS, Policy
 from sandbox.cgroups import CgroupParents
 from sandbox.errors import ConfinementUnavailable
+from sandbox.policies.model import LAYERS, Policy
 from sandbox.seccomp import build_filter
 from sandbox.zygote import USERNS_INSIDE_ID
 
@@ -86,18 +86,23 @@ def build_profile(name: str, policy: Policy, host: HostSupport) -> TenantProfile
         if policy.network and "netns" in required:
             raise ConfinementUnavailable(
                 f"tenant {name!r} requires layer 'netns' but its policy allows network",
-                layer="netns", reason="the policy allows network")
+                layer="netns",
+                reason="the policy allows network",
+            )
     missing = sorted(required - host.supported, key=LAYERS.index)
     if missing:
         details = "; ".join(f"{layer}: {host.layers.get(layer, 'off: unknown layer')}" for layer in missing)
         raise ConfinementUnavailable(
             f"tenant {name!r} requires isolation layers this host cannot provide ({details})",
-            layer=missing[0], reason=host.layers.get(missing[0], "unknown"))
+            layer=missing[0],
+            reason=host.layers.get(missing[0], "unknown"),
+        )
 
     seccomp = None
     if "seccomp" in applicable:
-        seccomp = build_filter(allow_processes=policy.allow_processes, allow_network=policy.network,
-                               pid_namespace=host.pid_namespace)
+        seccomp = build_filter(
+            allow_processes=policy.allow_processes, allow_network=policy.network, pid_namespace=host.pid_namespace
+        )
     template = {
         "layers": {layer: layer in required for layer in sorted(applicable, key=LAYERS.index)},
         "dedicated_uid": host.root,

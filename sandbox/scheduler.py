@@ -25,9 +25,9 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from policies.model import Policy
 from sandbox.errors import QuotaExceeded
 from sandbox.job import Job
+from sandbox.policies.model import Policy
 
 
 @dataclass
@@ -83,11 +83,18 @@ class Scheduler:
         tenant = self.tenants[job.tenant]
         policy = tenant.policy
         if len(tenant.queue) >= policy.max_queued:
-            raise QuotaExceeded(f"tenant {tenant.name!r} already has {len(tenant.queue)} runs queued "
-                                f"(max_queued); retry later", tenant=tenant.name, quota="max_queued")
+            raise QuotaExceeded(
+                f"tenant {tenant.name!r} already has {len(tenant.queue)} runs queued (max_queued); retry later",
+                tenant=tenant.name,
+                quota="max_queued",
+            )
         if tenant.bucket is not None and not tenant.bucket.take():
-            raise QuotaExceeded(f"tenant {tenant.name!r} is over its rate of {policy.rate_per_s:g} runs/s "
-                                f"(burst {policy.burst}); retry later", tenant=tenant.name, quota="rate")
+            raise QuotaExceeded(
+                f"tenant {tenant.name!r} is over its rate of {policy.rate_per_s:g} runs/s "
+                f"(burst {policy.burst}); retry later",
+                tenant=tenant.name,
+                quota="rate",
+            )
         if not tenant.active:
             floor = min((t.vtime for t in self.tenants.values() if t.active), default=tenant.vtime)
             tenant.vtime = max(tenant.vtime, floor)
@@ -97,9 +104,10 @@ class Scheduler:
         """The tenant whose next run should start now, among those ``can_serve`` accepts."""
         best = None
         for tenant in self.tenants.values():
-            if tenant.queue and tenant.under_concurrency_cap and can_serve(tenant):
-                if best is None or (tenant.vtime, tenant.queue[0].seq) < (best.vtime, best.queue[0].seq):
-                    best = tenant
+            if not (tenant.queue and tenant.under_concurrency_cap and can_serve(tenant)):
+                continue
+            if best is None or (tenant.vtime, tenant.queue[0].seq) < (best.vtime, best.queue[0].seq):
+                best = tenant
         return best
 
     def fair_share(self, tenant: TenantQueue, capacity: int) -> float:

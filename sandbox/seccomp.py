@@ -39,29 +39,99 @@ import os
 import socket
 
 _ALWAYS_DENIED = (
-    "ptrace", "process_vm_readv", "process_vm_writev", "pidfd_getfd", "process_madvise",
-    "mount", "umount2", "pivot_root", "chroot", "unshare", "setns", "move_mount", "open_tree",
-    "fsopen", "fsconfig", "fsmount", "fspick", "mount_setattr",
-    "bpf", "perf_event_open", "userfaultfd", "keyctl", "add_key", "request_key",
-    "io_uring_setup", "io_uring_enter", "io_uring_register",
-    "kexec_load", "kexec_file_load", "init_module", "finit_module", "delete_module",
-    "reboot", "swapon", "swapoff", "acct", "quotactl", "open_by_handle_at", "name_to_handle_at",
-    "lookup_dcookie", "fanotify_init", "syslog", "settimeofday", "clock_settime", "clock_adjtime",
-    "adjtimex", "mknod", "mknodat", "iopl", "ioperm", "vhangup", "uselib", "ustat", "sysfs",
+    "ptrace",
+    "process_vm_readv",
+    "process_vm_writev",
+    "pidfd_getfd",
+    "process_madvise",
+    "mount",
+    "umount2",
+    "pivot_root",
+    "chroot",
+    "unshare",
+    "setns",
+    "move_mount",
+    "open_tree",
+    "fsopen",
+    "fsconfig",
+    "fsmount",
+    "fspick",
+    "mount_setattr",
+    "bpf",
+    "perf_event_open",
+    "userfaultfd",
+    "keyctl",
+    "add_key",
+    "request_key",
+    "io_uring_setup",
+    "io_uring_enter",
+    "io_uring_register",
+    "kexec_load",
+    "kexec_file_load",
+    "init_module",
+    "finit_module",
+    "delete_module",
+    "reboot",
+    "swapon",
+    "swapoff",
+    "acct",
+    "quotactl",
+    "open_by_handle_at",
+    "name_to_handle_at",
+    "lookup_dcookie",
+    "fanotify_init",
+    "syslog",
+    "settimeofday",
+    "clock_settime",
+    "clock_adjtime",
+    "adjtimex",
+    "mknod",
+    "mknodat",
+    "iopl",
+    "ioperm",
+    "vhangup",
+    "uselib",
+    "ustat",
+    "sysfs",
     "tkill",
     # Memory that neither RLIMIT_DATA nor the RSS watchdog sees: memfd pages
     # written but never mapped, System V shared memory and message queues
     # that outlive their mapping, POSIX message queues. Without a memory
     # cgroup (unprivileged) they would escape memory_mb.
-    "memfd_create", "memfd_secret", "shmget", "shmat", "shmctl", "shmdt", "msgget", "msgsnd", "msgrcv",
-    "msgctl", "semget", "semop", "semtimedop", "semctl", "mq_open", "mq_timedsend", "mq_timedreceive",
-    "mq_notify", "mq_getsetattr", "mq_unlink",
+    "memfd_create",
+    "memfd_secret",
+    "shmget",
+    "shmat",
+    "shmctl",
+    "shmdt",
+    "msgget",
+    "msgsnd",
+    "msgrcv",
+    "msgctl",
+    "semget",
+    "semop",
+    "semtimedop",
+    "semctl",
+    "mq_open",
+    "mq_timedsend",
+    "mq_timedreceive",
+    "mq_notify",
+    "mq_getsetattr",
+    "mq_unlink",
 )
 _PROCESS_CREATION = ("fork", "vfork", "execve", "execveat")
 _NETWORK = ("bind", "connect", "listen", "accept", "accept4")
 _CLONE_THREAD = 0x00010000
-_CLONE_NAMESPACES = (0x00020000, 0x02000000, 0x04000000, 0x08000000, 0x10000000, 0x20000000,
-                     0x40000000, 0x00000080)  # NEWNS CGROUP UTS IPC USER PID NET TIME
+_CLONE_NAMESPACES = (
+    0x00020000,
+    0x02000000,
+    0x04000000,
+    0x08000000,
+    0x10000000,
+    0x20000000,
+    0x40000000,
+    0x00000080,
+)  # NEWNS CGROUP UTS IPC USER PID NET TIME
 _HIGHEST_OWN_PID = 2
 
 
@@ -69,7 +139,7 @@ class SeccompUnavailable(Exception):
     """libseccomp is missing or refused to build the filter."""
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def build_filter(*, allow_processes: bool, allow_network: bool, pid_namespace: bool) -> bytes:
     """Return the BPF program (8 bytes per instruction) for this profile."""
     try:

@@ -47,6 +47,7 @@ import pickle
 import struct
 import uuid
 from dataclasses import dataclass
+from typing import Any, ClassVar
 
 from sandbox.opaque import Opaque
 
@@ -73,9 +74,25 @@ _ALLOWED_GLOBALS: dict[tuple[str, str], object] = {
     ("fractions", "Fraction"): _fraction,
     ("uuid", "UUID"): uuid.UUID,
 }
-_SCALARS = frozenset({type(None), bool, int, float, complex, str, bytes, bytearray, datetime.datetime,
-                      datetime.date, datetime.time, datetime.timedelta, datetime.timezone,
-                      decimal.Decimal, fractions.Fraction})
+_SCALARS = frozenset(
+    {
+        type(None),
+        bool,
+        int,
+        float,
+        complex,
+        str,
+        bytes,
+        bytearray,
+        datetime.datetime,
+        datetime.date,
+        datetime.time,
+        datetime.timedelta,
+        datetime.timezone,
+        decimal.Decimal,
+        fractions.Fraction,
+    }
+)
 _SEQUENCES = frozenset({list, tuple, set, frozenset})
 _ARGUMENT_TYPES = frozenset({type(None), bool, int, float, str, bytes, datetime.timedelta, datetime.timezone})
 _UUID_FIELDS = frozenset({"int", "is_safe"})
@@ -112,7 +129,7 @@ class Allowance:
 
 
 class _RestrictedUnpickler(pickle._Unpickler):  # type: ignore[name-defined]
-    dispatch = dict(pickle._Unpickler.dispatch)  # type: ignore[attr-defined]
+    dispatch: ClassVar[dict[int, Any]] = dict(pickle._Unpickler.dispatch)  # type: ignore[attr-defined]
 
     def __init__(self, data: bytes, budget: Budget, allowance: Allowance) -> None:
         super().__init__(io.BytesIO(data), fix_imports=False)
@@ -156,6 +173,7 @@ def _counted(handler, cost: int):
         if allowance.ops_left < 0:
             raise _Refused("the reply needs more decoding work than the budget allows")
         handler(self)
+
     return run
 
 
@@ -167,6 +185,7 @@ def _load_long(size_format: str):
         if n < 0 or n > self.budget.max_int_bytes:
             raise _Refused("integer over budget")
         self.append(pickle.decode_long(self.read(n)))
+
     return run
 
 
@@ -219,8 +238,7 @@ def _is_uuid_state(state: object) -> bool:
     if type(state) is not dict or not state.keys() <= _UUID_FIELDS:
         return False
     number, safe = state.get("int"), state.get("is_safe")
-    return (type(number) is int and 0 <= number < 1 << 128
-            and (safe is None or (type(safe) is int and safe in (0, -1))))
+    return type(number) is int and 0 <= number < 1 << 128 and (safe is None or (type(safe) is int and safe in (0, -1)))
 
 
 def _refuse_opcode(self: _RestrictedUnpickler) -> None:
@@ -230,8 +248,23 @@ def _refuse_opcode(self: _RestrictedUnpickler) -> None:
 def _build_dispatch() -> None:
     op = pickle
     table = _RestrictedUnpickler.dispatch
-    for code in (op.PERSID, op.BINPERSID, op.INST, op.OBJ, op.EXT1, op.EXT2, op.EXT4, op.NEWOBJ_EX,
-                 op.NEXT_BUFFER, op.READONLY_BUFFER, op.DICT, op.INT, op.LONG, op.GET, op.PUT):
+    for code in (
+        op.PERSID,
+        op.BINPERSID,
+        op.INST,
+        op.OBJ,
+        op.EXT1,
+        op.EXT2,
+        op.EXT4,
+        op.NEWOBJ_EX,
+        op.NEXT_BUFFER,
+        op.READONLY_BUFFER,
+        op.DICT,
+        op.INT,
+        op.LONG,
+        op.GET,
+        op.PUT,
+    ):
         table[code[0]] = _refuse_opcode
     table[op.LONG1[0]] = _load_long("<B")
     table[op.LONG4[0]] = _load_long("<i")
@@ -242,9 +275,25 @@ def _build_dispatch() -> None:
     table[op.REDUCE[0]] = _load_reduce
     table[op.NEWOBJ[0]] = _load_newobj
     table[op.BUILD[0]] = _load_build
-    containers = {code[0] for code in (op.EMPTY_LIST, op.EMPTY_DICT, op.EMPTY_SET, op.EMPTY_TUPLE, op.MARK,
-                                       op.LIST, op.TUPLE, op.TUPLE1, op.TUPLE2, op.TUPLE3, op.FROZENSET,
-                                       op.BYTEARRAY8, op.REDUCE, op.NEWOBJ)}
+    containers = {
+        code[0]
+        for code in (
+            op.EMPTY_LIST,
+            op.EMPTY_DICT,
+            op.EMPTY_SET,
+            op.EMPTY_TUPLE,
+            op.MARK,
+            op.LIST,
+            op.TUPLE,
+            op.TUPLE1,
+            op.TUPLE2,
+            op.TUPLE3,
+            op.FROZENSET,
+            op.BYTEARRAY8,
+            op.REDUCE,
+            op.NEWOBJ,
+        )
+    }
     for code, handler in list(table.items()):
         table[code] = _counted(handler, CONTAINER_OP_COST if code in containers else 1)
 
@@ -340,8 +389,7 @@ def _decode_scalar(data: bytes) -> object:
     return _NOT_A_SCALAR
 
 
-def decode_value(data: bytes, type_label: str, budget: Budget = Budget(),
-                 allowance: Allowance | None = None) -> object:
+def decode_value(data: bytes, type_label: str, budget: Budget = Budget(), allowance: Allowance | None = None) -> object:
     """The value if it is inert data within budget, else an Opaque holding it.
 
     Pass the same ``allowance`` for every output of one reply.

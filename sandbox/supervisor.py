@@ -30,17 +30,17 @@ from collections.abc import Mapping
 
 import psutil
 
-from policies.model import Policy
-from runtime import linux
 from sandbox import outcome
 from sandbox.cgroups import CgroupParents
 from sandbox.errors import InputError, SandboxClosed, SandboxError
 from sandbox.inputs import encode_inputs
 from sandbox.job import Job
 from sandbox.layers import probe
+from sandbox.policies.model import Policy
 from sandbox.pool import Pool
 from sandbox.profile import HostSupport, TenantProfile, build_profile
 from sandbox.result import Result
+from sandbox.runtime import linux
 from sandbox.scheduler import Scheduler, TenantQueue
 from sandbox.worker import State, WorkerProcess
 from sandbox.zygote import Zygote
@@ -61,12 +61,17 @@ class Sandbox:
     Use it as ``async with Sandbox(...) as sb: await sb.run(code, inputs)``.
     """
 
-    def __init__(self, policy: Policy | None = None, *, tenants: Mapping[str, Policy] | None = None,
-                 workers: int | None = None, idle_timeout_s: float | None = 300.0) -> None:
+    def __init__(
+        self,
+        policy: Policy | None = None,
+        *,
+        tenants: Mapping[str, Policy] | None = None,
+        workers: int | None = None,
+        idle_timeout_s: float | None = 300.0,
+    ) -> None:
         policies = dict(tenants or {})
         if policy is not None and DEFAULT_TENANT in policies:
-            raise SandboxError("pass the default tenant's policy either as policy= or as tenants['default'], "
-                               "not both")
+            raise SandboxError("pass the default tenant's policy either as policy= or as tenants['default'], not both")
         if policy is not None or DEFAULT_TENANT not in policies:
             policies[DEFAULT_TENANT] = policy if policy is not None else Policy()
         for name, value in policies.items():
@@ -91,7 +96,7 @@ class Sandbox:
 
     # --- lifecycle -------------------------------------------------------------
 
-    async def __aenter__(self) -> "Sandbox":
+    async def __aenter__(self) -> Sandbox:
         await self.start()
         return self
 
@@ -115,13 +120,13 @@ class Sandbox:
             zygote = await self._new_zygote()
             try:
                 self.host = await probe(zygote, self._cgroups, cgroup_error)
-                self._profiles = {name: build_profile(name, policy, self.host)
-                                  for name, policy in self.policies.items()}
+                self._profiles = {
+                    name: build_profile(name, policy, self.host) for name, policy in self.policies.items()
+                }
             except BaseException:
                 await zygote.close()
                 raise
-            self._pool = Pool(self.capacity, self._profiles, zygote, self._new_zygote, self._pump,
-                              self._spawn_failed)
+            self._pool = Pool(self.capacity, self._profiles, zygote, self._new_zygote, self._pump, self._spawn_failed)
             for _ in range(self.capacity):
                 self._pool.spawn(DEFAULT_TENANT)
             await self._pool.wait_started()
@@ -135,8 +140,9 @@ class Sandbox:
         self._state = "open"
 
     async def _new_zygote(self) -> Zygote:
-        preload = sorted({pattern.removesuffix(".*") for policy in self.policies.values()
-                          for pattern in policy.allowed_modules})
+        preload = sorted(
+            {pattern.removesuffix(".*") for policy in self.policies.values() for pattern in policy.allowed_modules}
+        )
         return await Zygote.start(preload=preload, cgroups=self._cgroups)
 
     async def close(self) -> None:
@@ -147,8 +153,11 @@ class Sandbox:
         for job in self._scheduler.drain():
             job.fail(SandboxClosed("the sandbox was closed before this run started"))
         for worker in list(self._running.values()):
-            worker.fail_run(lambda out, err: SandboxClosed("the sandbox was closed while this run was in flight",
-                                                           stdout=out, stderr=err))
+            worker.fail_run(
+                lambda out, err: SandboxClosed(
+                    "the sandbox was closed while this run was in flight", stdout=out, stderr=err
+                )
+            )
         await self._teardown()
         self._state = "closed"
 
@@ -165,8 +174,14 @@ class Sandbox:
 
     # --- runs -------------------------------------------------------------------
 
-    async def run(self, code: str, inputs: Mapping[str, object] | None = None, *,
-                  tenant: str = DEFAULT_TENANT, timeout: float | None = None) -> Result:
+    async def run(
+        self,
+        code: str,
+        inputs: Mapping[str, object] | None = None,
+        *,
+        tenant: str = DEFAULT_TENANT,
+        timeout: float | None = None,
+    ) -> Result:
         """Run ``code`` with ``inputs`` bound as variables; return its outputs.
 
         ``timeout`` may shorten the tenant's ``wall_time_s``, never extend it.
@@ -174,9 +189,16 @@ class Sandbox:
         """
         return await self.execute(code, inputs, tenant=tenant, timeout=timeout)
 
-    async def execute(self, code: str, inputs: Mapping[str, object] | None = None, *,
-                      tenant: str = DEFAULT_TENANT, timeout: float | None = None, allow_await: bool = True,
-                      filename: str = "<code>") -> Result:
+    async def execute(
+        self,
+        code: str,
+        inputs: Mapping[str, object] | None = None,
+        *,
+        tenant: str = DEFAULT_TENANT,
+        timeout: float | None = None,
+        allow_await: bool = True,
+        filename: str = "<code>",
+    ) -> Result:
         """``run`` with the knobs workflows need: sync-only code and a named filename."""
         if self._state != "open":
             raise SandboxClosed("the sandbox is not running (use it inside 'async with Sandbox(...)')")
@@ -198,8 +220,14 @@ class Sandbox:
         completed = await job.future
         return await outcome.to_result(completed, profile)
 
-    async def run_workflow(self, workflow, parameters: Mapping[str, Mapping[str, object]] | None = None, *,
-                           tenant: str = DEFAULT_TENANT, timeout: float | None = None) -> dict:
+    async def run_workflow(
+        self,
+        workflow,
+        parameters: Mapping[str, Mapping[str, object]] | None = None,
+        *,
+        tenant: str = DEFAULT_TENANT,
+        timeout: float | None = None,
+    ) -> dict:
         """Run a built workflow of code nodes; see ``sandbox.workflow``."""
         from sandbox.workflow import run_workflow
 
@@ -277,8 +305,9 @@ class Sandbox:
 
         def may_take(worker: WorkerProcess) -> bool:
             owner = scheduler.tenants[worker.tenant]
-            return (pool.held(owner.name) > scheduler.fair_share(owner, pool.capacity)
-                    and (owner.active or not worker.runs or worker.idle_since + _EVICTION_GRACE_S <= now))
+            return pool.held(owner.name) > scheduler.fair_share(owner, pool.capacity) and (
+                owner.active or not worker.runs or worker.idle_since + _EVICTION_GRACE_S <= now
+            )
 
         victim = pool.idle_victim(may_take)
         if victim is None:
@@ -354,19 +383,29 @@ class Sandbox:
                 cpu = times.user + times.system
                 baseline = baselines.setdefault(job, min(worker.worker_cpu_s, cpu))
                 if rss > policy.memory_mb * MiB:
-                    worker.fail_run(lambda out, err, p=policy: outcome.memory_exceeded(
-                        p.memory_mb, "seen by the supervisor's RSS watchdog", stdout=out, stderr=err))
+                    worker.fail_run(
+                        lambda out, err, p=policy: outcome.memory_exceeded(
+                            p.memory_mb, "seen by the supervisor's RSS watchdog", stdout=out, stderr=err
+                        )
+                    )
                 elif cpu - baseline > policy.cpu_time_s:
-                    worker.fail_run(lambda out, err, p=policy: outcome.cpu_exceeded(
-                        p.cpu_time_s, stdout=out, stderr=err))
+                    worker.fail_run(
+                        lambda out, err, p=policy: outcome.cpu_exceeded(p.cpu_time_s, stdout=out, stderr=err)
+                    )
             for worker in [w for w in processes if w.state is State.DEAD]:
                 del processes[worker]
             if self._idle_timeout_s is not None:
                 self._pool.retire_idle_since(now - self._idle_timeout_s)
 
 
-def run_sync(code: str, inputs: Mapping[str, object] | None = None, *, policy: Policy | None = None,
-             timeout: float | None = None, workers: int = 1) -> Result:
+def run_sync(
+    code: str,
+    inputs: Mapping[str, object] | None = None,
+    *,
+    policy: Policy | None = None,
+    timeout: float | None = None,
+    workers: int = 1,
+) -> Result:
     """Run one code node from synchronous code, on a private uvloop event loop."""
     import uvloop
 

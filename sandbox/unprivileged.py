@@ -21,7 +21,7 @@ import stat
 import sys
 from collections.abc import Callable
 
-from runtime import linux
+from sandbox.runtime import linux
 
 
 def call_as_user(fn: Callable[[], dict], uid: int, needed_paths: list[str]) -> dict:
@@ -38,7 +38,7 @@ def call_as_user(fn: Callable[[], dict], uid: int, needed_paths: list[str]) -> d
             result = fn()
             result["remounted_for_reachability"] = reachable
             payload = json.dumps(result)
-        except BaseException as exc:  # noqa: BLE001 - everything is reported to the parent
+        except BaseException as exc:
             payload = json.dumps({"error": f"{type(exc).__name__}: {exc}"})
         finally:
             try:
@@ -56,13 +56,11 @@ def call_as_user(fn: Callable[[], dict], uid: int, needed_paths: list[str]) -> d
 
 def interpreter_paths() -> list[str]:
     """Everything the child needs to read to run this interpreter and this project."""
-    import policies
-    import runtime
     import sandbox
 
     paths = [sys.executable, sys.prefix, sys.base_prefix, sys.exec_prefix]
     paths += [p for p in sys.path if p and os.path.exists(p)]
-    paths += [os.path.dirname(os.path.dirname(os.path.abspath(m.__file__))) for m in (sandbox, runtime, policies)]
+    paths += [os.path.dirname(os.path.dirname(os.path.abspath(sandbox.__file__)))]
     return sorted({os.path.abspath(p) for p in paths})
 
 
@@ -79,8 +77,9 @@ def _make_reachable(paths: list[str]) -> list[str]:
     linux.mount(None, "/", None, linux.MS_REC | linux.MS_PRIVATE)
     handles = {path: os.open(path, os.O_PATH) for group in blockers.values() for path in group}
     # Outermost blockers first; a nested blocker is hidden by its outer tmpfs anyway.
-    outermost = [b for b in sorted(blockers, key=len)
-                 if not any(b != o and b.startswith(o.rstrip("/") + "/") for o in blockers)]
+    outermost = [
+        b for b in sorted(blockers, key=len) if not any(b != o and b.startswith(o.rstrip("/") + "/") for o in blockers)
+    ]
     for blocker in outermost:
         linux.mount("tmpfs", blocker, "tmpfs", 0, "mode=0755")
     for path, handle in sorted(handles.items(), key=lambda item: len(item[0])):

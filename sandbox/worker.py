@@ -37,11 +37,11 @@ import socket
 from collections.abc import Callable
 from typing import Protocol
 
-from runtime import wire
 from sandbox import outcome
 from sandbox.errors import ConfinementUnavailable, SandboxError
 from sandbox.job import Job
 from sandbox.profile import MAX_ERROR_TEXT_BYTES, TenantProfile
+from sandbox.runtime import wire
 from sandbox.zygote import ExitInfo, Zygote
 
 _PIPE_CHUNK = 64 * 1024
@@ -63,7 +63,7 @@ class State(enum.Enum):
 class Completed:
     """A run whose worker replied; its reply still has to be decoded."""
 
-    __slots__ = ("reply", "stdout", "stderr", "wall_s", "worker_pid")
+    __slots__ = ("reply", "stderr", "stdout", "wall_s", "worker_pid")
 
     def __init__(self, reply: wire.Reply, stdout: str, stderr: str, wall_s: float, worker_pid: int) -> None:
         self.reply = reply
@@ -74,9 +74,9 @@ class Completed:
 
 
 class Listener(Protocol):
-    def worker_released(self, worker: "WorkerProcess", *, retire: bool) -> None: ...
+    def worker_released(self, worker: WorkerProcess, *, retire: bool) -> None: ...
 
-    def worker_lost(self, worker: "WorkerProcess") -> None: ...
+    def worker_lost(self, worker: WorkerProcess) -> None: ...
 
 
 class WorkerProcess:
@@ -117,8 +117,11 @@ class WorkerProcess:
         err_r, err_w = os.pipe2(os.O_CLOEXEC)
         self._sock, self._pipes = ours, [out_r, err_r]
         try:
-            self._pidfds = list(await zygote.spawn(self.id, self.profile.worker_config(self.id),
-                                                   [theirs.fileno(), out_w, err_w], self._on_exit))
+            self._pidfds = list(
+                await zygote.spawn(
+                    self.id, self.profile.worker_config(self.id), [theirs.fileno(), out_w, err_w], self._on_exit
+                )
+            )
         except BaseException:
             self._close_fds()
             raise
@@ -145,7 +148,9 @@ class WorkerProcess:
             layer, _, reason = error.partition(": ")
             raise ConfinementUnavailable(
                 f"a worker of tenant {self.tenant!r} could not apply layer {layer!r}: {reason}",
-                layer=layer, reason=reason)
+                layer=layer,
+                reason=reason,
+            )
         self.layers = layers
         self._send(wire.frame(pickle.dumps(wire.setup_request(self.profile.env))))
         self.state = State.IDLE
@@ -161,8 +166,9 @@ class WorkerProcess:
         self._token = os.urandom(wire.TOKEN_BYTES)
         self._captured = ([], [])
         self._captured_bytes = 0
-        request = wire.run_request(self._token, job.code, job.inputs, job.allow_await, job.filename,
-                                   self.profile.policy.cpu_time_s)
+        request = wire.run_request(
+            self._token, job.code, job.inputs, job.allow_await, job.filename, self.profile.policy.cpu_time_s
+        )
         job.started_at = self._loop.time()
         self._timer = self._loop.call_at(job.started_at + job.wall_time_s, self._on_wall_timeout)
         self._send(wire.frame(pickle.dumps(request, protocol=pickle.HIGHEST_PROTOCOL)))
@@ -206,8 +212,12 @@ class WorkerProcess:
         if self.first_peak_rss is None:
             self.first_peak_rss = reply.peak_rss
         policy = self.profile.policy
-        retire = (reply.retire or policy.fresh_process_per_run or self.runs >= policy.max_runs_per_worker
-                  or reply.peak_rss - self.first_peak_rss > policy.max_memory_growth_mb * 1024 * 1024)
+        retire = (
+            reply.retire
+            or policy.fresh_process_per_run
+            or self.runs >= policy.max_runs_per_worker
+            or reply.peak_rss - self.first_peak_rss > policy.max_memory_growth_mb * 1024 * 1024
+        )
         job.resolve(Completed(reply, stdout, stderr, now - job.started_at, self.pid))
         self._listener.worker_released(self, retire=retire)
 
@@ -240,7 +250,7 @@ class WorkerProcess:
             end = wire.FRAME_HEADER.size + length
             if len(buffer) < end:
                 return
-            payload = bytes(buffer[wire.FRAME_HEADER.size:end])
+            payload = bytes(buffer[wire.FRAME_HEADER.size : end])
             del buffer[:end]
             self._on_frame(payload)
             if self.state is State.DEAD:
@@ -301,8 +311,7 @@ class WorkerProcess:
             self.kill()
             self._listener.worker_lost(self)
             if exited:
-                self._when_exit_reported(lambda info: job.fail(outcome.worker_died(info, self.profile,
-                                                                                   stdout, stderr)))
+                self._when_exit_reported(lambda info: job.fail(outcome.worker_died(info, self.profile, stdout, stderr)))
             else:
                 job.fail(outcome.channel_closed(stdout, stderr))
 

@@ -91,8 +91,9 @@ class WorkflowError(SandboxError):
     order they were added) still running and ``cause`` a TimeLimitExceeded.
     """
 
-    def __init__(self, message: str, *, node: str, cause: SandboxError,
-                 completed: dict[str, dict[str, object]]) -> None:
+    def __init__(
+        self, message: str, *, node: str, cause: SandboxError, completed: dict[str, dict[str, object]]
+    ) -> None:
         super().__init__(message, stdout=cause.stdout, stderr=cause.stderr)
         self.node = node
         self.cause = cause
@@ -118,14 +119,18 @@ class Node:
 
     def __post_init__(self) -> None:
         if not isinstance(self.id, str) or not _NODE_ID.match(self.id):
-            raise WorkflowDefinitionError(f"node id {self.id!r} is not valid: use letters, digits, '_' and '-', "
-                                          "starting with a letter or '_'")
+            raise WorkflowDefinitionError(
+                f"node id {self.id!r} is not valid: use letters, digits, '_' and '-', starting with a letter or '_'"
+            )
         if self.kind not in NODE_KINDS:
-            raise WorkflowDefinitionError(f"node {self.id!r} has unknown kind {self.kind!r}; "
-                                          f"known kinds are {_listing(NODE_KINDS)}")
+            raise WorkflowDefinitionError(
+                f"node {self.id!r} has unknown kind {self.kind!r}; known kinds are {_listing(NODE_KINDS)}"
+            )
         if not isinstance(self.code, str):
-            raise WorkflowDefinitionError(f"node {self.id!r} needs a 'code' parameter holding its Python source "
-                                          f"as a str (got {type(self.code).__name__})")
+            raise WorkflowDefinitionError(
+                f"node {self.id!r} needs a 'code' parameter holding its Python source "
+                f"as a str (got {type(self.code).__name__})"
+            )
         for name in self.parameters:
             _check_input_name(self.id, name, "parameter")
 
@@ -153,7 +158,8 @@ class Connection:
             raise WorkflowDefinitionError(
                 f"connection from {self.source!r} to {self.target!r}: source path {'.'.join(self.path)!r} is not "
                 "valid; it names an output variable, then optionally keys or list indices separated by dots, "
-                "e.g. 'result.data' or 'items.0'")
+                "e.g. 'result.data' or 'items.0'"
+            )
         _check_input_name(self.target, self.input, "connected input")
 
     def __str__(self) -> str:
@@ -227,15 +233,18 @@ class WorkflowBuilder:
     def build(self) -> Workflow:
         """The validated Workflow; raises WorkflowDefinitionError naming what is wrong."""
         nodes = tuple(_make_node(*spec) for spec in self._nodes)
-        connections = tuple(Connection(source, _split_path(path), target, target_input)
-                            for source, path, target, target_input in self._connections)
+        connections = tuple(
+            Connection(source, _split_path(path), target, target_input)
+            for source, path, target, target_input in self._connections
+        )
         return Workflow(nodes, connections)
 
 
 def _make_node(kind: object, node_id: object, parameters: object) -> Node:
     if not isinstance(parameters, Mapping):
-        raise WorkflowDefinitionError(f"node {node_id!r}: parameters must be a mapping holding at least 'code', "
-                                      f"not {type(parameters).__name__}")
+        raise WorkflowDefinitionError(
+            f"node {node_id!r}: parameters must be a mapping holding at least 'code', not {type(parameters).__name__}"
+        )
     others = {name: value for name, value in parameters.items() if name != CODE}
     return Node(node_id, kind, parameters.get(CODE), others)
 
@@ -247,24 +256,30 @@ def _split_path(source_path: object) -> tuple[str, ...]:
 def _check_connection_fits(connection: Connection, incoming: Mapping[str, list[Connection]]) -> None:
     for end in (connection.source, connection.target):
         if end not in incoming:
-            raise WorkflowDefinitionError(f"connection {connection} names unknown node {end!r}; "
-                                          f"the nodes are {_listing(incoming)}")
+            raise WorkflowDefinitionError(
+                f"connection {connection} names unknown node {end!r}; the nodes are {_listing(incoming)}"
+            )
     for earlier in incoming[connection.target]:
         if earlier.input == connection.input:
-            raise WorkflowDefinitionError(f"input {connection.input!r} of node {connection.target!r} is fed by "
-                                          f"two connections ({earlier} and {connection}); keep one")
+            raise WorkflowDefinitionError(
+                f"input {connection.input!r} of node {connection.target!r} is fed by "
+                f"two connections ({earlier} and {connection}); keep one"
+            )
 
 
 def _check_input_name(node_id: str, name: object, role: str) -> None:
     """Every parameter, runtime parameter and connected input becomes a variable of the code."""
     if name == CODE:
-        raise WorkflowDefinitionError(f"node {node_id!r}: a {role} named 'code' would replace the node's code; "
-                                      "a node's code is fixed by add_node and is never an input")
+        raise WorkflowDefinitionError(
+            f"node {node_id!r}: a {role} named 'code' would replace the node's code; "
+            "a node's code is fixed by add_node and is never an input"
+        )
     try:
         check_name(name)
     except InputError as exc:
-        raise WorkflowDefinitionError(f"node {node_id!r}: {role} {name!r} cannot become a variable: "
-                                      f"{exc.message}") from None
+        raise WorkflowDefinitionError(
+            f"node {node_id!r}: {role} {name!r} cannot become a variable: {exc.message}"
+        ) from None
 
 
 def _check_acyclic(incoming: Mapping[str, tuple[Connection, ...]]) -> None:
@@ -289,9 +304,10 @@ def _check_acyclic(incoming: Mapping[str, tuple[Connection, ...]]) -> None:
     trail = [next(iter(waiting))]
     while trail.count(trail[-1]) < 2:
         trail.append(min(waiting[trail[-1]]))
-    cycle = trail[trail.index(trail[-1]):]
-    raise WorkflowDefinitionError(f"connections form a cycle: {' -> '.join(reversed(cycle))}; a workflow "
-                                  "must be acyclic")
+    cycle = trail[trail.index(trail[-1]) :]
+    raise WorkflowDefinitionError(
+        f"connections form a cycle: {' -> '.join(reversed(cycle))}; a workflow must be acyclic"
+    )
 
 
 # --- templates ---------------------------------------------------------------------------------------------
@@ -348,14 +364,18 @@ def _resolve(node_id: str, parameter: str, value: object, variables: Mapping[str
         name = match.group(1)
         item = variables[name]
         if isinstance(item, Opaque):
-            raise InputError(f"node {node_id!r}, parameter {parameter!r}: '${{{name}}}' is embedded in text, but "
-                             f"{name!r} is an opaque {item.type_name} value the host never formats; "
-                             f"use the exact form \"${{{name}}}\" to pass the value itself")
+            raise InputError(
+                f"node {node_id!r}, parameter {parameter!r}: '${{{name}}}' is embedded in text, but "
+                f"{name!r} is an opaque {item.type_name} value the host never formats; "
+                f'use the exact form "${{{name}}}" to pass the value itself'
+            )
         try:
             return str(item)
         except Exception as exc:  # a caller's own object, or an int too long to print
-            raise InputError(f"node {node_id!r}, parameter {parameter!r}: {name!r} cannot be formatted into "
-                             f"text: {type(exc).__name__}: {exc}") from exc
+            raise InputError(
+                f"node {node_id!r}, parameter {parameter!r}: {name!r} cannot be formatted into "
+                f"text: {type(exc).__name__}: {exc}"
+            ) from exc
 
     def convert(text: str) -> object:
         exact = _TEMPLATE.fullmatch(text)
@@ -376,7 +396,8 @@ def _check_templates(workflow: Workflow, runtime: Mapping[str, Mapping[str, obje
                 raise WorkflowDefinitionError(
                     f"node {node.id!r}, parameter {parameter!r}: template variable {missing[0]!r} is not defined; "
                     f"pass it as parameters={{{node.id!r}: {{{missing[0]!r}: ...}}}} or connect an output to "
-                    f"input {missing[0]!r} of {node.id!r}")
+                    f"input {missing[0]!r} of {node.id!r}"
+                )
 
 
 def _runtime_parameters(workflow: Workflow, parameters: object) -> dict[str, Mapping[str, object]]:
@@ -384,15 +405,18 @@ def _runtime_parameters(workflow: Workflow, parameters: object) -> dict[str, Map
     if parameters is None:
         return {}
     if not isinstance(parameters, Mapping):
-        raise WorkflowDefinitionError("parameters must map node ids to mappings of input values, "
-                                      f"not {type(parameters).__name__}")
+        raise WorkflowDefinitionError(
+            f"parameters must map node ids to mappings of input values, not {type(parameters).__name__}"
+        )
     for node_id, values in parameters.items():
         if node_id not in workflow.by_id:
-            raise WorkflowDefinitionError(f"parameters are given for unknown node {node_id!r}; "
-                                          f"the nodes are {_listing(workflow.by_id)}")
+            raise WorkflowDefinitionError(
+                f"parameters are given for unknown node {node_id!r}; the nodes are {_listing(workflow.by_id)}"
+            )
         if not isinstance(values, Mapping):
-            raise WorkflowDefinitionError(f"parameters for node {node_id!r} must be a mapping of input values, "
-                                          f"not {type(values).__name__}")
+            raise WorkflowDefinitionError(
+                f"parameters for node {node_id!r} must be a mapping of input values, not {type(values).__name__}"
+            )
         for name in values:
             _check_input_name(node_id, name, "runtime parameter")
     return dict(parameters)
@@ -435,8 +459,10 @@ def _step(connection: Connection, walked: str, value: object, step: str) -> obje
             raise missing(f"{walked!r} has {len(value)} items")
         return value[int(step)]
     if isinstance(value, Opaque):
-        raise missing(f"{walked!r} is an opaque {value.type_name} value, which the host never decodes; connect "
-                      f"{walked!r} whole and read it inside {connection.target!r}")
+        raise missing(
+            f"{walked!r} is an opaque {value.type_name} value, which the host never decodes; connect "
+            f"{walked!r} whole and read it inside {connection.target!r}"
+        )
     raise missing(f"{walked!r} is a {type(value).__name__}, which has no keys or items")
 
 
@@ -453,8 +479,9 @@ class _WorkflowRun:
     ``asyncio.TaskGroup`` does with its tasks.
     """
 
-    def __init__(self, sandbox: Sandbox, workflow: Workflow, runtime: Mapping[str, Mapping[str, object]],
-                 tenant: str) -> None:
+    def __init__(
+        self, sandbox: Sandbox, workflow: Workflow, runtime: Mapping[str, Mapping[str, object]], tenant: str
+    ) -> None:
         self.sandbox = sandbox
         self.workflow = workflow
         self.runtime = runtime
@@ -520,8 +547,9 @@ class _WorkflowRun:
 
     async def _run_node(self, node: Node) -> Result:
         inputs = self._inputs(node)
-        return await self.sandbox.execute(node.code, inputs, tenant=self.tenant, allow_await=node.allow_await,
-                                          filename=node.filename)
+        return await self.sandbox.execute(
+            node.code, inputs, tenant=self.tenant, allow_await=node.allow_await, filename=node.filename
+        )
 
     def _inputs(self, node: Node) -> dict[str, object]:
         """Parameters with templates resolved, overridden by runtime parameters, then by connected values."""
@@ -540,10 +568,11 @@ class _WorkflowRun:
 
     def _timed_out(self, timeout: float) -> WorkflowError:
         running = sorted(self.running.values(), key=self.position.get)
-        cause = TimeLimitExceeded(f"workflow exceeded its time limit of {timeout:g} s", kind="wall",
-                                  limit_s=timeout)
-        message = (f"workflow exceeded its time limit of {timeout:g} s while {_listing(running)} "
-                   f"{'was' if len(running) == 1 else 'were'} still running; the running nodes were stopped")
+        cause = TimeLimitExceeded(f"workflow exceeded its time limit of {timeout:g} s", kind="wall", limit_s=timeout)
+        message = (
+            f"workflow exceeded its time limit of {timeout:g} s while {_listing(running)} "
+            f"{'was' if len(running) == 1 else 'were'} still running; the running nodes were stopped"
+        )
         return WorkflowError(message, node=running[0], cause=cause, completed=self.completed())
 
     async def _cancel_running(self) -> None:
@@ -555,9 +584,14 @@ class _WorkflowRun:
         self.running.clear()
 
 
-async def run_workflow(sandbox: Sandbox, workflow: Workflow,
-                       parameters: Mapping[str, Mapping[str, object]] | None = None, *,
-                       tenant: str = "default", timeout: float | None = None) -> dict[str, dict[str, object]]:
+async def run_workflow(
+    sandbox: Sandbox,
+    workflow: Workflow,
+    parameters: Mapping[str, Mapping[str, object]] | None = None,
+    *,
+    tenant: str = "default",
+    timeout: float | None = None,
+) -> dict[str, dict[str, object]]:
     """Run ``workflow`` on ``sandbox`` under ``tenant``'s policy; return each node's outputs by node id.
 
     ``parameters`` maps node ids to extra input variables for that node.
@@ -567,8 +601,9 @@ async def run_workflow(sandbox: Sandbox, workflow: Workflow,
     ends the run with WorkflowError.
     """
     if not isinstance(workflow, Workflow):
-        raise WorkflowDefinitionError(f"run_workflow needs the Workflow returned by WorkflowBuilder.build(), "
-                                      f"not {type(workflow).__name__}")
+        raise WorkflowDefinitionError(
+            f"run_workflow needs the Workflow returned by WorkflowBuilder.build(), not {type(workflow).__name__}"
+        )
     if timeout is not None and not (isinstance(timeout, (int, float)) and timeout > 0):
         raise InputError(f"timeout must be a positive number of seconds, not {timeout!r}")
     runtime = _runtime_parameters(workflow, parameters)
@@ -577,7 +612,7 @@ async def run_workflow(sandbox: Sandbox, workflow: Workflow,
 
 
 def _listing(names: Iterable[object]) -> str:
-    shown = [_label(name) for name, _ in zip(names, range(_MAX_LISTED + 1))]
+    shown = [_label(name) for name, _ in zip(names, range(_MAX_LISTED + 1), strict=False)]
     if len(shown) > _MAX_LISTED:
         shown[-1] = "..."
     return ", ".join(shown) if shown else "(none)"

@@ -22,11 +22,13 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-import runtime
+import sandbox
 from sandbox.cgroups import CgroupParents
 
-_BOOT = "import sys; sys.path.insert(0, sys.argv[1]); from runtime.zygote import main; main(sys.argv[2:])"
-_RUNTIME_ROOT = str(Path(runtime.__file__).resolve().parent.parent)
+# The launcher imports the very ``sandbox`` package this supervisor runs:
+# its parent directory goes first on the path (-I leaves none of ours).
+_BOOT = "import sys; sys.path.insert(0, sys.argv[1]); from sandbox.runtime.zygote import main; main(sys.argv[2:])"
+_PACKAGE_ROOT = str(Path(sandbox.__file__).parent.parent)
 _START_TIMEOUT_S = 30.0
 _MAX_EVENT_BYTES = 64 * 1024
 USERNS_INSIDE_ID = 1000  # the uid/gid workers see inside the user namespace when unprivileged
@@ -80,25 +82,38 @@ class Zygote:
         self._loop.add_reader(control.fileno(), self._on_readable)
 
     @classmethod
-    async def start(cls, *, preload: list[str], cgroups: CgroupParents | None) -> "Zygote":
+    async def start(cls, *, preload: list[str], cgroups: CgroupParents | None) -> Zygote:
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         config = {
             "control_fd": theirs.fileno(),
             "supervisor_pid": os.getpid(),
-            "userns": None if os.geteuid() == 0 else {
-                "uid": os.geteuid(), "gid": os.getegid(), "inside_id": USERNS_INSIDE_ID},
+            "userns": None
+            if os.geteuid() == 0
+            else {"uid": os.geteuid(), "gid": os.getegid(), "inside_id": USERNS_INSIDE_ID},
             "preload": preload,
             "standby": _STANDBY_WORKERS,
             # Standby workers wait in groups of their own under these limits
             # until a spawn request writes the tenant's.
-            "standby_cgroups": None if cgroups is None else cgroups.worker_limits(
-                max_tasks=1, memory_bytes=_STANDBY_MEMORY_BYTES),
+            "standby_cgroups": None
+            if cgroups is None
+            else cgroups.worker_limits(max_tasks=1, memory_bytes=_STANDBY_MEMORY_BYTES),
         }
         try:
             process = await asyncio.create_subprocess_exec(
-                sys.executable, "-I", "-X", "utf8", "-c", _BOOT, _RUNTIME_ROOT, json.dumps(config),
-                pass_fds=[theirs.fileno()], stdin=asyncio.subprocess.DEVNULL,
-                stdout=asyncio.subprocess.DEVNULL, env={}, cwd="/")
+                sys.executable,
+                "-I",
+                "-X",
+                "utf8",
+                "-c",
+                _BOOT,
+                _PACKAGE_ROOT,
+                json.dumps(config),
+                pass_fds=[theirs.fileno()],
+                stdin=asyncio.subprocess.DEVNULL,
+                stdout=asyncio.subprocess.DEVNULL,
+                env={},
+                cwd="/",
+            )
         finally:
             theirs.close()
         ours.setblocking(False)
@@ -111,8 +126,9 @@ class Zygote:
         zygote.namespaces = ready
         return zygote
 
-    async def spawn(self, worker_id: int, config: dict, fds: list[int],
-                    on_exit: Callable[[ExitInfo], None]) -> tuple[int, int]:
+    async def spawn(
+        self, worker_id: int, config: dict, fds: list[int], on_exit: Callable[[ExitInfo], None]
+    ) -> tuple[int, int]:
         """Fork a worker that owns ``fds``; return pidfds of its init and of itself."""
         if not self.alive:
             raise SpawnFailed("the zygote is not running")
@@ -203,7 +219,7 @@ class Zygote:
         if self._process.returncode is None:
             try:
                 await asyncio.wait_for(self._process.wait(), 2.0)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 self._process.kill()
                 await self._process.wait()
         for future in self._spawns.values():

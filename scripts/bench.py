@@ -255,8 +255,10 @@ def give_up_waiting(pool: concurrent.futures.Executor, limit_s: float) -> tuple[
 
 class PPEContender:
     name = "ProcessPoolExecutor"
-    timeout_mechanism = ("not enforced: future.result(timeout) returns, the task spins on; "
-                         "usable again = kill the workers and start a new pool")
+    timeout_mechanism = (
+        "not enforced: future.result(timeout) returns, the task spins on; "
+        "usable again = kill the workers and start a new pool"
+    )
 
     def __init__(self, workers: int) -> None:
         self.workers = workers
@@ -269,8 +271,7 @@ class PPEContender:
 
     def fresh_round_trips(self, rounds: int, warmup: int) -> list[float]:
         context = multiprocessing.get_context("forkserver")
-        with concurrent.futures.ProcessPoolExecutor(self.workers, mp_context=context,
-                                                    max_tasks_per_child=1) as pool:
+        with concurrent.futures.ProcessPoolExecutor(self.workers, mp_context=context, max_tasks_per_child=1) as pool:
             executor_round_trips(pool, warmup)
             return executor_round_trips(pool, rounds)
 
@@ -372,8 +373,10 @@ class PebbleContender:
 
 class LokyContender:
     name = "loky"
-    timeout_mechanism = ("not enforced: future.result(timeout) returns, the task spins on; "
-                         "usable again = shutdown(kill_workers=True) and a new executor")
+    timeout_mechanism = (
+        "not enforced: future.result(timeout) returns, the task spins on; "
+        "usable again = shutdown(kill_workers=True) and a new executor"
+    )
 
     def __init__(self, workers: int) -> None:
         import loky
@@ -472,20 +475,26 @@ def measure(pool: list[Contender], options: argparse.Namespace, log: Callable[[s
     for contender in pool:
         log(f"warm round trips: {contender.name}")
         trips = contender.round_trips(options.rounds, options.warmup)
-        figures[contender.name].update(warm_p50_ms=percentile(trips, 50) * 1000,
-                                       warm_p99_ms=percentile(trips, 99) * 1000)
+        figures[contender.name].update(
+            warm_p50_ms=percentile(trips, 50) * 1000, warm_p99_ms=percentile(trips, 99) * 1000
+        )
     for contender in pool:
         log(f"throughput: {contender.name}")
         throughput = contender.throughput(options.throughput_runs)
-        figures[contender.name].update(throughput_per_s=throughput.per_s, host_cpu_us=throughput.host_cpu_us,
-                                       worker_cpu_us=throughput.worker_cpu_us)
+        figures[contender.name].update(
+            throughput_per_s=throughput.per_s,
+            host_cpu_us=throughput.host_cpu_us,
+            worker_cpu_us=throughput.worker_cpu_us,
+        )
     for contender in pool:
         log(f"timeout: {contender.name}")
         runs = [contender.timeout(options.timeout_s) for _ in range(options.repeats)]
         samples[contender.name]["timeout_late_ms"] = [r.late_s * 1000 for r in runs]
         samples[contender.name]["timeout_usable_ms"] = [r.usable_again_s * 1000 for r in runs]
-        figures[contender.name].update(timeout_late_ms=median(samples[contender.name]["timeout_late_ms"]),
-                                       timeout_usable_ms=median(samples[contender.name]["timeout_usable_ms"]))
+        figures[contender.name].update(
+            timeout_late_ms=median(samples[contender.name]["timeout_late_ms"]),
+            timeout_usable_ms=median(samples[contender.name]["timeout_usable_ms"]),
+        )
     for contender in pool:
         log(f"cold start: {contender.name}")
         samples[contender.name]["cold_start_ms"] = [contender.cold_start() * 1000 for _ in range(options.repeats)]
@@ -493,8 +502,10 @@ def measure(pool: list[Contender], options: argparse.Namespace, log: Callable[[s
     for contender in pool:
         log(f"new process per run: {contender.name}")
         trips = contender.fresh_round_trips(options.fresh_rounds, FRESH_WARMUP)
-        figures[contender.name].update(fresh_p50_ms=percentile(trips, 50) * 1000 if trips else None,
-                                       fresh_p99_ms=percentile(trips, 99) * 1000 if trips else None)
+        figures[contender.name].update(
+            fresh_p50_ms=percentile(trips, 50) * 1000 if trips else None,
+            fresh_p99_ms=percentile(trips, 99) * 1000 if trips else None,
+        )
     return {"figures": figures, "samples": samples}
 
 
@@ -556,13 +567,18 @@ def print_table(report: dict) -> None:
     width = max(16, *(len(n) + 2 for n in names))
     print(f"\n{'':<44}" + "".join(f"{name:>{width}}" for name in names))
     for metric in METRICS:
-        row = "".join(f"{cell(report['figures'][n].get(metric.key), report['ratios'][n].get(metric.key)):>{width}}"
-                      for n in names)
+        row = "".join(
+            f"{cell(report['figures'][n].get(metric.key), report['ratios'][n].get(metric.key)):>{width}}" for n in names
+        )
         print(f"{metric.label:<44}{row}")
-    print("\n(x) = ratio to ProcessPoolExecutor from this run; throughput: higher is better, "
-          "everything else: lower is better.")
-    print(f"timeout limit {report['options']['timeout_s']:g} s on a one-worker pool; "
-          f"timeout and cold start are medians of {report['options']['repeats']} repeats.")
+    print(
+        "\n(x) = ratio to ProcessPoolExecutor from this run; throughput: higher is better, "
+        "everything else: lower is better."
+    )
+    print(
+        f"timeout limit {report['options']['timeout_s']:g} s on a one-worker pool; "
+        f"timeout and cold start are medians of {report['options']['repeats']} repeats."
+    )
     for name, mechanism in report["timeout_mechanisms"].items():
         print(f"  timeout, {name}: {mechanism}")
     for note in report["missing"]:
@@ -578,18 +594,26 @@ def print_table(report: dict) -> None:
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--workers", type=int, default=os.cpu_count() or 2,
-                        help="worker processes of each pool (default: number of CPUs)")
+    parser.add_argument(
+        "--workers",
+        type=int,
+        default=os.cpu_count() or 2,
+        help="worker processes of each pool (default: number of CPUs)",
+    )
     parser.add_argument("--rounds", type=int, default=1000, help="warm round trips per contender (default 1000)")
-    parser.add_argument("--warmup", type=int, default=50,
-                        help="sequential runs before the warm round trips are timed (default 50)")
-    parser.add_argument("--throughput-runs", type=int, default=3000,
-                        help="trivial runs in the throughput test (default 3000)")
+    parser.add_argument(
+        "--warmup", type=int, default=50, help="sequential runs before the warm round trips are timed (default 50)"
+    )
+    parser.add_argument(
+        "--throughput-runs", type=int, default=3000, help="trivial runs in the throughput test (default 3000)"
+    )
     parser.add_argument("--timeout-s", type=float, default=0.5, help="limit of the spinning run (default 0.5)")
-    parser.add_argument("--repeats", type=int, default=5,
-                        help="repeats of the timeout and cold-start tests (default 5)")
-    parser.add_argument("--fresh-rounds", type=int, default=200,
-                        help="round trips with a new process per run (default 200)")
+    parser.add_argument(
+        "--repeats", type=int, default=5, help="repeats of the timeout and cold-start tests (default 5)"
+    )
+    parser.add_argument(
+        "--fresh-rounds", type=int, default=200, help="round trips with a new process per run (default 200)"
+    )
     parser.add_argument("--json", type=Path, help="also write the report here")
     return parser.parse_args(argv)
 

@@ -43,20 +43,30 @@ import uvloop
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
 
-from policies.model import LAYERS  # noqa: E402
-from sandbox import Policy, Sandbox  # noqa: E402
+from sandbox import Policy, Sandbox
+from sandbox.policies.model import LAYERS
 
 TRIVIAL_CODE = "result = 1"
-WITHOUT = {"seccomp": ["seccomp"], "landlock": ["landlock"], "cgroup": ["cgroup"], "netns": ["netns"],
-           "ipcns": ["ipcns"], "identity": ["identity"], "rlimits": ["rlimits"], "pidns": ["pidns"],
-           "mountns": ["mountns", "landlock"]}
+WITHOUT = {
+    "seccomp": ["seccomp"],
+    "landlock": ["landlock"],
+    "cgroup": ["cgroup"],
+    "netns": ["netns"],
+    "ipcns": ["ipcns"],
+    "identity": ["identity"],
+    "rlimits": ["rlimits"],
+    "pidns": ["pidns"],
+    "mountns": ["mountns", "landlock"],
+}
 
 
 def policies(unsupported: list[str]) -> dict[str, Policy]:
     rows = {"core": list(LAYERS), "all layers": []}
     rows.update({f"without {name}": skipped for name, skipped in WITHOUT.items() if name not in unsupported})
-    return {label: Policy(skip_layers=sorted(set(skipped) | set(unsupported)),
-                          required_layers=[]) for label, skipped in rows.items()}
+    return {
+        label: Policy(skip_layers=sorted(set(skipped) | set(unsupported)), required_layers=[])
+        for label, skipped in rows.items()
+    }
 
 
 async def host_unsupported() -> list[str]:
@@ -90,8 +100,12 @@ async def warm_and_cpu(policy: Policy, rounds: int, runs: int, workers: int) -> 
     trips.sort()
     host = (after_self.ru_utime + after_self.ru_stime) - (before_self.ru_utime + before_self.ru_stime)
     workers_cpu = sum(after_children[pid] - before_children[pid] for pid in after_children if pid in before_children)
-    return {"warm_p50_ms": statistics.median(trips) * 1e3, "warm_p99_ms": trips[int(len(trips) * 0.99)] * 1e3,
-            "host_us": host / runs * 1e6, "workers_us": workers_cpu / runs * 1e6}
+    return {
+        "warm_p50_ms": statistics.median(trips) * 1e3,
+        "warm_p99_ms": trips[int(len(trips) * 0.99)] * 1e3,
+        "host_us": host / runs * 1e6,
+        "workers_us": workers_cpu / runs * 1e6,
+    }
 
 
 async def fresh_p50(policy: Policy, rounds: int) -> float:
@@ -129,8 +143,14 @@ async def main(options: argparse.Namespace) -> None:
         figures[label] = row
     if unsupported:
         print(f"\nlayers this host does not provide (skipped in every row): {', '.join(unsupported)}")
-    columns = [("warm_p50_ms", "warm p50 ms"), ("warm_p99_ms", "warm p99 ms"), ("host_us", "host CPU/run us"),
-               ("workers_us", "worker CPU/run us"), ("fresh_p50_ms", "fresh p50 ms"), ("start_ms", "start() ms")]
+    columns = [
+        ("warm_p50_ms", "warm p50 ms"),
+        ("warm_p99_ms", "warm p99 ms"),
+        ("host_us", "host CPU/run us"),
+        ("workers_us", "worker CPU/run us"),
+        ("fresh_p50_ms", "fresh p50 ms"),
+        ("start_ms", "start() ms"),
+    ]
     print(f"\n{'':<20}" + "".join(f"{title:>22}" for _, title in columns))
     core = figures["core"]
     for label, row in figures.items():
@@ -143,10 +163,15 @@ def parse_options(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rounds", type=int, default=1000, help="warm round trips per row (default 1000)")
     parser.add_argument("--runs", type=int, default=3000, help="runs of the CPU measurement (default 3000)")
-    parser.add_argument("--workers", type=int, default=psutil.cpu_count() or 2,
-                        help="workers of the warm pool (default: number of CPUs)")
-    parser.add_argument("--fresh-rounds", type=int, default=100,
-                        help="round trips with a new process per run (default 100)")
+    parser.add_argument(
+        "--workers",
+        type=int,
+        default=psutil.cpu_count() or 2,
+        help="workers of the warm pool (default: number of CPUs)",
+    )
+    parser.add_argument(
+        "--fresh-rounds", type=int, default=100, help="round trips with a new process per run (default 100)"
+    )
     parser.add_argument("--repeats", type=int, default=5, help="Sandbox.start() repeats (default 5)")
     return parser.parse_args(argv)
 

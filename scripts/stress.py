@@ -72,19 +72,19 @@ import uvloop
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
 
-from sandbox import Policy, Sandbox, SandboxError  # noqa: E402
+from sandbox import Policy, Sandbox, SandboxError
 
 MiB = 1024 * 1024
 HOSTILE_TENANT = "hostile"
 
 # Climbs out of the Python-level import guard the way real attackers do.
-_CLIMB_OUT = '''\
+_CLIMB_OUT = """\
 def _mod(name):
     for c in ().__class__.__base__.__subclasses__():
         if c.__name__ == "_wrap_close":
             g = c.__init__.__globals__
             return g["sys"].modules.get(name) or g["__builtins__"]["__import__"](name)
-'''
+"""
 
 
 @dataclass(frozen=True)
@@ -102,21 +102,40 @@ def _workload(name: str, body: str, expected: Sequence[str], hostile: bool = Fal
     return Workload(name, body + "\necho = token\n", frozenset(expected), hostile)
 
 
-WORKLOADS: dict[str, Workload] = {w.name: w for w in (
-    _workload("trivial", "pass", ["ok"]),
-    _workload("sleep", "await asyncio.sleep(0.01)", ["ok"]),
-    _workload("cpu", "total = sum(i * i for i in range(200_000))", ["ok"]),
-    _workload("memory", "block = bytearray(64 * 1024 * 1024)\nsize = len(block)\ndel block", ["ok"]),
-    _workload("infinite_loop", "while True:\n    pass", ["TimeLimitExceeded"], hostile=True),
-    _workload("memory_bomb", "chunks = []\nwhile True:\n    chunks.append(bytearray(8 * 1024 * 1024))",
-              ["MemoryLimitExceeded"], hostile=True),
-    _workload("crash", _CLIMB_OUT + '_mod("ctypes").string_at(0)',
-              ["WorkerCrashed", "PolicyViolation", "CodeError"], hostile=True),
-    _workload("output_flood", 'while True:\n    print("x" * 65536)',
-              ["OutputLimitExceeded", "TimeLimitExceeded"], hostile=True),
-    _workload("fork", _CLIMB_OUT + 'os = _mod("os")\nif os.fork() == 0:\n    os._exit(0)',
-              ["CodeError", "PolicyViolation", "WorkerCrashed"], hostile=True),
-)}
+WORKLOADS: dict[str, Workload] = {
+    w.name: w
+    for w in (
+        _workload("trivial", "pass", ["ok"]),
+        _workload("sleep", "await asyncio.sleep(0.01)", ["ok"]),
+        _workload("cpu", "total = sum(i * i for i in range(200_000))", ["ok"]),
+        _workload("memory", "block = bytearray(64 * 1024 * 1024)\nsize = len(block)\ndel block", ["ok"]),
+        _workload("infinite_loop", "while True:\n    pass", ["TimeLimitExceeded"], hostile=True),
+        _workload(
+            "memory_bomb",
+            "chunks = []\nwhile True:\n    chunks.append(bytearray(8 * 1024 * 1024))",
+            ["MemoryLimitExceeded"],
+            hostile=True,
+        ),
+        _workload(
+            "crash",
+            _CLIMB_OUT + '_mod("ctypes").string_at(0)',
+            ["WorkerCrashed", "PolicyViolation", "CodeError"],
+            hostile=True,
+        ),
+        _workload(
+            "output_flood",
+            'while True:\n    print("x" * 65536)',
+            ["OutputLimitExceeded", "TimeLimitExceeded"],
+            hostile=True,
+        ),
+        _workload(
+            "fork",
+            _CLIMB_OUT + 'os = _mod("os")\nif os.fork() == 0:\n    os._exit(0)',
+            ["CodeError", "PolicyViolation", "WorkerCrashed"],
+            hostile=True,
+        ),
+    )
+}
 DEFAULT_MIX = "trivial=4,sleep=2,cpu=2,memory=1"
 DEFAULT_HOSTILE_MIX = "infinite_loop=1,memory_bomb=1,crash=1,output_flood=1,fork=1"
 
@@ -151,44 +170,85 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     amount.add_argument("--runs", type=int, help="runs to submit (default 2000, or 100000 with --soak)")
     amount.add_argument("--duration", type=float, help="submit runs for this many seconds instead")
     parser.add_argument("--concurrency", type=int, default=16, help="runs in flight at once (default 16)")
-    parser.add_argument("--workers", type=int, default=psutil.cpu_count() or 2,
-                        help="worker processes of the Sandbox (default: number of CPUs)")
-    parser.add_argument("--tenants", type=int, default=1,
-                        help="ordinary tenants: 'default', 'tenant-1', ... (default 1); each extra tenant "
-                             "makes the pool evict and spawn workers as runs alternate between tenants")
-    parser.add_argument("--mix", type=lambda s: parse_mix(s, False), default=parse_mix(DEFAULT_MIX, False),
-                        help=f"weights of the ordinary workloads (default {DEFAULT_MIX})")
-    parser.add_argument("--hostile-fraction", type=float, default=0.1,
-                        help="fraction of runs that are hostile (default 0.1)")
-    parser.add_argument("--hostile-mix", type=lambda s: parse_mix(s, True),
-                        default=parse_mix(DEFAULT_HOSTILE_MIX, True),
-                        help=f"weights of the hostile workloads (default {DEFAULT_HOSTILE_MIX})")
+    parser.add_argument(
+        "--workers",
+        type=int,
+        default=psutil.cpu_count() or 2,
+        help="worker processes of the Sandbox (default: number of CPUs)",
+    )
+    parser.add_argument(
+        "--tenants",
+        type=int,
+        default=1,
+        help="ordinary tenants: 'default', 'tenant-1', ... (default 1); each extra tenant "
+        "makes the pool evict and spawn workers as runs alternate between tenants",
+    )
+    parser.add_argument(
+        "--mix",
+        type=lambda s: parse_mix(s, False),
+        default=parse_mix(DEFAULT_MIX, False),
+        help=f"weights of the ordinary workloads (default {DEFAULT_MIX})",
+    )
+    parser.add_argument(
+        "--hostile-fraction", type=float, default=0.1, help="fraction of runs that are hostile (default 0.1)"
+    )
+    parser.add_argument(
+        "--hostile-mix",
+        type=lambda s: parse_mix(s, True),
+        default=parse_mix(DEFAULT_HOSTILE_MIX, True),
+        help=f"weights of the hostile workloads (default {DEFAULT_HOSTILE_MIX})",
+    )
     parser.add_argument("--hostile-wall-s", type=float, default=0.5, help="hostile tenant's wall_time_s")
     parser.add_argument("--hostile-cpu-s", type=float, default=0.3, help="hostile tenant's cpu_time_s")
     parser.add_argument("--hostile-memory-mb", type=int, default=128, help="hostile tenant's memory_mb")
-    parser.add_argument("--lag-threshold-ms", type=float, default=100.0,
-                        help="fail when the loop lag's maximum passes this (default 100)")
-    parser.add_argument("--lag-interval-ms", type=float, default=10.0,
-                        help="period of the lag monitor's sleeps (default 10)")
-    parser.add_argument("--stall-timeout-s", type=float, default=60.0,
-                        help="runs still pending after this long without any run ending are lost (default 60)")
-    parser.add_argument("--leak-grace-s", type=float, default=2.0,
-                        help="time the Sandbox's processes get to exit after close (default 2)")
-    parser.add_argument("--sample-every-s", type=float,
-                        help="period of the supervisor RSS/fd/process samples (default 1, 5 with --soak)")
-    parser.add_argument("--check-host-dirs", action="store_true",
-                        help="fail when worker scratch directories that appeared during the run outlive it "
-                             "(exact only when no other Sandbox runs on this host)")
-    parser.add_argument("--soak", action="store_true",
-                        help="long-run mode: constant-memory statistics, warm-up, RSS growth check")
+    parser.add_argument(
+        "--lag-threshold-ms",
+        type=float,
+        default=100.0,
+        help="fail when the loop lag's maximum passes this (default 100)",
+    )
+    parser.add_argument(
+        "--lag-interval-ms", type=float, default=10.0, help="period of the lag monitor's sleeps (default 10)"
+    )
+    parser.add_argument(
+        "--stall-timeout-s",
+        type=float,
+        default=60.0,
+        help="runs still pending after this long without any run ending are lost (default 60)",
+    )
+    parser.add_argument(
+        "--leak-grace-s",
+        type=float,
+        default=2.0,
+        help="time the Sandbox's processes get to exit after close (default 2)",
+    )
+    parser.add_argument(
+        "--sample-every-s",
+        type=float,
+        help="period of the supervisor RSS/fd/process samples (default 1, 5 with --soak)",
+    )
+    parser.add_argument(
+        "--check-host-dirs",
+        action="store_true",
+        help="fail when worker scratch directories that appeared during the run outlive it "
+        "(exact only when no other Sandbox runs on this host)",
+    )
+    parser.add_argument(
+        "--soak", action="store_true", help="long-run mode: constant-memory statistics, warm-up, RSS growth check"
+    )
     parser.add_argument("--warmup", type=int, help="runs before the baseline is taken (default 0, 1000 with --soak)")
-    parser.add_argument("--max-rss-growth-pct", type=float,
-                        help="fail when RSS grew more than this from baseline to end (default: off, 5 with --soak)")
+    parser.add_argument(
+        "--max-rss-growth-pct",
+        type=float,
+        help="fail when RSS grew more than this from baseline to end (default: off, 5 with --soak)",
+    )
     parser.add_argument("--seed", type=int, default=0, help="seed of the workload choice (default 0)")
-    parser.add_argument("--json", type=Path, default=Path("stress-report.json"),
-                        help="JSON report path (default stress-report.json)")
-    parser.add_argument("--plot", type=Path, default=Path("stress-plot.png"),
-                        help="PNG plot path (default stress-plot.png)")
+    parser.add_argument(
+        "--json", type=Path, default=Path("stress-report.json"), help="JSON report path (default stress-report.json)"
+    )
+    parser.add_argument(
+        "--plot", type=Path, default=Path("stress-plot.png"), help="PNG plot path (default stress-plot.png)"
+    )
     parser.add_argument("--no-plot", action="store_true", help="do not draw the PNG")
     options = parser.parse_args(argv)
     if options.runs is None and options.duration is None:
@@ -298,13 +358,13 @@ class LogHistogram:
 
     def coarse(self, merge: int = 5) -> tuple[list[float], list[int]]:
         """Bins merged ``merge`` at a time, trimmed to the occupied range: (edges in s, counts)."""
-        counts = [sum(self.bins[i:i + merge]) for i in range(0, self._BINS, merge)]
+        counts = [sum(self.bins[i : i + merge]) for i in range(0, self._BINS, merge)]
         occupied = [i for i, c in enumerate(counts) if c]
         if not occupied:
             return [], []
         first, last = occupied[0], occupied[-1]
         edges = [self._LOW_S * 10 ** (i * merge / self._PER_DECADE) for i in range(first, last + 2)]
-        return edges, counts[first:last + 1]
+        return edges, counts[first : last + 1]
 
 
 def new_distribution(bounded: bool) -> Distribution:
@@ -352,8 +412,15 @@ class Recorder:
         if outcome not in workload.expected:
             self.unexpected += 1
             if len(self.examples) < self.MAX_EXAMPLES:
-                self.examples.append({"run": planned.index, "workload": workload.name, "tenant": planned.tenant,
-                                      "outcome": outcome, "message": message[:500]})
+                self.examples.append(
+                    {
+                        "run": planned.index,
+                        "workload": workload.name,
+                        "tenant": planned.tenant,
+                        "outcome": outcome,
+                        "message": message[:500],
+                    }
+                )
 
 
 async def one_run(sandbox: Sandbox, planned: Planned, recorder: Recorder, progress: Progress) -> None:
@@ -367,7 +434,7 @@ async def one_run(sandbox: Sandbox, planned: Planned, recorder: Recorder, progre
             message = f"outputs: {result.outputs!r}"
     except SandboxError as exc:
         outcome, message = type(exc).__name__, str(exc)
-    except Exception as exc:  # noqa: BLE001 - anything but a SandboxError is a sandbox bug, recorded as such
+    except Exception as exc:
         outcome, message = f"internal:{type(exc).__name__}", repr(exc)
     recorder.record(planned, submitted_at, outcome, message)
     progress.advance(recorder)
@@ -418,8 +485,11 @@ class LineProgress:
 
     def _print(self, recorder: Recorder) -> None:
         elapsed = time.perf_counter() - recorder.started
-        print(f"[{self._phase}] {recorder.completed}{self._goal}  {elapsed:.1f} s  "
-              f"{recorder.completed / elapsed:.1f} runs/s  unexpected {recorder.unexpected}", flush=True)
+        print(
+            f"[{self._phase}] {recorder.completed}{self._goal}  {elapsed:.1f} s  "
+            f"{recorder.completed / elapsed:.1f} runs/s  unexpected {recorder.unexpected}",
+            flush=True,
+        )
 
 
 def new_progress(phase: str, total: int | None, duration_s: float | None) -> Progress:
@@ -497,8 +567,7 @@ async def sample_resources(period_s: float, recorder: Recorder, samples: list[di
     while True:
         await asyncio.sleep(period_s)
         now = await asyncio.to_thread(measure_resources)
-        samples.append({"t_s": time.perf_counter() - recorder.started, "runs": recorder.completed,
-                        **asdict(now)})
+        samples.append({"t_s": time.perf_counter() - recorder.started, "runs": recorder.completed, **asdict(now)})
 
 
 async def after_close(grace_s: float) -> tuple[Resources, Resources]:
@@ -514,8 +583,9 @@ async def after_close(grace_s: float) -> tuple[Resources, Resources]:
 # --- driving runs -------------------------------------------------------------------------------
 
 
-def plan_runs(options: argparse.Namespace, count: int | None, duration_s: float | None,
-              rng: random.Random) -> Iterator[Planned]:
+def plan_runs(
+    options: argparse.Namespace, count: int | None, duration_s: float | None, rng: random.Random
+) -> Iterator[Planned]:
     """Runs to submit, chosen at random by the mixes, until ``count`` or ``duration_s`` is reached."""
     ordinary_tenants = ["default", *(f"tenant-{i}" for i in range(1, options.tenants))]
     ordinary, hostile = list(options.mix), list(options.hostile_mix)
@@ -549,8 +619,15 @@ class Phase:
     lost: list[dict[str, object]]
 
 
-async def run_phase(sandbox: Sandbox, name: str, count: int | None, duration_s: float | None,
-                    options: argparse.Namespace, rng: random.Random, recorder: Recorder) -> Phase:
+async def run_phase(
+    sandbox: Sandbox,
+    name: str,
+    count: int | None,
+    duration_s: float | None,
+    options: argparse.Namespace,
+    rng: random.Random,
+    recorder: Recorder,
+) -> Phase:
     """Keep ``--concurrency`` runs in flight until ``count`` runs or ``duration_s`` seconds; count the lost."""
     progress = new_progress(name, count, duration_s)
     pending: dict[asyncio.Task, Planned] = {}
@@ -577,8 +654,9 @@ async def run_phase(sandbox: Sandbox, name: str, count: int | None, duration_s: 
 def policies(options: argparse.Namespace) -> dict[str, Policy]:
     tenants = {"default": Policy(), **{f"tenant-{i}": Policy() for i in range(1, options.tenants)}}
     if options.hostile_fraction > 0:
-        tenants[HOSTILE_TENANT] = Policy(wall_time_s=options.hostile_wall_s, cpu_time_s=options.hostile_cpu_s,
-                                         memory_mb=options.hostile_memory_mb)
+        tenants[HOSTILE_TENANT] = Policy(
+            wall_time_s=options.hostile_wall_s, cpu_time_s=options.hostile_cpu_s, memory_mb=options.hostile_memory_mb
+        )
     return tenants
 
 
@@ -607,12 +685,15 @@ async def stress(options: argparse.Namespace) -> dict[str, object]:
         resources["started"] = await asyncio.to_thread(measure_resources)
         warmup = None
         if options.warmup:
-            warmup = await run_phase(sandbox, "warm-up", options.warmup, None, options, rng,
-                                     Recorder(bounded=options.soak))
+            warmup = await run_phase(
+                sandbox, "warm-up", options.warmup, None, options, rng, Recorder(bounded=options.soak)
+            )
         resources["baseline"] = await asyncio.to_thread(measure_resources)
         recorder = Recorder(bounded=options.soak)
-        watchers = [asyncio.create_task(monitor_lag(options.lag_interval_ms / 1000, lag)),
-                    asyncio.create_task(sample_resources(options.sample_every_s, recorder, timeline))]
+        watchers = [
+            asyncio.create_task(monitor_lag(options.lag_interval_ms / 1000, lag)),
+            asyncio.create_task(sample_resources(options.sample_every_s, recorder, timeline)),
+        ]
         main = await run_phase(sandbox, "runs", options.runs, options.duration, options, rng, recorder)
         for watcher in watchers:
             watcher.cancel()
@@ -639,21 +720,33 @@ def histogram_bins(distribution: Distribution) -> dict[str, list]:
 
 
 def outcome_rows(recorder: Recorder) -> list[dict[str, object]]:
-    return [{"workload": workload, "outcome": outcome, "count": count,
-             "expected": outcome in WORKLOADS[workload].expected}
-            for (workload, outcome), count in sorted(recorder.outcomes.items())]
+    return [
+        {"workload": workload, "outcome": outcome, "count": count, "expected": outcome in WORKLOADS[workload].expected}
+        for (workload, outcome), count in sorted(recorder.outcomes.items())
+    ]
 
 
-def build_report(options: argparse.Namespace, main: Phase, warmup: Phase | None, lag: Distribution,
-                 loop_errors: LoopErrors, resources: dict[str, Resources], timeline: list[dict[str, float]],
-                 layers: dict[str, str], close: dict[str, object]) -> dict[str, object]:
+def build_report(
+    options: argparse.Namespace,
+    main: Phase,
+    warmup: Phase | None,
+    lag: Distribution,
+    loop_errors: LoopErrors,
+    resources: dict[str, Resources],
+    timeline: list[dict[str, float]],
+    layers: dict[str, str],
+    close: dict[str, object],
+) -> dict[str, object]:
     recorder = main.recorder
     elapsed = (recorder.finished or time.perf_counter()) - recorder.started
     report: dict[str, object] = {
-        "config": {key: (str(value) if isinstance(value, Path) else value)
-                   for key, value in vars(options).items()},
-        "host": {"python": sys.version.split()[0], "cpus": psutil.cpu_count(), "uvloop": uvloop.__version__,
-                 "layers": layers},
+        "config": {key: (str(value) if isinstance(value, Path) else value) for key, value in vars(options).items()},
+        "host": {
+            "python": sys.version.split()[0],
+            "cpus": psutil.cpu_count(),
+            "uvloop": uvloop.__version__,
+            "layers": layers,
+        },
         "statistics": LogHistogram.method if options.soak else Samples.method,
         "submitted": recorder.submitted,
         "completed": recorder.completed,
@@ -665,8 +758,11 @@ def build_report(options: argparse.Namespace, main: Phase, warmup: Phase | None,
         "unexpected": recorder.unexpected,
         "unexpected_examples": recorder.examples,
         "lost_runs": main.lost,
-        "loop_lag_ms": {**_ms(lag.summary()), "interval_ms": options.lag_interval_ms,
-                        "threshold_ms": options.lag_threshold_ms},
+        "loop_lag_ms": {
+            **_ms(lag.summary()),
+            "interval_ms": options.lag_interval_ms,
+            "threshold_ms": options.lag_threshold_ms,
+        },
         "loop_callback_errors": asdict(loop_errors),
         "close": close,
         "resources": {name: asdict(value) for name, value in resources.items()},
@@ -674,9 +770,14 @@ def build_report(options: argparse.Namespace, main: Phase, warmup: Phase | None,
         "latency_timeline": recorder.timeline,
     }
     if warmup is not None:
-        report["warmup"] = {"submitted": warmup.recorder.submitted, "completed": warmup.recorder.completed,
-                            "outcomes": outcome_rows(warmup.recorder), "unexpected": warmup.recorder.unexpected,
-                            "unexpected_examples": warmup.recorder.examples, "lost_runs": warmup.lost}
+        report["warmup"] = {
+            "submitted": warmup.recorder.submitted,
+            "completed": warmup.recorder.completed,
+            "outcomes": outcome_rows(warmup.recorder),
+            "unexpected": warmup.recorder.unexpected,
+            "unexpected_examples": warmup.recorder.examples,
+            "lost_runs": warmup.lost,
+        }
     report["failures"] = judge(report, options)
     report["passed"] = not report["failures"]
     return report
@@ -692,36 +793,50 @@ def judge(report: dict, options: argparse.Namespace) -> list[dict[str, str]]:
     phases = [("", report)] + ([("warm-up: ", report["warmup"])] if "warmup" in report else [])
     for prefix, section in phases:
         if section["lost_runs"] or section["completed"] != section["submitted"]:
-            fail("lost", f"{prefix}{section['submitted'] - section['completed']} of {section['submitted']} "
-                         f"submitted runs never ended")
+            fail(
+                "lost",
+                f"{prefix}{section['submitted'] - section['completed']} of {section['submitted']} "
+                f"submitted runs never ended",
+            )
         if section["unexpected"]:
-            fail("unexpected", f"{prefix}{section['unexpected']} runs ended in an outcome their workload "
-                               f"does not expect")
+            fail(
+                "unexpected", f"{prefix}{section['unexpected']} runs ended in an outcome their workload does not expect"
+            )
     lag_max = report["loop_lag_ms"].get("max")
     if lag_max is not None and lag_max > options.lag_threshold_ms:
         fail("loop_lag", f"event-loop lag reached {lag_max:.1f} ms (threshold {options.lag_threshold_ms:g} ms)")
     errors = report["loop_callback_errors"]
     if errors["count"]:
-        fail("loop_errors", f"{errors['count']} exceptions escaped into event-loop callbacks, "
-                            f"first: {errors['examples'][0]}")
+        fail(
+            "loop_errors",
+            f"{errors['count']} exceptions escaped into event-loop callbacks, first: {errors['examples'][0]}",
+        )
     if not report["close"]["finished"]:
         fail("close", f"Sandbox.close() had not returned after {report['close']['seconds']:g} s")
     res = report["resources"]
     left = res["after_grace"]
     if left["processes"] or left["zombies"]:
-        fail("processes", f"{left['processes']} live and {left['zombies']} zombie descendants remain "
-                          f"{options.leak_grace_s:g} s after the Sandbox closed")
+        fail(
+            "processes",
+            f"{left['processes']} live and {left['zombies']} zombie descendants remain "
+            f"{options.leak_grace_s:g} s after the Sandbox closed",
+        )
     if options.check_host_dirs and report["close"]["host_dirs_left"]:
-        fail("host_dirs", f"{len(report['close']['host_dirs_left'])} worker scratch directories ({HOST_DIRS}) "
-                          f"appeared during the run and remain after close: "
-                          f"{', '.join(report['close']['host_dirs_left'][:5])}")
+        fail(
+            "host_dirs",
+            f"{len(report['close']['host_dirs_left'])} worker scratch directories ({HOST_DIRS}) "
+            f"appeared during the run and remain after close: "
+            f"{', '.join(report['close']['host_dirs_left'][:5])}",
+        )
     if left["fds"] > res["before_sandbox"]["fds"]:
         fail("fds", f"{left['fds']} fds open after close, {res['before_sandbox']['fds']} before the Sandbox")
     if options.max_rss_growth_pct is not None:
         growth = rss_growth_pct(res)
         if growth > options.max_rss_growth_pct:
-            fail("rss", f"supervisor RSS grew {growth:.1f} % from baseline to end "
-                        f"(limit {options.max_rss_growth_pct:g} %)")
+            fail(
+                "rss",
+                f"supervisor RSS grew {growth:.1f} % from baseline to end (limit {options.max_rss_growth_pct:g} %)",
+            )
     return failures
 
 
@@ -733,10 +848,14 @@ def rss_growth_pct(resources: dict[str, dict[str, int]]) -> float:
 def print_report(report: dict) -> None:
     config = report["config"]
     amount = f"{config['runs']} runs" if config["runs"] is not None else f"{config['duration']:g} s"
-    print(f"\nstress: {amount}, concurrency {config['concurrency']}, {config['workers']} workers, "
-          f"{config['tenants']} ordinary tenants + hostile ({config['hostile_fraction']:.0%} of runs)")
-    print(f"completed {report['completed']} of {report['submitted']} runs in {report['elapsed_s']:.1f} s: "
-          f"{report['throughput_runs_per_s']} runs/s")
+    print(
+        f"\nstress: {amount}, concurrency {config['concurrency']}, {config['workers']} workers, "
+        f"{config['tenants']} ordinary tenants + hostile ({config['hostile_fraction']:.0%} of runs)"
+    )
+    print(
+        f"completed {report['completed']} of {report['submitted']} runs in {report['elapsed_s']:.1f} s: "
+        f"{report['throughput_runs_per_s']} runs/s"
+    )
     print(f"\nlatency (ms; {report['statistics']})")
     print(f"  {'workload':<14}{'runs':>8}{'p50':>10}{'p90':>10}{'p99':>10}{'max':>10}")
     for name, figures in report["latency_ms"].items():
@@ -747,22 +866,27 @@ def print_report(report: dict) -> None:
         mark = "expected" if row["expected"] else "UNEXPECTED"
         print(f"  {row['workload']:<14}{row['outcome']:<24}{row['count']:>8}  {mark}")
     for example in report["unexpected_examples"]:
-        print(f"  e.g. run {example['run']} ({example['workload']}): {example['outcome']}: "
-              f"{example['message'][:200]!r}")
+        print(
+            f"  e.g. run {example['run']} ({example['workload']}): {example['outcome']}: {example['message'][:200]!r}"
+        )
     print(f"  lost (submitted, never ended): {len(report['lost_runs'])}")
     lag = report["loop_lag_ms"]
     if lag["count"]:
-        print(f"\nevent-loop lag (ms, {lag['count']} wake-ups every {lag['interval_ms']:g} ms): "
-              f"p50 {lag['p50']:.2f}  p99 {lag['p99']:.2f}  max {lag['max']:.2f}  "
-              f"(threshold {lag['threshold_ms']:g})")
+        print(
+            f"\nevent-loop lag (ms, {lag['count']} wake-ups every {lag['interval_ms']:g} ms): "
+            f"p50 {lag['p50']:.2f}  p99 {lag['p99']:.2f}  max {lag['max']:.2f}  "
+            f"(threshold {lag['threshold_ms']:g})"
+        )
     errors = report["loop_callback_errors"]
     print(f"exceptions escaped into event-loop callbacks: {errors['count']}")
     print_close(report["close"])
     print_resources(report["resources"], config)
     if "warmup" in report:
         warmup = report["warmup"]
-        print(f"\nwarm-up: {warmup['completed']} of {warmup['submitted']} runs ended, "
-              f"{warmup['unexpected']} unexpected, {len(warmup['lost_runs'])} lost")
+        print(
+            f"\nwarm-up: {warmup['completed']} of {warmup['submitted']} runs ended, "
+            f"{warmup['unexpected']} unexpected, {len(warmup['lost_runs'])} lost"
+        )
     print()
     for failure in report["failures"]:
         print(f"FAIL {failure['check']}: {failure['message']}")
@@ -772,16 +896,22 @@ def print_report(report: dict) -> None:
 def print_resources(resources: dict[str, dict[str, int]], config: dict) -> None:
     print("\nsupervisor process")
     print(f"  {'moment':<34}{'RSS MiB':>9}{'fds':>6}{'procs':>7}{'zombies':>9}{'host dirs':>11}")
-    labels = {"before_sandbox": "before the Sandbox opened", "started": "Sandbox started",
-              "baseline": "baseline (after warm-up)", "drained": "all runs ended",
-              "closed": "Sandbox closed",
-              "after_grace": f"closed + up to {config['leak_grace_s']:g} s grace"}
+    labels = {
+        "before_sandbox": "before the Sandbox opened",
+        "started": "Sandbox started",
+        "baseline": "baseline (after warm-up)",
+        "drained": "all runs ended",
+        "closed": "Sandbox closed",
+        "after_grace": f"closed + up to {config['leak_grace_s']:g} s grace",
+    }
     for key, label in labels.items():
         if key == "baseline" and not config["warmup"]:
             continue
         r = resources[key]
-        print(f"  {label:<34}{r['rss_bytes'] / MiB:>9.1f}{r['fds']:>6}{r['processes']:>7}{r['zombies']:>9}"
-              f"{r['host_dirs']:>11}")
+        print(
+            f"  {label:<34}{r['rss_bytes'] / MiB:>9.1f}{r['fds']:>6}{r['processes']:>7}{r['zombies']:>9}"
+            f"{r['host_dirs']:>11}"
+        )
     if config["warmup"]:
         print(f"  RSS growth baseline -> all runs ended: {rss_growth_pct(resources):+.2f} %")
     left = resources["after_grace"]
@@ -790,8 +920,10 @@ def print_resources(resources: dict[str, dict[str, int]], config: dict) -> None:
 
 def print_close(close: dict[str, object]) -> None:
     state = "returned" if close["finished"] else "had NOT returned"
-    print(f"Sandbox.close() {state} after {close['seconds']:.2f} s; worker scratch directories that appeared "
-          f"during the run and remain (any Sandbox on this host): {len(close['host_dirs_left'])}")
+    print(
+        f"Sandbox.close() {state} after {close['seconds']:.2f} s; worker scratch directories that appeared "
+        f"during the run and remain (any Sandbox on this host): {len(close['host_dirs_left'])}"
+    )
 
 
 # --- the plot -------------------------------------------------------------------------------------

@@ -6,13 +6,14 @@ import json
 import subprocess
 import sys
 
-from policies import LAYERS
+from sandbox.policies import LAYERS
 from tests.conftest import IS_ROOT, REPO
 
 
 def sandbox_cli(*args: str, timeout: float = 60) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "sandbox", *args], capture_output=True, text=True,
-                          cwd=REPO, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "sandbox", *args], capture_output=True, text=True, cwd=REPO, timeout=timeout
+    )
 
 
 def test_run_prints_the_outputs_as_json_and_the_code_output_on_stderr():
@@ -76,5 +77,6 @@ def test_doctor_json():
     assert report["error"] is None
     assert set(report["layers"]) == set(LAYERS)
     assert report["layers"]["seccomp"] == "on"
-    assert all(report["default_policy"][layer] == "required"
-               for layer, state in report["layers"].items() if state == "on")
+    assert all(
+        report["default_policy"][layer] == "required" for layer, state in report["layers"].items() if state == "on"
+    )

@@ -165,8 +165,7 @@ async def test_user_defined_exception_class(shared_sandbox):
 
 
 async def test_every_builtin_exception_class_can_be_raised_and_caught(shared_sandbox):
-    names = sorted(n for n, v in vars(builtins).items()
-                   if isinstance(v, type) and issubclass(v, BaseException))
+    names = sorted(n for n, v in vars(builtins).items() if isinstance(v, type) and issubclass(v, BaseException))
     code = textwrap.dedent("""
         special = {
             "UnicodeDecodeError": ("utf-8", b"x", 0, 1, "bad"),
@@ -187,8 +186,18 @@ async def test_every_builtin_exception_class_can_be_raised_and_caught(shared_san
     assert r.outputs["caught"] == names
 
 
-@pytest.mark.parametrize("exc", ["ValueError('v')", "KeyboardInterrupt()", "SystemExit(3)", "RecursionError()",
-                                 "StopIteration()", "GeneratorExit()", "NotImplementedError('n')"])
+@pytest.mark.parametrize(
+    "exc",
+    [
+        "ValueError('v')",
+        "KeyboardInterrupt()",
+        "SystemExit(3)",
+        "RecursionError()",
+        "StopIteration()",
+        "GeneratorExit()",
+        "NotImplementedError('n')",
+    ],
+)
 async def test_escaping_builtin_exceptions_become_code_errors(shared_sandbox, exc):
     with pytest.raises(CodeError) as info:
         await shared_sandbox.run(f"raise {exc}")
@@ -230,8 +239,10 @@ async def test_a_flood_on_both_pipes_ends_the_run_once_without_loop_errors(share
     try:
         for _ in range(5):
             with pytest.raises(OutputLimitExceeded):
-                await shared_sandbox.run("err = open(2, 'w', closefd=False)\nwhile True:\n"
-                                         "    print('x' * 65536)\n    print('y' * 65536, file=err)")
+                await shared_sandbox.run(
+                    "err = open(2, 'w', closefd=False)\nwhile True:\n"
+                    "    print('x' * 65536)\n    print('y' * 65536, file=err)"
+                )
         assert (await shared_sandbox.run("ok = 1")).outputs == {"ok": 1}
     finally:
         loop.set_exception_handler(previous)

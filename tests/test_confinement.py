@@ -16,8 +16,10 @@ from tests.conftest import IS_ROOT, quick_policy
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 
 # The policy layer lets these tests import os directly; the OS layers are what is under test.
-OPEN = {"allowed_modules": ["os", "os.path", "socket", "subprocess", "asyncio", "time", "signal", "resource", "sys"],
-        "denied_modules": []}
+OPEN = {
+    "allowed_modules": ["os", "os.path", "socket", "subprocess", "asyncio", "time", "signal", "resource", "sys"],
+    "denied_modules": [],
+}
 
 
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
@@ -64,18 +66,34 @@ async def test_the_file_system_view_is_minimal_and_read_only(sb):
     assert out["cwd"] == "/work" and not out["shadow_visible"]
     assert "home" not in out["root"] and "var" not in out["root"] and "srv" not in out["root"]
     assert out["homes"] in ([], [".pyenv"])  # only the directories holding this interpreter, if any
-    assert set(out["etc"]) <= {"ld.so.cache", "localtime", "nsswitch.conf", "hosts", "mime.types", "passwd",
-                               "group", "hostname"}
-    assert out["wrote"] == {"/work/a": True, "/tmp/a": True, "/dev/shm/a": True, "/etc/a": False,
-                            "/usr/a": False, "/a": False, "/proc/a": False}
+    assert set(out["etc"]) <= {
+        "ld.so.cache",
+        "localtime",
+        "nsswitch.conf",
+        "hosts",
+        "mime.types",
+        "passwd",
+        "group",
+        "hostname",
+    }
+    assert out["wrote"] == {
+        "/work/a": True,
+        "/tmp/a": True,
+        "/dev/shm/a": True,
+        "/etc/a": False,
+        "/usr/a": False,
+        "/a": False,
+        "/proc/a": False,
+    }
     assert out["procs"] == [1, 2]  # its own init and itself
     if IS_ROOT:
         assert out["uid"] >= 1_600_000_000
 
 
 async def test_readonly_filesystem_mode_makes_scratch_read_only_too(sb):
-    r = await sb.run("try:\n    open('/work/x', 'w')\n    ok = True\nexcept OSError as e:\n    ok = e.errno",
-                     tenant="frozen")
+    r = await sb.run(
+        "try:\n    open('/work/x', 'w')\n    ok = True\nexcept OSError as e:\n    ok = e.errno", tenant="frozen"
+    )
     assert r.outputs["ok"] == 30  # EROFS
 
 
@@ -89,8 +107,13 @@ async def test_the_environment_holds_only_the_base_and_allowlisted_variables(sb)
             raw = b""  # as root the worker runs as a uid of its own and is not dumpable
     """)
     r = await sb.run(code)
-    assert r.outputs["env"] == {"PATH": "/usr/local/bin:/usr/bin:/bin", "HOME": "/work", "TMPDIR": "/tmp",
-                                "LANG": "C.UTF-8", "SANDBOX_TEST_PASSED": "visible"}
+    assert r.outputs["env"] == {
+        "PATH": "/usr/local/bin:/usr/bin:/bin",
+        "HOME": "/work",
+        "TMPDIR": "/tmp",
+        "LANG": "C.UTF-8",
+        "SANDBOX_TEST_PASSED": "visible",
+    }
     assert b"secret" not in r.outputs["raw"] and b"SANDBOX_TEST" not in r.outputs["raw"]
 
 
@@ -118,8 +141,11 @@ async def test_network_policy_reaches_a_host_listener(sb):
     listener.setblocking(False)
     port = listener.getsockname()[1]
     try:
-        r = await sb.run("import socket\ns = socket.create_connection(('127.0.0.1', port), timeout=2)\nok = True",
-                         {"port": port}, tenant="net")
+        r = await sb.run(
+            "import socket\ns = socket.create_connection(('127.0.0.1', port), timeout=2)\nok = True",
+            {"port": port},
+            tenant="net",
+        )
         assert r.outputs == {"ok": True}
         conn, _ = listener.accept()
         conn.close()
@@ -150,8 +176,9 @@ async def test_allowed_processes_run_and_do_not_outlive_their_run(sb):
     """)
     r = await sb.run(code, tenant="procs")
     assert r.outputs["echoed"] == "hi\n"
-    follow = await sb.run("import os\nprocs = sorted(int(p) for p in os.listdir('/proc') if p.isdigit())",
-                          tenant="procs")
+    follow = await sb.run(
+        "import os\nprocs = sorted(int(p) for p in os.listdir('/proc') if p.isdigit())", tenant="procs"
+    )
     assert follow.stats.worker_pid == r.stats.worker_pid
     assert follow.outputs["procs"] == [1, 2]
 
@@ -216,9 +243,13 @@ async def test_rlimits_match_the_policy(sb):
     """)
     r = await sb.run(code)
     mib = 1024 * 1024
-    assert r.outputs["limits"] == {"RLIMIT_DATA": (256 * mib, 256 * mib), "RLIMIT_NOFILE": (64, 64),
-                                   "RLIMIT_FSIZE": (16 * mib, 16 * mib), "RLIMIT_CORE": (0, 0),
-                                   "RLIMIT_STACK": (8 * mib, 8 * mib)}
+    assert r.outputs["limits"] == {
+        "RLIMIT_DATA": (256 * mib, 256 * mib),
+        "RLIMIT_NOFILE": (64, 64),
+        "RLIMIT_FSIZE": (16 * mib, 16 * mib),
+        "RLIMIT_CORE": (0, 0),
+        "RLIMIT_STACK": (8 * mib, 8 * mib),
+    }
 
 
 async def test_no_privilege_can_be_regained(sb):
@@ -236,8 +267,9 @@ async def test_no_privilege_can_be_regained(sb):
 async def test_without_a_mount_namespace_the_scratch_is_a_private_host_directory():
     bare = quick_policy(**OPEN, skip_layers=["mountns", "landlock"])
     async with Sandbox(bare, workers=1) as sandbox:
-        first = await sandbox.run("import os\ncwd = os.getcwd()\nopen('note.txt', 'w').write('x')\n"
-                                  "tmp_listing_ok = bool(os.listdir('/tmp'))")
+        first = await sandbox.run(
+            "import os\ncwd = os.getcwd()\nopen('note.txt', 'w').write('x')\ntmp_listing_ok = bool(os.listdir('/tmp'))"
+        )
         cwd = first.outputs["cwd"]
         assert cwd.startswith("/tmp/sandbox-w") and os.path.isdir(cwd)
         second = await sandbox.run("import os\nleft = os.listdir('.')")

@@ -19,7 +19,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from policies import Policy
+from sandbox.policies import Policy
 from sandbox.profile import UID_BASE
 from sandbox.zygote import USERNS_INSIDE_ID
 from tests.conftest import IS_ROOT
@@ -65,8 +65,9 @@ def assert_ends_near_limit(report: dict, outcomes: set[str]) -> None:
 
 
 @pytest.mark.parametrize("route", ROUTES)
-def test_every_escape_route_reaches_the_real_os_of_a_confined_worker(harness: HarnessProcess, targets: Targets,
-                                                                     route: str) -> None:
+def test_every_escape_route_reaches_the_real_os_of_a_confined_worker(
+    harness: HarnessProcess, targets: Targets, route: str
+) -> None:
     """The guard is beaten on purpose: what follows tests the OS layers, not the guard."""
     code = escaped(route, "os = _mod('os')\npid = os.getpid()\nuid = os.getuid()\nppid = os.getppid()\n")
     report = attack(harness, targets, code)
@@ -80,19 +81,24 @@ def test_every_escape_route_reaches_the_real_os_of_a_confined_worker(harness: Ha
 # --- process creation ------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("route, body", [
-    ("traceback_frames", attacks.FORK_LOOP),
-    ("random_os", attacks.POSIX_SPAWN),
-    ("gc_objects", attacks.POSIXSUBPROCESS),
-    ("asyncio_reexport", attacks.SUBPROCESS_MODULE),
-    ("generator_frame", attacks.DOUBLE_FORK_DAEMON),
-], ids=["os.fork-bomb", "posix_spawn", "_posixsubprocess", "subprocess", "double-fork-daemon"])
+@pytest.mark.parametrize(
+    "route, body",
+    [
+        ("traceback_frames", attacks.FORK_LOOP),
+        ("random_os", attacks.POSIX_SPAWN),
+        ("gc_objects", attacks.POSIXSUBPROCESS),
+        ("asyncio_reexport", attacks.SUBPROCESS_MODULE),
+        ("generator_frame", attacks.DOUBLE_FORK_DAEMON),
+    ],
+    ids=["os.fork-bomb", "posix_spawn", "_posixsubprocess", "subprocess", "double-fork-daemon"],
+)
 def test_process_creation_is_refused(harness: HarnessProcess, targets: Targets, route: str, body: str) -> None:
     assert_refused(attack(harness, targets, escaped(route, body)))
 
 
-@pytest.mark.parametrize("code", [attacks.SUBPROCESS_EXEC_VIA_LOOP, attacks.SHELL_DAEMON_VIA_LOOP],
-                         ids=["exec", "shell-daemon"])
+@pytest.mark.parametrize(
+    "code", [attacks.SUBPROCESS_EXEC_VIA_LOOP, attacks.SHELL_DAEMON_VIA_LOOP], ids=["exec", "shell-daemon"]
+)
 def test_the_event_loop_cannot_start_processes_either(harness: HarnessProcess, targets: Targets, code: str) -> None:
     assert_refused(attack(harness, targets, code))
 
@@ -107,16 +113,20 @@ def test_raw_fork_vfork_and_clone_syscalls_are_refused(harness: HarnessProcess, 
     assert output_value(report, "results") == [[-1, 1]] * 3  # -1 with EPERM, three times
 
 
-@pytest.mark.skipif(not IS_ROOT, reason="unprivileged, only the wall-clock limit bounds a fork bomb where "
-                                        "processes are allowed (no pids cgroup, no RLIMIT_NPROC), and without "
-                                        "root the harness has no pids cgroup of its own to contain it")
+@pytest.mark.skipif(
+    not IS_ROOT,
+    reason="unprivileged, only the wall-clock limit bounds a fork bomb where "
+    "processes are allowed (no pids cgroup, no RLIMIT_NPROC), and without "
+    "root the harness has no pids cgroup of its own to contain it",
+)
 def test_a_fork_bomb_where_processes_are_allowed_stays_bounded(harness: HarnessProcess, targets: Targets) -> None:
     report = attack(harness, targets, escaped("traceback_frames", attacks.FORK_LOOP), tenant="procs")
     assert_ends_near_limit(report, {"CodeError", "WorkerCrashed", "TimeLimitExceeded"})
 
 
-def test_a_daemon_where_processes_are_allowed_does_not_outlive_its_run(harness: HarnessProcess,
-                                                                       targets: Targets) -> None:
+def test_a_daemon_where_processes_are_allowed_does_not_outlive_its_run(
+    harness: HarnessProcess, targets: Targets
+) -> None:
     report = attack(harness, targets, escaped("subclass_walk", attacks.DOUBLE_FORK_DAEMON), tenant="procs")
     assert output_value(report, "seen_during_run") is True
     after = attack(harness, targets, escaped("random_os", attacks.LIST_PROCESSES), tenant="procs")
@@ -132,21 +142,30 @@ def test_a_thread_left_running_retires_its_worker(harness: HarnessProcess, targe
 # --- signals and rlimits aimed outside the worker ------------------------------------------
 
 
-@pytest.mark.parametrize("route, body", [
-    ("random_os", attacks.KILL_PARENT),
-    ("gc_objects", attacks.KILL_EVERYONE),
-], ids=["kill-parent", "kill-minus-one"])
-def test_killing_the_parent_or_everyone_hurts_at_most_the_worker_itself(harness: HarnessProcess, targets: Targets,
-                                                                        route: str, body: str) -> None:
+@pytest.mark.parametrize(
+    "route, body",
+    [
+        ("random_os", attacks.KILL_PARENT),
+        ("gc_objects", attacks.KILL_EVERYONE),
+    ],
+    ids=["kill-parent", "kill-minus-one"],
+)
+def test_killing_the_parent_or_everyone_hurts_at_most_the_worker_itself(
+    harness: HarnessProcess, targets: Targets, route: str, body: str
+) -> None:
     report = attack(harness, targets, escaped(route, body))
     assert report["outcome"] in {"ok", "CodeError", "WorkerCrashed"}, report["message"][:300]
     assert len(lost_workers(report)) <= 1
 
 
-@pytest.mark.parametrize("route, body", [
-    ("asyncio_reexport", attacks.KILL_INIT),
-    ("traceback_frames", attacks.PIDFD_KILL_INIT),
-], ids=["kill", "pidfd_send_signal"])
+@pytest.mark.parametrize(
+    "route, body",
+    [
+        ("asyncio_reexport", attacks.KILL_INIT),
+        ("traceback_frames", attacks.PIDFD_KILL_INIT),
+    ],
+    ids=["kill", "pidfd_send_signal"],
+)
 def test_the_worker_cannot_kill_its_pid_1(harness: HarnessProcess, targets: Targets, route: str, body: str) -> None:
     report = attack(harness, targets, escaped(route, body))
     assert report["outcome"] in {"ok", "CodeError"}, report["message"][:300]
@@ -158,8 +177,7 @@ def test_signals_reach_nothing_outside_the_worker(harness: HarnessProcess, targe
     assert set(output_value(report, "reached")) <= {1}, "signal 0 reached a process other than its own init"
 
 
-def test_ptrace_and_cross_process_memory_reads_of_pid_1_are_refused(harness: HarnessProcess,
-                                                                    targets: Targets) -> None:
+def test_ptrace_and_cross_process_memory_reads_of_pid_1_are_refused(harness: HarnessProcess, targets: Targets) -> None:
     report = attack(harness, targets, escaped("gc_objects", attacks.PTRACE_INIT))
     assert output_value(report, "results") == {"ptrace_attach": [-1, 1], "process_vm_readv": [-1, 1]}  # EPERM
 
@@ -192,16 +210,18 @@ def test_prlimit_of_any_other_pid_is_refused(harness: HarnessProcess, targets: T
 
 
 @pytest.mark.parametrize("route", ["traceback_frames", "asyncio_reexport"])
-def test_no_environment_or_proc_file_holds_the_supervisors_secret(harness: HarnessProcess, targets: Targets,
-                                                                  route: str) -> None:
+def test_no_environment_or_proc_file_holds_the_supervisors_secret(
+    harness: HarnessProcess, targets: Targets, route: str
+) -> None:
     report = attack(harness, targets, escaped(route, attacks.READ_ENVIRONMENTS))
     assert report["outcome"] == "ok", report["message"][:300]
     assert "/proc/1/environ" in report["stdout"]  # the code ran and printed what it found
 
 
 def test_the_secret_scan_finds_a_secret_the_policy_passes_on_purpose(harness: HarnessProcess) -> None:
-    report = harness.run(escaped("random_os", f"os = _mod('os')\nleak = os.environ['{SECRET_VARIABLE}']\n"),
-                         tenant="envpass")
+    report = harness.run(
+        escaped("random_os", f"os = _mod('os')\nleak = os.environ['{SECRET_VARIABLE}']\n"), tenant="envpass"
+    )
     assert report["secret_found_in"] == ["outputs['leak']"]
     assert harness.secret in report_text(report)
 
@@ -213,8 +233,9 @@ def test_the_host_file_system_is_unreachable_through_init(harness: HarnessProces
 
 
 @pytest.mark.parametrize("route", ["subclass_walk", "gc_objects"])
-def test_nothing_outside_the_scratch_space_can_be_written(harness: HarnessProcess, targets: Targets,
-                                                          route: str) -> None:
+def test_nothing_outside_the_scratch_space_can_be_written(
+    harness: HarnessProcess, targets: Targets, route: str
+) -> None:
     report = attack(harness, targets, escaped(route, attacks.WRITE_EVERYWHERE))
     assert output_value(report, "written") == []
 
@@ -222,12 +243,16 @@ def test_nothing_outside_the_scratch_space_can_be_written(harness: HarnessProces
 # --- network ----------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("code", [
-    escaped("asyncio_reexport", attacks.TCP_CONNECT),
-    escaped("random_os", attacks.UDP_SEND),
-    attacks.OPEN_CONNECTION_VIA_LOOP,
-    attacks.DATAGRAM_VIA_LOOP,
-], ids=["tcp", "udp", "loop-tcp", "loop-udp"])
+@pytest.mark.parametrize(
+    "code",
+    [
+        escaped("asyncio_reexport", attacks.TCP_CONNECT),
+        escaped("random_os", attacks.UDP_SEND),
+        attacks.OPEN_CONNECTION_VIA_LOOP,
+        attacks.DATAGRAM_VIA_LOOP,
+    ],
+    ids=["tcp", "udp", "loop-tcp", "loop-udp"],
+)
 def test_the_host_listeners_are_unreachable(harness: HarnessProcess, targets: Targets, code: str) -> None:
     report = attack(harness, targets, code)
     assert report["outcome"] == "CodeError", report["message"][:300]
@@ -255,12 +280,17 @@ def _assert_fill_bounded(report: dict) -> None:
     assert report["scratch_largest"] <= LIMITS.max_file_size_mb * MiB
 
 
-@pytest.mark.parametrize("route, directory", [("random_os", "/dev/shm"), ("asyncio_reexport", "."),
-                                              ("subclass_walk", "/tmp")], ids=["dev-shm", "scratch", "tmp"])
-def test_filling_space_is_bounded_by_the_policy(harness: HarnessProcess, targets: Targets, route: str,
-                                                directory: str) -> None:
-    report = attack(harness, targets, escaped(route, attacks.FILL), extra_inputs={"directory": directory},
-                    inspect_scratch=True)
+@pytest.mark.parametrize(
+    "route, directory",
+    [("random_os", "/dev/shm"), ("asyncio_reexport", "."), ("subclass_walk", "/tmp")],
+    ids=["dev-shm", "scratch", "tmp"],
+)
+def test_filling_space_is_bounded_by_the_policy(
+    harness: HarnessProcess, targets: Targets, route: str, directory: str
+) -> None:
+    report = attack(
+        harness, targets, escaped(route, attacks.FILL), extra_inputs={"directory": directory}, inspect_scratch=True
+    )
     _assert_fill_bounded(report)
 
 
@@ -298,18 +328,26 @@ def test_spinning_threads_end_at_the_cpu_limit(harness: HarnessProcess, targets:
 
 
 @pytest.mark.parametrize("kind", ["files", "pipes", "socketpairs", "eventfds"])
-def test_file_descriptor_exhaustion_is_bounded_by_the_policy(harness: HarnessProcess, targets: Targets,
-                                                             kind: str) -> None:
-    report = attack(harness, targets, escaped("random_os", attacks.FD_EXHAUSTION),
-                    extra_inputs={"kind": kind, "close": True})
+def test_file_descriptor_exhaustion_is_bounded_by_the_policy(
+    harness: HarnessProcess, targets: Targets, kind: str
+) -> None:
+    report = attack(
+        harness, targets, escaped("random_os", attacks.FD_EXHAUSTION), extra_inputs={"kind": kind, "close": True}
+    )
     assert output_value(report, "stopped_by") == 24  # EMFILE
     assert output_value(report, "count") <= LIMITS.max_open_files
 
 
-def test_file_descriptors_leaked_by_a_run_harm_nothing_outside_the_worker(harness: HarnessProcess,
-                                                                          targets: Targets) -> None:
-    report = attack(harness, targets, escaped("subclass_walk", attacks.FD_EXHAUSTION),
-                    extra_inputs={"kind": "files", "close": False}, ignore=frozenset({"next_run"}))
+def test_file_descriptors_leaked_by_a_run_harm_nothing_outside_the_worker(
+    harness: HarnessProcess, targets: Targets
+) -> None:
+    report = attack(
+        harness,
+        targets,
+        escaped("subclass_walk", attacks.FD_EXHAUSTION),
+        extra_inputs={"kind": "files", "close": False},
+        ignore=frozenset({"next_run"}),
+    )
     assert output_value(report, "count") <= LIMITS.max_open_files
 
 
@@ -319,10 +357,10 @@ def test_file_descriptors_leaked_by_a_run_do_not_break_the_next_run(harness: Har
 
 
 @pytest.mark.parametrize("how", ["close", "replace"])
-def test_a_run_that_closes_or_replaces_its_channel_loses_only_its_worker(harness: HarnessProcess, targets: Targets,
-                                                                         how: str) -> None:
-    report = attack(harness, targets, escaped("traceback_frames", attacks.CHANNEL_TAMPERING),
-                    extra_inputs={"how": how})
+def test_a_run_that_closes_or_replaces_its_channel_loses_only_its_worker(
+    harness: HarnessProcess, targets: Targets, how: str
+) -> None:
+    report = attack(harness, targets, escaped("traceback_frames", attacks.CHANNEL_TAMPERING), extra_inputs={"how": how})
     assert report["outcome"] == "WorkerCrashed", f"{report['outcome']}: {report['message'][:300]}"
     assert len(lost_workers(report)) == 1
 
@@ -330,33 +368,46 @@ def test_a_run_that_closes_or_replaces_its_channel_loses_only_its_worker(harness
 # --- crashes, stops and C-level hogs -----------------------------------------------------------------
 
 
-@pytest.mark.parametrize("route, body, signum", [
-    ("gc_objects", attacks.NULL_DEREFERENCE, 11),
-    ("traceback_frames", attacks.ABORT, 6),
-    ("random_os", attacks.SELF_SIGSEGV, 11),
-    ("allowed_module_globals", attacks.FAULTHANDLER_SIGSEGV, 11),
-], ids=["string_at-0", "abort", "kill-self-sigsegv", "faulthandler"])
-def test_a_crashing_worker_is_reported_and_replaced(harness: HarnessProcess, targets: Targets, route: str, body: str,
-                                                    signum: int) -> None:
+@pytest.mark.parametrize(
+    "route, body, signum",
+    [
+        ("gc_objects", attacks.NULL_DEREFERENCE, 11),
+        ("traceback_frames", attacks.ABORT, 6),
+        ("random_os", attacks.SELF_SIGSEGV, 11),
+        ("allowed_module_globals", attacks.FAULTHANDLER_SIGSEGV, 11),
+    ],
+    ids=["string_at-0", "abort", "kill-self-sigsegv", "faulthandler"],
+)
+def test_a_crashing_worker_is_reported_and_replaced(
+    harness: HarnessProcess, targets: Targets, route: str, body: str, signum: int
+) -> None:
     report = attack(harness, targets, escaped(route, body))
     assert report["outcome"] == "WorkerCrashed", report["message"][:300]
     assert report["attributes"]["signal"] == signum
     assert lost_workers(report)
 
 
-@pytest.mark.parametrize("route, body", [
-    ("asyncio_reexport", attacks.SELF_SIGSTOP),
-    ("subclass_walk", attacks.GROUP_SIGSTOP),
-    ("generator_frame", attacks.RAISE_SIGTSTP),
-], ids=["sigstop-self", "sigstop-group", "sigtstp"])
-def test_a_stopped_worker_ends_near_the_wall_limit(harness: HarnessProcess, targets: Targets, route: str,
-                                                   body: str) -> None:
+@pytest.mark.parametrize(
+    "route, body",
+    [
+        ("asyncio_reexport", attacks.SELF_SIGSTOP),
+        ("subclass_walk", attacks.GROUP_SIGSTOP),
+        ("generator_frame", attacks.RAISE_SIGTSTP),
+    ],
+    ids=["sigstop-self", "sigstop-group", "sigtstp"],
+)
+def test_a_stopped_worker_ends_near_the_wall_limit(
+    harness: HarnessProcess, targets: Targets, route: str, body: str
+) -> None:
     report = attack(harness, targets, escaped(route, body))
     # SIGTSTP is discarded for a worker's orphaned process group, so that run just ends.
     assert_ends_near_limit(report, {"TimeLimitExceeded", "WorkerCrashed", "ok"})
 
 
-@pytest.mark.parametrize("code", [attacks.REGEX_BACKTRACKING, attacks.BIG_POWER, attacks.FACTORIAL, attacks.PBKDF2],
-                         ids=["regex", "big-power", "factorial", "pbkdf2"])
+@pytest.mark.parametrize(
+    "code",
+    [attacks.REGEX_BACKTRACKING, attacks.BIG_POWER, attacks.FACTORIAL, attacks.PBKDF2],
+    ids=["regex", "big-power", "factorial", "pbkdf2"],
+)
 def test_a_c_level_cpu_hog_ends_near_the_limit(harness: HarnessProcess, targets: Targets, code: str) -> None:
     assert_ends_near_limit(attack(harness, targets, code), {"TimeLimitExceeded"})

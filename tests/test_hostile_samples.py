@@ -12,7 +12,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from policies import Policy
+from sandbox.policies import Policy
 from tests.conftest import HOSTILE
 from tests.hostile import samples
 from tests.hostile.client import HarnessProcess

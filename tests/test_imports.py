@@ -25,18 +25,21 @@ async def sb():
         yield sandbox
 
 
-@pytest.mark.parametrize("code, module", [
-    ("import os", "os"),
-    ("import subprocess", "subprocess"),
-    ("__import__('ctypes')", "ctypes"),
-    ("from os import path", "os"),
-    ("import os.path", "os.path"),
-    ("exec('import socket', {})", "socket"),
-    ("eval(\"__import__('sys')\")", "sys"),
-    ("def f():\n    import pickle\nf()", "pickle"),
-    ("class C:\n    import marshal", "marshal"),
-    ("import email", "email"),
-])
+@pytest.mark.parametrize(
+    "code, module",
+    [
+        ("import os", "os"),
+        ("import subprocess", "subprocess"),
+        ("__import__('ctypes')", "ctypes"),
+        ("from os import path", "os"),
+        ("import os.path", "os.path"),
+        ("exec('import socket', {})", "socket"),
+        ("eval(\"__import__('sys')\")", "sys"),
+        ("def f():\n    import pickle\nf()", "pickle"),
+        ("class C:\n    import marshal", "marshal"),
+        ("import email", "email"),
+    ],
+)
 async def test_denied_or_unlisted_imports_raise_policy_violation(sb, code, module):
     with pytest.raises(PolicyViolation) as info:
         await sb.run(code)

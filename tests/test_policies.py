@@ -11,8 +11,8 @@ import tomllib
 import pydantic
 import pytest
 
-from policies import LAYERS, Policy, PolicyFileError, load_policies
 from sandbox import ConfinementUnavailable, PolicyViolation, Sandbox
+from sandbox.policies import LAYERS, Policy, PolicyFileError, load_policies
 from sandbox.profile import HostSupport, build_profile
 from tests.conftest import IS_ROOT, REPO
 
@@ -25,17 +25,20 @@ def test_unknown_fields_are_rejected_by_name():
     assert info.value.errors()[0]["loc"] == ("wall_time",)
 
 
-@pytest.mark.parametrize("field, value, fragment", [
-    ("wall_time_s", 0, "greater than 0"),
-    ("memory_mb", 8, "greater than or equal to 64"),
-    ("allowed_modules", ["json", "not a module"], "'not a module'"),
-    ("denied_modules", ["os.*.x"], "'os.*.x'"),
-    ("env", ["OK_NAME", "BAD-NAME"], "'BAD-NAME'"),
-    ("readonly_paths", ["relative/path"], "'relative/path'"),
-    ("removed_builtins", ["__import__"], "'__import__'"),
-    ("required_layers", ["seccomp", "teleport"], "teleport"),
-    ("filesystem", "everything", "scratch"),
-])
+@pytest.mark.parametrize(
+    "field, value, fragment",
+    [
+        ("wall_time_s", 0, "greater than 0"),
+        ("memory_mb", 8, "greater than or equal to 64"),
+        ("allowed_modules", ["json", "not a module"], "'not a module'"),
+        ("denied_modules", ["os.*.x"], "'os.*.x'"),
+        ("env", ["OK_NAME", "BAD-NAME"], "'BAD-NAME'"),
+        ("readonly_paths", ["relative/path"], "'relative/path'"),
+        ("removed_builtins", ["__import__"], "'__import__'"),
+        ("required_layers", ["seccomp", "teleport"], "teleport"),
+        ("filesystem", "everything", "scratch"),
+    ],
+)
 def test_validators_name_the_field_and_the_bad_value(field, value, fragment):
     with pytest.raises(pydantic.ValidationError) as info:
         Policy(**{field: value})
@@ -53,13 +56,58 @@ def test_defaults_are_the_safe_ones():
     p = Policy()
     assert p.network is False and p.allow_processes is False and p.required_layers == "auto"
     assert p.filesystem == "scratch" and p.env == [] and p.readonly_paths == []
-    for module in ("os", "sys", "subprocess", "socket", "ctypes", "importlib", "pickle", "marshal", "gc",
-                   "inspect", "signal", "multiprocessing", "threading", "pathlib", "shutil", "tempfile",
-                   "builtins", "code", "pty", "mmap", "resource"):
+    for module in (
+        "os",
+        "sys",
+        "subprocess",
+        "socket",
+        "ctypes",
+        "importlib",
+        "pickle",
+        "marshal",
+        "gc",
+        "inspect",
+        "signal",
+        "multiprocessing",
+        "threading",
+        "pathlib",
+        "shutil",
+        "tempfile",
+        "builtins",
+        "code",
+        "pty",
+        "mmap",
+        "resource",
+    ):
         assert module in p.denied_modules and module not in p.allowed_modules
-    for module in ("asyncio", "json", "math", "re", "datetime", "collections", "itertools", "functools",
-                   "statistics", "random", "decimal", "fractions", "typing", "dataclasses", "enum", "string",
-                   "textwrap", "uuid", "hashlib", "hmac", "base64", "time", "copy", "heapq", "bisect", "operator"):
+    for module in (
+        "asyncio",
+        "json",
+        "math",
+        "re",
+        "datetime",
+        "collections",
+        "itertools",
+        "functools",
+        "statistics",
+        "random",
+        "decimal",
+        "fractions",
+        "typing",
+        "dataclasses",
+        "enum",
+        "string",
+        "textwrap",
+        "uuid",
+        "hashlib",
+        "hmac",
+        "base64",
+        "time",
+        "copy",
+        "heapq",
+        "bisect",
+        "operator",
+    ):
         assert module in p.allowed_modules
 
 
@@ -73,7 +121,8 @@ def test_the_bundled_default_file_documents_exactly_the_built_in_defaults():
 
 def test_base_then_tenant_overrides_then_builtin_defaults(tmp_path):
     path = tmp_path / "p.toml"
-    path.write_text(textwrap.dedent("""
+    path.write_text(
+        textwrap.dedent("""
         [base]
         wall_time_s = 7
         memory_mb = 512
@@ -81,7 +130,8 @@ def test_base_then_tenant_overrides_then_builtin_defaults(tmp_path):
         memory_mb = 128
         allowed_modules = ["math", "json"]
         [tenants.beta]
-    """))
+    """)
+    )
     policies = load_policies(path)
     assert policies["alpha"].wall_time_s == 7 and policies["alpha"].memory_mb == 128
     assert policies["alpha"].allowed_modules == ["math", "json"]
@@ -90,14 +140,16 @@ def test_base_then_tenant_overrides_then_builtin_defaults(tmp_path):
 
 def test_an_invalid_file_raises_one_error_naming_file_tenant_and_every_bad_field(tmp_path):
     path = tmp_path / "bad.toml"
-    path.write_text(textwrap.dedent("""
+    path.write_text(
+        textwrap.dedent("""
         [tenants.alpha]
         memory_mb = -1
         wall_time_s = "soon"
         colour = "blue"
         [tenants.beta]
         cpu_time_s = 1
-    """))
+    """)
+    )
     with pytest.raises(PolicyFileError) as info:
         load_policies(path)
     problems = info.value.problems
@@ -106,12 +158,15 @@ def test_an_invalid_file_raises_one_error_naming_file_tenant_and_every_bad_field
     assert {p.split(": ")[2] for p in problems} == {"memory_mb", "wall_time_s", "colour"}
 
 
-@pytest.mark.parametrize("text, fragment", [
-    ("[tenant.alpha]\nmemory_mb = 128\n", "unknown top-level section 'tenant'"),
-    ("[base]\nwall_time_s = 3\n", "no [tenants.NAME] table"),
-    ("[tenants.alpha\n", "Expected ']'"),
-    ("[base]\nwalltime = 3\n[tenants.a]\n", "[base]: walltime"),
-])
+@pytest.mark.parametrize(
+    "text, fragment",
+    [
+        ("[tenant.alpha]\nmemory_mb = 128\n", "unknown top-level section 'tenant'"),
+        ("[base]\nwall_time_s = 3\n", "no [tenants.NAME] table"),
+        ("[tenants.alpha\n", "Expected ']'"),
+        ("[base]\nwalltime = 3\n[tenants.a]\n", "[base]: walltime"),
+    ],
+)
 def test_structural_errors_are_reported(tmp_path, text, fragment):
     path = tmp_path / "p.toml"
     path.write_text(text)
@@ -126,22 +181,27 @@ def test_a_directory_of_files_with_a_tenant_defined_twice(tmp_path):
     assert set(load_policies(tmp_path)) == {"one", "two", "three"}
     assert load_policies(tmp_path)["three"].memory_mb == 128
     (tmp_path / "c.toml").write_text("[tenants.one]\n")
-    with pytest.raises(PolicyFileError, match="tenant 'one' is already defined in .*a.toml"):
+    with pytest.raises(PolicyFileError, match=r"tenant 'one' is already defined in .*a\.toml"):
         load_policies(tmp_path)
     with pytest.raises(PolicyFileError, match="no such file"):
         load_policies(tmp_path / "missing.toml")
 
 
 def test_policy_check_command(tmp_path):
-    ok = subprocess.run([sys.executable, "-m", "sandbox", "policy", "check", str(POLICY_DIR / "tenants.example.toml")],
-                        capture_output=True, text=True, cwd=REPO)
+    ok = subprocess.run(
+        [sys.executable, "-m", "sandbox", "policy", "check", str(POLICY_DIR / "tenants.example.toml")],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+    )
     assert ok.returncode == 0, ok.stderr
     assert "[tenants.free]" in ok.stdout and "OK: 4 tenant(s)" in ok.stdout
     assert "rate_per_s = 5.0" in ok.stdout
     bad = tmp_path / "bad.toml"
     bad.write_text("[tenants.x]\nmemory_mb = 1\n")
-    failed = subprocess.run([sys.executable, "-m", "sandbox", "policy", "check", str(bad)],
-                            capture_output=True, text=True, cwd=REPO)
+    failed = subprocess.run(
+        [sys.executable, "-m", "sandbox", "policy", "check", str(bad)], capture_output=True, text=True, cwd=REPO
+    )
     assert failed.returncode != 0
     assert "tenant 'x': memory_mb" in failed.stderr
 

@@ -20,16 +20,17 @@ import cloudpickle
 import pytest
 import pytest_asyncio
 
-from runtime import wire
 from sandbox import CodeError, Opaque, PolicyViolation, Sandbox, SandboxError, WorkerCrashed
+from sandbox.runtime import wire
 from tests.conftest import HOSTILE, quick_policy
 from tests.test_snapshot import BOMBS, HUGE_MEMO_INDEX, RunsACommand
 
 in_module_loop = pytest.mark.asyncio(loop_scope="module")
 
 MiB = 1024 * 1024
-OPEN_POLICY = quick_policy(allowed_modules=["os", "sys", "time", "asyncio"], denied_modules=[],
-                           max_result_bytes=4 * MiB)
+OPEN_POLICY = quick_policy(
+    allowed_modules=["os", "sys", "time", "asyncio"], denied_modules=[], max_result_bytes=4 * MiB
+)
 NO_HANG_S = 3.0  # well under the policy's 5 s wall limit
 LATE_REPLY_S = 0.3  # time for a forging run's own, late, reply to reach the host
 
@@ -54,7 +55,7 @@ FORGER = textwrap.dedent("""
         raise LookupError("no token on the stack")
 
     def _reply(outputs, token=None, cpu_s=0.0):
-        w = sys.modules["runtime.wire"]
+        w = sys.modules["sandbox.runtime.wire"]
         return w.frame(w.encode_reply(w.Reply(token or _token(), w.OK, cpu_s, 0, 0.0, False, outputs, {}, None)))
 """)
 
@@ -65,13 +66,23 @@ def _blob(value: object) -> bytes:
 
 # --- decode_reply ----------------------------------------------------------------
 
+
 def _field(data: bytes) -> bytes:
     return struct.pack("<I", len(data)) + data
 
 
-def _payload(outputs: tuple = (), skipped: tuple = (), error: tuple = (), *, kind: int = wire.KIND_REPLY,
-             status: int = wire.OK, cpu_s: float = 0.5, worker_cpu_s: float = 1.0, retire: int = 0,
-             counts: tuple[int, int, int] | None = None) -> bytes:
+def _payload(
+    outputs: tuple = (),
+    skipped: tuple = (),
+    error: tuple = (),
+    *,
+    kind: int = wire.KIND_REPLY,
+    status: int = wire.OK,
+    cpu_s: float = 0.5,
+    worker_cpu_s: float = 1.0,
+    retire: int = 0,
+    counts: tuple[int, int, int] | None = None,
+) -> bytes:
     """A reply payload from raw byte fields: (name, label, blob), (name, reason), error texts."""
     n_outputs, n_skipped, n_error = counts or (len(outputs), len(skipped), len(error))
     head = HEAD.pack(kind, TOKEN, status, cpu_s, 1 << 20, worker_cpu_s, retire, n_outputs, n_skipped, n_error)
@@ -94,8 +105,17 @@ FAILED_REPLY = _payload(status=wire.CODE_ERROR, error=(b"ValueError", b"ValueErr
 
 
 def test_well_formed_replies_decode_to_what_the_encoder_wrote():
-    reply = wire.Reply(TOKEN, wire.OK, 0.25, 4096, 1.5, True, [("x", "int", b"\x80\x05K\x01."), ("y", "str", b"")],
-                       {"f": "function"}, None)
+    reply = wire.Reply(
+        TOKEN,
+        wire.OK,
+        0.25,
+        4096,
+        1.5,
+        True,
+        [("x", "int", b"\x80\x05K\x01."), ("y", "str", b"")],
+        {"f": "function"},
+        None,
+    )
     assert _decode(wire.encode_reply(reply)) == reply
     failed = wire.Reply(TOKEN, wire.OUTPUT_LIMIT, 0.0, 0, 0.0, False, [], {}, ("T", "message", "tb", "x"))
     assert _decode(wire.encode_reply(failed)) == failed
@@ -137,11 +157,15 @@ def test_counts_larger_than_the_payload_are_refused_before_anything_is_allocated
     assert time.perf_counter() - start < 0.1
 
 
-@pytest.mark.parametrize("outputs, skipped", [
-    (((b"a", b"int", b""), (b"a", b"int", b"")), ()),
-    (((b"a", b"int", b""),), ((b"a", b"function"),)),
-    ((), ((b"f", b"function"), (b"f", b"module"))),
-], ids=["two_outputs", "output_and_skipped", "two_skipped"])
+@pytest.mark.parametrize(
+    "outputs, skipped",
+    [
+        (((b"a", b"int", b""), (b"a", b"int", b"")), ()),
+        (((b"a", b"int", b""),), ((b"a", b"function"),)),
+        ((), ((b"f", b"function"), (b"f", b"module"))),
+    ],
+    ids=["two_outputs", "output_and_skipped", "two_skipped"],
+)
 def test_a_variable_named_twice_is_refused(outputs, skipped):
     assert "twice" in _refused(_payload(outputs=outputs, skipped=skipped))
 
@@ -169,34 +193,56 @@ def test_cpu_times_must_be_finite_and_non_negative(which, value):
     assert "CPU time" in _refused(_payload(**{which: value}))
 
 
-@pytest.mark.parametrize("payload", [
-    _payload(kind=wire.KIND_HELLO),
-    _payload(kind=0),
-    _payload(status=99),
-    _payload(retire=2),
-    _payload(error=(b"", b"", b"", b"")),
-    _payload(status=wire.CODE_ERROR),
-    _payload(status=wire.CODE_ERROR, error=(b"", b"", b"")),
-    _payload(status=wire.CODE_ERROR, outputs=((b"a", b"int", b""),), error=(b"", b"", b"", b"")),
-    HEAD.pack(wire.KIND_REPLY, TOKEN, wire.OK, 0.0, 0, 0.0, 0, 0, 0, 0)[:-1],
-    b"",
-], ids=["hello_kind", "zero_kind", "unknown_status", "retire_flag", "ok_with_error", "error_without_text",
-        "three_error_fields", "failed_with_outputs", "short_header", "empty"])
+@pytest.mark.parametrize(
+    "payload",
+    [
+        _payload(kind=wire.KIND_HELLO),
+        _payload(kind=0),
+        _payload(status=99),
+        _payload(retire=2),
+        _payload(error=(b"", b"", b"", b"")),
+        _payload(status=wire.CODE_ERROR),
+        _payload(status=wire.CODE_ERROR, error=(b"", b"", b"")),
+        _payload(status=wire.CODE_ERROR, outputs=((b"a", b"int", b""),), error=(b"", b"", b"", b"")),
+        HEAD.pack(wire.KIND_REPLY, TOKEN, wire.OK, 0.0, 0, 0.0, 0, 0, 0, 0)[:-1],
+        b"",
+    ],
+    ids=[
+        "hello_kind",
+        "zero_kind",
+        "unknown_status",
+        "retire_flag",
+        "ok_with_error",
+        "error_without_text",
+        "three_error_fields",
+        "failed_with_outputs",
+        "short_header",
+        "empty",
+    ],
+)
 def test_a_header_that_contradicts_itself_is_refused(payload):
     _refused(payload)
 
 
-@pytest.mark.parametrize("payload", [
-    b"", b"\x02{}", bytes([wire.KIND_HELLO]) + b"not json", bytes([wire.KIND_HELLO]) + b'{"layers": [], "error": null}',
-    bytes([wire.KIND_HELLO]) + b'{"layers": {"a": 1}, "error": null}',
-    bytes([wire.KIND_HELLO]) + b" " * wire.MAX_HELLO_BYTES + b'{"layers": {}, "error": null}',
-], ids=["empty", "reply_kind", "not_json", "layers_list", "layer_not_text", "oversized"])
+@pytest.mark.parametrize(
+    "payload",
+    [
+        b"",
+        b"\x02{}",
+        bytes([wire.KIND_HELLO]) + b"not json",
+        bytes([wire.KIND_HELLO]) + b'{"layers": [], "error": null}',
+        bytes([wire.KIND_HELLO]) + b'{"layers": {"a": 1}, "error": null}',
+        bytes([wire.KIND_HELLO]) + b" " * wire.MAX_HELLO_BYTES + b'{"layers": {}, "error": null}',
+    ],
+    ids=["empty", "reply_kind", "not_json", "layers_list", "layer_not_text", "oversized"],
+)
 def test_a_malformed_hello_is_refused(payload):
     with pytest.raises(wire.ProtocolError):
         wire.decode_hello(payload)
 
 
 # --- frames from user code ----------------------------------------------------------
+
 
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
 async def open_sandbox():
@@ -223,11 +269,15 @@ VIOLATIONS = {
     "garbage": ('os.write(3, (100).to_bytes(4, "little") + b"g" * 100)', "unexpected frame kind 103"),
     "short": ('os.write(3, b"\\x05\\x00\\x00\\x00hello")', "reply shorter than its header"),
     "oversized": ('os.write(3, b"\\xff\\xff\\xff\\xff")', "it announced a frame of 4294967295 bytes"),
-    "over_policy_frame_limit": (f'os.write(3, ({OPEN_POLICY.max_reply_bytes + 2 * MiB}).to_bytes(4, "little"))',
-                                f"a frame of {OPEN_POLICY.max_reply_bytes + 2 * MiB} bytes, over the limit of"),
+    "over_policy_frame_limit": (
+        f'os.write(3, ({OPEN_POLICY.max_reply_bytes + 2 * MiB}).to_bytes(4, "little"))',
+        f"a frame of {OPEN_POLICY.max_reply_bytes + 2 * MiB} bytes, over the limit of",
+    ),
     "truncated": ('os.write(3, (64).to_bytes(4, "little") + b"x" * 10)', "unexpected frame kind 120"),
-    "hello_again": ('w = sys.modules["runtime.wire"]\nos.write(3, w.frame(w.encode_hello({"x": "on" * 40}, None)))',
-                    "unexpected frame kind 1"),
+    "hello_again": (
+        'w = sys.modules["sandbox.runtime.wire"]\nos.write(3, w.frame(w.encode_hello({"x": "on" * 40}, None)))',
+        "unexpected frame kind 1",
+    ),
     "wrong_token": ("os.write(3, _reply([], token=os.urandom(16)))", "its reply carries the wrong token"),
     "name_twice": ('os.write(3, _reply([("a", "int", b""), ("a", "int", b"")]))', "reply names variable 'a' twice"),
     "value_over_cap": (f'os.write(3, _reply([("a", "bytes", b"x" * {4 * MiB + 1})]))', "exceeds its limit"),
@@ -261,8 +311,10 @@ async def test_every_run_gets_a_fresh_token_and_a_replayed_one_is_refused():
 async def test_a_violation_never_reaches_concurrent_runs_or_other_tenants():
     async with Sandbox(OPEN_POLICY, tenants={"other": quick_policy()}, workers=3) as sb:
         violation = asyncio.ensure_future(_violation(sb, 'import time\ntime.sleep(0.2)\nos.write(3, b"\\xff" * 4)'))
-        slow = [sb.run("import time\ntime.sleep(0.1)\ny = x + 1", {"x": i}, tenant=t)
-                for i, t in enumerate(["default", "other"] * 3)]
+        slow = [
+            sb.run("import time\ntime.sleep(0.1)\ny = x + 1", {"x": i}, tenant=t)
+            for i, t in enumerate(["default", "other"] * 3)
+        ]
         results = await asyncio.gather(*slow)
         assert [r.outputs for r in results] == [{"y": i + 1} for i in range(6)]
         await violation
@@ -306,15 +358,19 @@ async def test_forged_replies_carrying_pickle_bombs_leave_the_host_up_and_inert(
 
 
 @in_module_loop
-@pytest.mark.parametrize("code, survives", [
-    ("os.close(0)", True),
-    ("os.close(1)", True),
-    ("os.close(2)", True),
-    ("os.close(1)\nos.close(2)\nos.close(0)", True),
-    ("os.close(3)", False),
-    ("for fd in range(4):\n    os.close(fd)", False),
-    ("os.dup2(os.open('/dev/null', os.O_WRONLY), 3)", False),
-], ids=["stdin", "stdout", "stderr", "all_standard", "channel", "everything", "channel_replaced"])
+@pytest.mark.parametrize(
+    "code, survives",
+    [
+        ("os.close(0)", True),
+        ("os.close(1)", True),
+        ("os.close(2)", True),
+        ("os.close(1)\nos.close(2)\nos.close(0)", True),
+        ("os.close(3)", False),
+        ("for fd in range(4):\n    os.close(fd)", False),
+        ("os.dup2(os.open('/dev/null', os.O_WRONLY), 3)", False),
+    ],
+    ids=["stdin", "stdout", "stderr", "all_standard", "channel", "everything", "channel_replaced"],
+)
 async def test_closing_a_standard_stream_or_the_channel_ends_promptly(code, survives):
     async with Sandbox(OPEN_POLICY, workers=1) as sb:
         start = time.monotonic()
@@ -346,8 +402,12 @@ async def test_hostile_forge_reply():
     if not path.exists():
         pytest.skip(f"{path} is not available")
     code = path.read_text()
-    expected = {name.strip() for line in code.splitlines() if line.startswith("# expect:")
-                for name in line.partition(":")[2].split(",")}
+    expected = {
+        name.strip()
+        for line in code.splitlines()
+        if line.startswith("# expect:")
+        for name in line.partition(":")[2].split(",")
+    }
     async with Sandbox(quick_policy(), workers=1) as sb:
         try:
             outcome: object = await sb.run(code)
@@ -374,10 +434,14 @@ STEAL_THE_NEXT_REQUEST = textwrap.dedent("""
 
 
 @in_module_loop
-@pytest.mark.parametrize("tenants, victim_tenant", [
-    ({"thief": OPEN_POLICY, "victim": quick_policy()}, "victim"),
-    ({"thief": OPEN_POLICY.model_copy(update={"fresh_process_per_run": True})}, "thief"),
-], ids=["another_tenant", "same_tenant_fresh_process"])
+@pytest.mark.parametrize(
+    "tenants, victim_tenant",
+    [
+        ({"thief": OPEN_POLICY, "victim": quick_policy()}, "victim"),
+        ({"thief": OPEN_POLICY.model_copy(update={"fresh_process_per_run": True})}, "thief"),
+    ],
+    ids=["another_tenant", "same_tenant_fresh_process"],
+)
 async def test_a_run_that_forged_its_reply_never_sees_or_answers_a_run_it_must_not(tenants, victim_tenant):
     async with Sandbox(tenants=tenants, workers=1) as sb:
         thief = asyncio.ensure_future(sb.run(FORGER + STEAL_THE_NEXT_REQUEST, tenant="thief"))

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import os
 
-from runtime.confine import Scratch, ScratchDir
-from runtime.worker import _empty_scratch
+from sandbox.runtime.confine import Scratch, ScratchDir
+from sandbox.runtime.worker import _empty_scratch
 
 
 def _pinned(directory) -> Scratch:

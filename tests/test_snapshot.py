@@ -37,6 +37,7 @@ OPEN_POLICY = quick_policy(allowed_modules=["os", "posix", "sys", "asyncio"], de
 
 # --- hand-made pickles ------------------------------------------------------------
 
+
 def _text(value: str) -> bytes:
     raw = value.encode()
     return pickle.BINUNICODE + struct.pack("<I", len(raw)) + raw
@@ -63,14 +64,23 @@ def _doubling_chain(container: str, levels: int = 60) -> bytes:
     body = pickle.EMPTY_TUPLE + pickle.MEMOIZE
     for level in range(levels):
         pair = _memo(level) * 2
-        body += (pair + pickle.TUPLE2 if container == "tuple"
-                 else pickle.EMPTY_LIST + pickle.MARK + pair + pickle.APPENDS) + pickle.MEMOIZE
+        body += (
+            pair + pickle.TUPLE2 if container == "tuple" else pickle.EMPTY_LIST + pickle.MARK + pair + pickle.APPENDS
+        ) + pickle.MEMOIZE
     return body
 
 
 def _uuid_with_state(state_items: bytes) -> bytes:
-    return (_global("uuid", "UUID") + pickle.EMPTY_TUPLE + pickle.NEWOBJ
-            + pickle.EMPTY_DICT + pickle.MARK + state_items + pickle.SETITEMS + pickle.BUILD)
+    return (
+        _global("uuid", "UUID")
+        + pickle.EMPTY_TUPLE
+        + pickle.NEWOBJ
+        + pickle.EMPTY_DICT
+        + pickle.MARK
+        + state_items
+        + pickle.SETITEMS
+        + pickle.BUILD
+    )
 
 
 def _as_key(key: bytes) -> bytes:
@@ -80,8 +90,16 @@ def _as_key(key: bytes) -> bytes:
 def _many_calls(constructor: bytes, argument: str, calls: int) -> bytes:
     """``[constructor(argument)] * calls``, the argument stored once and fetched by memo."""
     call = _memo(0) + _memo(1) + pickle.TUPLE1 + pickle.REDUCE
-    return _pickle(constructor + pickle.MEMOIZE + _text(argument) + pickle.MEMOIZE
-                   + pickle.EMPTY_LIST + pickle.MARK + call * calls + pickle.APPENDS)
+    return _pickle(
+        constructor
+        + pickle.MEMOIZE
+        + _text(argument)
+        + pickle.MEMOIZE
+        + pickle.EMPTY_LIST
+        + pickle.MARK
+        + call * calls
+        + pickle.APPENDS
+    )
 
 
 def _huge_memo_index() -> bytes:
@@ -103,36 +121,58 @@ BOMBS: dict[str, tuple[bytes, str]] = {
     "deep_tuples": (_pickle(_deep_tuple()), "nested deeper than the budget"),
     "deep_tuple_key": (_pickle(_as_key(_HASH_BOMB)), "nested deeper than the budget"),
     "doubling_list_chain": (_pickle(_doubling_chain("list")), "expands to more objects than the budget"),
-    "doubling_tuple_chain_key": (_pickle(_as_key(_doubling_chain("tuple"))),
-                                 "keys expand to more objects than the budget"),
+    "doubling_tuple_chain_key": (
+        _pickle(_as_key(_doubling_chain("tuple"))),
+        "keys expand to more objects than the budget",
+    ),
     "uuid_with_deep_int_as_key": (_pickle(_as_key(_uuid_with_state(_text("int") + _HASH_BOMB))), _STATE_BUILT),
-    "uuid_with_deep_safety_flag": (_pickle(_uuid_with_state(
-        _text("int") + pickle.BININT1 + b"\x01" + _text("is_safe") + _HASH_BOMB)), _STATE_BUILT),
-    "fraction_with_huge_exponent": (_pickle(
-        _global("fractions", "Fraction") + _text("1e900000000") + pickle.TUPLE1 + pickle.REDUCE),
-        "Fraction is rebuilt only from two integers"),
-    "fraction_of_huge_decimal": (_pickle(
-        _global("fractions", "Fraction") + _global("decimal", "Decimal") + _text("1e900000000")
-        + pickle.TUPLE1 + pickle.REDUCE + pickle.TUPLE1 + pickle.REDUCE),
-        "constructor arguments are not plain scalars"),
-    "one_string_fed_to_many_decimals": (
-        _many_calls(_global("decimal", "Decimal"), "9" * 1_000_000, 20_000), _REPEATED),
+    "uuid_with_deep_safety_flag": (
+        _pickle(_uuid_with_state(_text("int") + pickle.BININT1 + b"\x01" + _text("is_safe") + _HASH_BOMB)),
+        _STATE_BUILT,
+    ),
+    "fraction_with_huge_exponent": (
+        _pickle(_global("fractions", "Fraction") + _text("1e900000000") + pickle.TUPLE1 + pickle.REDUCE),
+        "Fraction is rebuilt only from two integers",
+    ),
+    "fraction_of_huge_decimal": (
+        _pickle(
+            _global("fractions", "Fraction")
+            + _global("decimal", "Decimal")
+            + _text("1e900000000")
+            + pickle.TUPLE1
+            + pickle.REDUCE
+            + pickle.TUPLE1
+            + pickle.REDUCE
+        ),
+        "constructor arguments are not plain scalars",
+    ),
+    "one_string_fed_to_many_decimals": (_many_calls(_global("decimal", "Decimal"), "9" * 1_000_000, 20_000), _REPEATED),
     "one_string_fed_to_many_uuids": (  # UUID() strips the dashes, copying the string every time
-        _many_calls(_global("uuid", "UUID"), "0" * 32 + "-" * 1_000_000, 20_000), _REPEATED),
-    "hex_text_long_into_decimal": (_pickle(
-        _global("decimal", "Decimal") + pickle.LONG + b"0x" + b"f" * 4_000_000 + b"\n"
-        + pickle.TUPLE1 + pickle.REDUCE), "the pickle uses an opcode that inert data never needs"),
+        _many_calls(_global("uuid", "UUID"), "0" * 32 + "-" * 1_000_000, 20_000),
+        _REPEATED,
+    ),
+    "hex_text_long_into_decimal": (
+        _pickle(
+            _global("decimal", "Decimal")
+            + pickle.LONG
+            + b"0x"
+            + b"f" * 4_000_000
+            + b"\n"
+            + pickle.TUPLE1
+            + pickle.REDUCE
+        ),
+        "the pickle uses an opcode that inert data never needs",
+    ),
 }
-
 
 
 # Lets a bomb run into the guard it is aimed at instead of the shared op budget.
 _UNLIMITED_OPS = Budget(max_ops=10**9)
 
 
-def _decode_timed(data: bytes, budget: Budget = Budget()) -> tuple[object, float]:
+def _decode_timed(data: bytes, budget: Budget | None = None) -> tuple[object, float]:
     start = time.perf_counter()
-    value = decode_value(data, "label", budget)
+    value = decode_value(data, "label", budget or Budget())
     return value, time.perf_counter() - start
 
 
@@ -149,6 +189,7 @@ class RunsACommand:
 
 
 # --- fixtures ------------------------------------------------------------------
+
 
 @pytest.fixture
 def canary(tmp_path: Path) -> Path:
@@ -167,12 +208,31 @@ def numpy_installed() -> None:
 # --- decode_value: what becomes an object ------------------------------------------
 
 INERT_VALUES = [
-    None, True, False, 0, -(2 ** 4000), 1.5, float("inf"), 2 - 3j, "text ü", b"\x00bytes", bytearray(b"ba"),
-    [1, [2, [3]]], (1, ("two", None)), {"a": {1: [2.5]}}, {1, "two"}, frozenset({(1, 2), "x"}),
+    None,
+    True,
+    False,
+    0,
+    -(2**4000),
+    1.5,
+    float("inf"),
+    2 - 3j,
+    "text ü",
+    b"\x00bytes",
+    bytearray(b"ba"),
+    [1, [2, [3]]],
+    (1, ("two", None)),
+    {"a": {1: [2.5]}},
+    {1, "two"},
+    frozenset({(1, 2), "x"}),
     datetime.datetime(2024, 2, 29, 23, 59, 58, 999, tzinfo=datetime.timezone(datetime.timedelta(hours=-3), "X")),
-    datetime.date(1970, 1, 1), datetime.time(12, 30, tzinfo=datetime.timezone.utc), datetime.timedelta(-1, 5, 7),
-    datetime.timezone.utc, decimal.Decimal("-1.50E+30"), fractions.Fraction(-3, 4),
-    uuid.UUID("12345678-1234-5678-1234-567812345678"), uuid.UUID(int=5, is_safe=uuid.SafeUUID.unsafe),
+    datetime.date(1970, 1, 1),
+    datetime.time(12, 30, tzinfo=datetime.UTC),
+    datetime.timedelta(-1, 5, 7),
+    datetime.UTC,
+    decimal.Decimal("-1.50E+30"),
+    fractions.Fraction(-3, 4),
+    uuid.UUID("12345678-1234-5678-1234-567812345678"),
+    uuid.UUID(int=5, is_safe=uuid.SafeUUID.unsafe),
     {(1, (2, 3)): frozenset({uuid.UUID(int=1)}), datetime.date(2020, 1, 1): [decimal.Decimal(1)]},
 ]
 
@@ -199,9 +259,17 @@ def _opaque_samples() -> dict[str, object]:
 
     cycle: list = []
     cycle.append(cycle)
-    return {"instance": RunsACommand("/nonexistent"), "function": function, "range": range(3),
-            "ellipsis": Ellipsis, "function_in_list": [1, function], "type": int, "cycle": cycle,
-            "over_depth": _nested(120), "over_int": 1 << 40_000}
+    return {
+        "instance": RunsACommand("/nonexistent"),
+        "function": function,
+        "range": range(3),
+        "ellipsis": Ellipsis,
+        "function_in_list": [1, function],
+        "type": int,
+        "cycle": cycle,
+        "over_depth": _nested(120),
+        "over_int": 1 << 40_000,
+    }
 
 
 def _nested(depth: int) -> list:
@@ -220,8 +288,17 @@ def test_anything_but_inert_data_within_budget_stays_opaque_bytes(name):
     assert value.type_name == f"label-{name}" and value.reason
 
 
-@pytest.mark.parametrize("module, name", [("posix", "system"), ("os", "system"), ("builtins", "exec"),
-                                          ("builtins", "eval"), ("subprocess", "call"), ("builtins", "getattr")])
+@pytest.mark.parametrize(
+    "module, name",
+    [
+        ("posix", "system"),
+        ("os", "system"),
+        ("builtins", "exec"),
+        ("builtins", "eval"),
+        ("subprocess", "call"),
+        ("builtins", "getattr"),
+    ],
+)
 def test_a_pickle_naming_a_callable_outside_the_allowlist_never_calls_it(canary, module, name):
     data = _pickle(_global(module, name) + _text(f"open({str(canary)!r}, 'w')") + pickle.TUPLE1 + pickle.REDUCE)
     value = decode_value(data, "payload")
@@ -238,6 +315,7 @@ def test_a_malicious_reduce_is_kept_as_bytes_and_never_run_on_the_host(canary):
 
 # --- decode_value: bombs --------------------------------------------------------------
 
+
 @pytest.mark.parametrize("name", list(BOMBS))
 def test_pickle_bombs_come_back_opaque_quickly_for_the_right_reason(name):
     data, reason = BOMBS[name]
@@ -253,10 +331,19 @@ def test_a_huge_memo_index_costs_nothing():
     assert seconds < 1.0
 
 
-@pytest.mark.parametrize("data", [
-    b"", b"\x80\x05", b"garbage", _pickle(_memo(7)), _pickle(_deep_tuple(5))[:-1],
-    cloudpickle.dumps([1, 2, 3], protocol=5)[:-3], pickle.dumps([1, 2], protocol=0),
-], ids=["empty", "header_only", "garbage", "unknown_memo", "no_stop", "truncated", "protocol_0"])
+@pytest.mark.parametrize(
+    "data",
+    [
+        b"",
+        b"\x80\x05",
+        b"garbage",
+        _pickle(_memo(7)),
+        _pickle(_deep_tuple(5))[:-1],
+        cloudpickle.dumps([1, 2, 3], protocol=5)[:-3],
+        pickle.dumps([1, 2], protocol=0),
+    ],
+    ids=["empty", "header_only", "garbage", "unknown_memo", "no_stop", "truncated", "protocol_0"],
+)
 def test_malformed_or_foreign_protocol_streams_are_opaque(data):
     value = decode_value(data, "label")
     assert isinstance(value, Opaque) and value.data == data
@@ -270,8 +357,15 @@ def test_many_keys_sharing_one_hash_are_refused():
 
 
 def test_a_uuid_is_filled_in_once_and_only_with_its_own_fields():
-    twice = _pickle(_uuid_with_state(_text("int") + pickle.BININT1 + b"\x01")
-                    + pickle.EMPTY_DICT + _text("int") + pickle.BININT1 + b"\x02" + pickle.SETITEM + pickle.BUILD)
+    twice = _pickle(
+        _uuid_with_state(_text("int") + pickle.BININT1 + b"\x01")
+        + pickle.EMPTY_DICT
+        + _text("int")
+        + pickle.BININT1
+        + b"\x02"
+        + pickle.SETITEM
+        + pickle.BUILD
+    )
     extra_field = _pickle(_uuid_with_state(_text("int") + pickle.BININT1 + b"\x01" + _text("x") + pickle.NONE))
     out_of_range = _pickle(_uuid_with_state(_text("int") + pickle.LONG1 + b"\x11" + b"\x00" * 16 + b"\x01"))
     for data in (twice, extra_field, out_of_range):
@@ -279,6 +373,7 @@ def test_a_uuid_is_filled_in_once_and_only_with_its_own_fields():
 
 
 # --- Opaque on the host ----------------------------------------------------------------
+
 
 def test_opaque_compares_and_hashes_by_identity_and_pickles_as_opaque():
     first, second = Opaque(b"same", "T", "r"), Opaque(b"same", "T", "r")
@@ -297,6 +392,7 @@ def test_opaque_repr_shows_type_and_size_and_escapes_the_label():
 
 # --- real workers -----------------------------------------------------------------------
 
+
 @in_module_loop
 async def test_every_inert_type_made_in_a_worker_comes_back_as_an_object(shared_sandbox):
     code = textwrap.dedent("""
@@ -310,8 +406,26 @@ async def test_every_inert_type_made_in_a_worker_comes_back_as_an_object(shared_
     r = await shared_sandbox.run(code)
     values = r.outputs["values"]
     assert [type(v).__name__ for v in values] == [
-        "NoneType", "bool", "int", "int", "float", "complex", "str", "bytes", "bytearray", "tuple", "set",
-        "frozenset", "datetime", "date", "time", "timedelta", "Decimal", "Fraction", "UUID"]
+        "NoneType",
+        "bool",
+        "int",
+        "int",
+        "float",
+        "complex",
+        "str",
+        "bytes",
+        "bytearray",
+        "tuple",
+        "set",
+        "frozenset",
+        "datetime",
+        "date",
+        "time",
+        "timedelta",
+        "Decimal",
+        "Fraction",
+        "UUID",
+    ]
     assert values[16] == decimal.Decimal("1.25") and values[17] == fractions.Fraction(1, 3)
     assert r.outputs["mapping"] == {"nested": {"list": [1, [2]]}}
 
@@ -355,7 +469,8 @@ async def test_an_opaque_output_is_an_input_of_a_later_run_alone_or_nested(share
     assert isinstance(first["point"], Opaque)
     r = await shared_sandbox.run(
         "norm = p.norm()\nnorms = [q.norm() for q in ps]\nby_key = m['k'].norm()\nsame = ps[0] is not ps[1]",
-        {"p": first["point"], "ps": [first["point"], first["other"]], "m": {"k": first["other"]}})
+        {"p": first["point"], "ps": [first["point"], first["other"]], "m": {"k": first["other"]}},
+    )
     assert r.outputs == {"norm": 5.0, "norms": [5.0, 10.0], "by_key": 10.0, "same": True}
 
 
@@ -496,6 +611,7 @@ async def test_numpy_arrays_are_opaque_and_load_in_a_later_run(numpy_installed):
 
 
 # --- hostile samples -------------------------------------------------------------------------
+
 
 def _hostile(name: str) -> tuple[str, dict[str, str]]:
     path = HOSTILE / name

@@ -20,11 +20,26 @@ from tests.conftest import REPO
 
 RUNS = 2000
 STRESS_ARGS = [
-    "--runs", str(RUNS), "--workers", "2", "--concurrency", "8",
-    "--mix", "trivial=12,sleep=3,cpu=2,memory=1", "--hostile-fraction", "0.1",
+    "--runs",
+    str(RUNS),
+    "--workers",
+    "2",
+    "--concurrency",
+    "8",
+    "--mix",
+    "trivial=12,sleep=3,cpu=2,memory=1",
+    "--hostile-fraction",
+    "0.1",
     # Short hostile limits and a modest memory bomb keep the run well under a minute.
-    "--hostile-wall-s", "0.5", "--hostile-cpu-s", "0.3", "--hostile-memory-mb", "128",
-    "--stall-timeout-s", "20", "--no-plot",
+    "--hostile-wall-s",
+    "0.5",
+    "--hostile-cpu-s",
+    "0.3",
+    "--hostile-memory-mb",
+    "128",
+    "--stall-timeout-s",
+    "20",
+    "--no-plot",
     # Exact here: no other Sandbox of this test session runs while the script does.
     "--check-host-dirs",
 ]
@@ -43,8 +58,14 @@ def _throwaway_pid_namespace() -> list[str]:
 @pytest.fixture(scope="module")
 def report(tmp_path_factory: pytest.TempPathFactory) -> dict:
     path = tmp_path_factory.mktemp("stress") / "report.json"
-    command = [*_throwaway_pid_namespace(), sys.executable, str(REPO / "scripts" / "stress.py"),
-               *STRESS_ARGS, "--json", str(path)]
+    command = [
+        *_throwaway_pid_namespace(),
+        sys.executable,
+        str(REPO / "scripts" / "stress.py"),
+        *STRESS_ARGS,
+        "--json",
+        str(path),
+    ]
     finished = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=180)
     assert path.exists(), f"no report; exit {finished.returncode}\n{finished.stdout}\n{finished.stderr}"
     return json.loads(path.read_text())

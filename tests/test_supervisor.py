@@ -12,8 +12,17 @@ import time
 
 import pytest
 
-from sandbox import (CodeError, Policy, QuotaExceeded, Sandbox, SandboxClosed, SandboxError, TimeLimitExceeded,
-                     WorkerCrashed, run_sync)
+from sandbox import (
+    CodeError,
+    Policy,
+    QuotaExceeded,
+    Sandbox,
+    SandboxClosed,
+    SandboxError,
+    TimeLimitExceeded,
+    WorkerCrashed,
+    run_sync,
+)
 from tests.conftest import descendants, quick_policy
 from tests.hostile.attacks import ESCAPES
 
@@ -29,7 +38,7 @@ class LagMonitor:
         self.worst = 0.0
         self._task: asyncio.Task | None = None
 
-    async def __aenter__(self) -> "LagMonitor":
+    async def __aenter__(self) -> LagMonitor:
         self._task = asyncio.get_running_loop().create_task(self._watch())
         return self
 
@@ -48,7 +57,8 @@ async def test_every_kind_of_stuck_code_ends_at_its_wall_limit(sandbox):
     stuck = {
         "blocking sleep": "import time\ntime.sleep(3600)",
         "spinning": "while True:\n    pass",
-        "signal ignoring": ESCAPE + textwrap.dedent("""
+        "signal ignoring": ESCAPE
+        + textwrap.dedent("""
             signal = _mod("signal")
             for s in (signal.SIGTERM, signal.SIGINT, signal.SIGALRM, signal.SIGXCPU):
                 signal.signal(s, signal.SIG_IGN)
@@ -76,7 +86,7 @@ async def test_every_kind_of_stuck_code_ends_at_its_wall_limit(sandbox):
         return info.value, time.monotonic() - start
 
     results = await asyncio.gather(*(one(code) for code in stuck.values()))
-    for (error, elapsed), name in zip(results, stuck):
+    for (error, elapsed), name in zip(results, stuck, strict=False):
         assert error.kind == "wall" and error.limit_s == 0.6, name
         assert 0.55 < elapsed < 2.0, f"{name} ended after {elapsed:.2f}s"
     r = await sandbox.run("ok = True")
@@ -104,11 +114,14 @@ async def test_cpu_limit_is_separate_from_wall_time():
         assert (await sb.run("x = 1")).outputs == {"x": 1}
 
 
-@pytest.mark.parametrize("code, signal_number, exit_code", [
-    (ESCAPE + "_mod('os')._exit(3)", None, 3),
-    (ESCAPE + "ctypes = _mod('ctypes')\nctypes.string_at(0)", 11, None),
-    (ESCAPE + "os = _mod('os')\nos.abort()", 6, None),
-])
+@pytest.mark.parametrize(
+    "code, signal_number, exit_code",
+    [
+        (ESCAPE + "_mod('os')._exit(3)", None, 3),
+        (ESCAPE + "ctypes = _mod('ctypes')\nctypes.string_at(0)", 11, None),
+        (ESCAPE + "os = _mod('os')\nos.abort()", 6, None),
+    ],
+)
 async def test_a_crashing_worker_names_how_it_died_and_the_pool_heals(sandbox, code, signal_number, exit_code):
     with pytest.raises(WorkerCrashed) as info:
         await sandbox.run(code)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 import time
 
 import pytest
@@ -23,12 +24,15 @@ async def test_tenants_never_share_a_worker_process():
     assert pids["a"] and pids["b"] and not pids["a"] & pids["b"]
 
 
-@pytest.mark.parametrize("poison", [
-    "import json\njson.dumps = lambda *a, **k: 'poisoned'",
-    "__builtins__['len'] = lambda x: -1",
-    ESCAPE + "_mod('builtins').len = lambda x: -1\n_mod('json').dumps = lambda *a, **k: 'poisoned'",
-    ESCAPE + "sys = _mod('sys')\nsys.modules['json'] = type(sys)('json')",
-])
+@pytest.mark.parametrize(
+    "poison",
+    [
+        "import json\njson.dumps = lambda *a, **k: 'poisoned'",
+        "__builtins__['len'] = lambda x: -1",
+        ESCAPE + "_mod('builtins').len = lambda x: -1\n_mod('json').dumps = lambda *a, **k: 'poisoned'",
+        ESCAPE + "sys = _mod('sys')\nsys.modules['json'] = type(sys)('json')",
+    ],
+)
 async def test_nothing_one_tenant_does_is_visible_to_another(poison):
     async with Sandbox(tenants={"a": quick_policy(), "b": quick_policy()}, workers=2) as sb:
         # Poisoning the real builtins may break tenant a's own worker; that is its business.
@@ -48,11 +52,16 @@ async def test_poison_shared_module_sample_holds():
 
 
 async def test_workers_are_reused_within_a_tenant_unless_fresh_process_per_run():
-    tenants = {"reuse": quick_policy(), "fresh": quick_policy(fresh_process_per_run=True),
-               "short": quick_policy(max_runs_per_worker=2)}
+    tenants = {
+        "reuse": quick_policy(),
+        "fresh": quick_policy(fresh_process_per_run=True),
+        "short": quick_policy(max_runs_per_worker=2),
+    }
     async with Sandbox(tenants=tenants, workers=2) as sb:
+
         async def pids(tenant, n=4):
             return [(await sb.run("x = 1", tenant=tenant)).stats.worker_pid for _ in range(n)]
+
         assert len(set(await pids("reuse"))) == 1
         assert len(set(await pids("fresh"))) == 4
         short = await pids("short")
@@ -147,7 +156,7 @@ async def test_max_concurrency_caps_runs_in_flight():
         code = "import time\nstart = time.monotonic()\ntime.sleep(0.05)\nend = time.monotonic()"
         results = await asyncio.gather(*(sb.run(code, tenant="one") for _ in range(4)))
     spans = sorted((r.outputs["start"], r.outputs["end"]) for r in results)
-    assert all(later[0] >= earlier[1] for earlier, later in zip(spans, spans[1:]))
+    assert all(later[0] >= earlier[1] for earlier, later in itertools.pairwise(spans))
 
 
 async def test_rate_limit_is_a_token_bucket_answered_at_once():

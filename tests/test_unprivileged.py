@@ -12,8 +12,8 @@ from collections.abc import Iterator
 
 import pytest
 
-from policies import Policy
-from policies.model import LAYERS
+from sandbox.policies import Policy
+from sandbox.policies.model import LAYERS
 from sandbox.zygote import USERNS_INSIDE_ID
 from tests.conftest import HOSTILE
 from tests.hostile import attacks, samples
@@ -27,10 +27,24 @@ TENANTS = {"default": POLICY, "other": POLICY}
 LIMITS = Policy(**POLICY)
 MiB = 1024 * 1024
 MEMFD_FILES = 30  # 30 x 16 MiB = 480 MiB of memfd memory, far over memory_mb
-REPRESENTATIVE_SAMPLES = ["fork_bomb", "orphan_daemon", "subprocess_via_loop", "kill_parent", "prlimit_parent",
-                          "read_parent_env", "read_shadow", "network_connect", "write_outside", "poisoned_result",
-                          "poison_shared_module", "forge_reply", "segfault", "memory_bomb", "disk_fill",
-                          "c_level_hog"]
+REPRESENTATIVE_SAMPLES = [
+    "fork_bomb",
+    "orphan_daemon",
+    "subprocess_via_loop",
+    "kill_parent",
+    "prlimit_parent",
+    "read_parent_env",
+    "read_shadow",
+    "network_connect",
+    "write_outside",
+    "poisoned_result",
+    "poison_shared_module",
+    "forge_reply",
+    "segfault",
+    "memory_bomb",
+    "disk_fill",
+    "c_level_hog",
+]
 SAMPLES = {sample.name: sample for sample in samples.load(HOSTILE)}
 UNAVAILABLE = unprivileged_unavailable()
 
@@ -50,8 +64,9 @@ def test_the_sandbox_starts_with_every_layer_but_cgroup(harness: HarnessProcess)
     layers = info["layers"]
     assert set(layers) == set(LAYERS)
     assert layers["cgroup"].startswith("off"), layers["cgroup"]
-    assert {name: state for name, state in layers.items() if name != "cgroup"} == \
-        {name: "on" for name in LAYERS if name != "cgroup"}
+    assert {name: state for name, state in layers.items() if name != "cgroup"} == {
+        name: "on" for name in LAYERS if name != "cgroup"
+    }
 
 
 def test_benign_runs_work(harness: HarnessProcess, targets: Targets) -> None:
@@ -70,28 +85,38 @@ def test_representative_samples_hold(harness: HarnessProcess, name: str) -> None
 
 
 @pytest.mark.parametrize("route", ["subclass_walk", "gc_objects"])
-def test_escapes_reach_an_unprivileged_worker_in_its_own_namespaces(harness: HarnessProcess, targets: Targets,
-                                                                    route: str) -> None:
+def test_escapes_reach_an_unprivileged_worker_in_its_own_namespaces(
+    harness: HarnessProcess, targets: Targets, route: str
+) -> None:
     report = attack(harness, targets, escaped(route, "os = _mod('os')\npid = os.getpid()\nuid = os.getuid()\n"))
     assert output_value(report, "pid") == 2
     assert output_value(report, "uid") == USERNS_INSIDE_ID  # the user namespace's id, no capabilities
 
 
-@pytest.mark.parametrize("route, body", [
-    ("traceback_frames", attacks.FORK_LOOP),
-    ("gc_objects", attacks.POSIXSUBPROCESS),
-], ids=["os.fork-bomb", "_posixsubprocess"])
+@pytest.mark.parametrize(
+    "route, body",
+    [
+        ("traceback_frames", attacks.FORK_LOOP),
+        ("gc_objects", attacks.POSIXSUBPROCESS),
+    ],
+    ids=["os.fork-bomb", "_posixsubprocess"],
+)
 def test_process_creation_is_refused(harness: HarnessProcess, targets: Targets, route: str, body: str) -> None:
     report = attack(harness, targets, escaped(route, body))
     assert report["outcome"] == "CodeError" and report["message"].startswith("PermissionError"), report["message"]
 
 
-@pytest.mark.parametrize("route, body", [
-    ("asyncio_reexport", attacks.KILL_INIT),
-    ("traceback_frames", attacks.PIDFD_KILL_INIT),
-], ids=["kill", "pidfd_send_signal"])
-def test_the_worker_cannot_kill_its_init_of_the_same_uid(harness: HarnessProcess, targets: Targets, route: str,
-                                                         body: str) -> None:
+@pytest.mark.parametrize(
+    "route, body",
+    [
+        ("asyncio_reexport", attacks.KILL_INIT),
+        ("traceback_frames", attacks.PIDFD_KILL_INIT),
+    ],
+    ids=["kill", "pidfd_send_signal"],
+)
+def test_the_worker_cannot_kill_its_init_of_the_same_uid(
+    harness: HarnessProcess, targets: Targets, route: str, body: str
+) -> None:
     report = attack(harness, targets, escaped(route, body))
     assert report["outcome"] in {"ok", "CodeError"}, report["message"][:300]
     assert not lost_workers(report), "the worker's namespace died with its init"
@@ -125,15 +150,19 @@ def test_no_socket_family_but_unix_can_be_created(harness: HarnessProcess, targe
 
 
 def test_filling_dev_shm_is_bounded_by_the_policy(harness: HarnessProcess, targets: Targets) -> None:
-    report = attack(harness, targets, escaped("random_os", attacks.FILL), extra_inputs={"directory": "/dev/shm"},
-                    inspect_scratch=True)
+    report = attack(
+        harness,
+        targets,
+        escaped("random_os", attacks.FILL),
+        extra_inputs={"directory": "/dev/shm"},
+        inspect_scratch=True,
+    )
     sizes = output_value(report, "sizes")
     assert max(sizes) <= LIMITS.max_file_size_mb * MiB
     assert sum(sizes) <= (LIMITS.scratch_mb + 2 * LIMITS.tmp_mb) * MiB
 
 
-def test_memory_in_memfd_files_is_refused_without_a_memory_cgroup(harness: HarnessProcess,
-                                                                  targets: Targets) -> None:
+def test_memory_in_memfd_files_is_refused_without_a_memory_cgroup(harness: HarnessProcess, targets: Targets) -> None:
     # Without a memory cgroup nothing else would count memfd pages written but never mapped.
     report = attack(harness, targets, escaped("random_os", attacks.MEMFD_HOG), extra_inputs={"files": MEMFD_FILES})
     assert report["outcome"] == "CodeError" and report["message"].startswith("PermissionError"), report["message"]

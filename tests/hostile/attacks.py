@@ -19,15 +19,15 @@ from __future__ import annotations
 
 ESCAPES = {
     # os.__dict__ through a class defined in os, found among object's subclasses.
-    "subclass_walk": '''
+    "subclass_walk": """
 def _mod(name):
     for cls in object.__subclasses__():
         if cls.__name__ == "_wrap_close":
             modules = cls.__init__.__globals__["sys"].modules
             return modules.get(name) or modules["builtins"].__import__(name)
-''',
+""",
     # The frames of a traceback lead back into the worker's own loop, whose globals hold sys.
-    "traceback_frames": '''
+    "traceback_frames": """
 def _mod(name):
     try:
         raise ZeroDivisionError
@@ -37,9 +37,9 @@ def _mod(name):
         frame = frame.f_back
     modules = frame.f_globals["sys"].modules
     return modules.get(name) or modules["builtins"].__import__(name)
-''',
+""",
     # A running generator's frame knows its caller.
-    "generator_frame": '''
+    "generator_frame": """
 def _mod(name):
     def climber():
         yield me.gi_frame.f_back
@@ -49,35 +49,35 @@ def _mod(name):
         frame = frame.f_back
     modules = frame.f_globals["sys"].modules
     return modules.get(name) or modules["builtins"].__import__(name)
-''',
+""",
     # random (allowed) keeps os as random._os.
-    "random_os": '''
+    "random_os": """
 import random
 def _mod(name):
     modules = random._os.sys.modules
     return modules.get(name) or modules["builtins"].__import__(name)
-''',
+""",
     # asyncio (pre-bound, allowed) re-exports os, sys, socket and subprocess.
-    "asyncio_reexport": '''
+    "asyncio_reexport": """
 def _mod(name):
     modules = asyncio.base_events.sys.modules
     return modules.get(name) or asyncio.base_events.os.sys.modules["builtins"].__import__(name)
-''',
+""",
     # Any function of an allowed module carries the real builtins in its globals.
-    "allowed_module_globals": '''
+    "allowed_module_globals": """
 import json
 def _mod(name):
     return json.dumps.__globals__["__builtins__"]["__import__"](name)
-''',
+""",
     # gc (reached through warnings.sys) finds the worker's own Guard and its real __import__.
-    "gc_objects": '''
+    "gc_objects": """
 import warnings
 def _mod(name):
     gc = warnings.sys.modules["gc"]
     for obj in gc.get_objects():
         if type(obj).__name__ == "Guard":
             return obj._real_import(name)
-''',
+""",
 }
 
 
@@ -88,52 +88,52 @@ def escaped(route: str, body: str) -> str:
 
 # --- process creation --------------------------------------------------------
 
-FORK_LOOP = '''
+FORK_LOOP = """
 os = _mod("os")
 while True:
     os.fork()
-'''
+"""
 
-POSIX_SPAWN = '''
+POSIX_SPAWN = """
 os = _mod("os")
 while True:
     os.posix_spawn("/bin/sh", ["sh", "-c", f"touch {canary}"], {})
-'''
+"""
 
-POSIXSUBPROCESS = '''
+POSIXSUBPROCESS = """
 os = _mod("os")
 _fork_exec = _mod("_posixsubprocess").fork_exec
 _err_r, _err_w = os.pipe()
 _fork_exec([b"/bin/sh", b"-c", f"touch {canary}".encode()], [b"/bin/sh"], True, (_err_w,), None, None,
            -1, -1, -1, -1, -1, -1, _err_r, _err_w, True, False, -1, None, None, None, -1, None, True)
-'''
+"""
 
-OS_SYSTEM = '''
+OS_SYSTEM = """
 os = _mod("os")
 status = os.system(f"touch {canary}")
-'''
+"""
 
-RAW_CLONE = '''
+RAW_CLONE = """
 ctypes = _mod("ctypes")
 _libc = ctypes.CDLL(None, use_errno=True)
 results = []
 for _number in (57, 58, 56):  # fork, vfork, clone(SIGCHLD): no new process may appear
     results.append([_libc.syscall(_number, 17, 0, 0, 0, 0), ctypes.get_errno()])
-'''
+"""
 
-SUBPROCESS_EXEC_VIA_LOOP = '''
+SUBPROCESS_EXEC_VIA_LOOP = """
 _proc = await asyncio.create_subprocess_exec("/bin/sh", "-c", f"touch {canary}")
 await _proc.wait()
-'''
+"""
 
-SUBPROCESS_MODULE = '''
+SUBPROCESS_MODULE = """
 subprocess = _mod("subprocess")
 subprocess.run(["/bin/sh", "-c", f"touch {canary}"])
-'''
+"""
 
 # --- orphans and daemons ---------------------------------------------------------
 
-DOUBLE_FORK_DAEMON = '''
+DOUBLE_FORK_DAEMON = """
 os = _mod("os")
 _r, _w = os.pipe()
 if os.fork() == 0:
@@ -145,37 +145,37 @@ if os.fork() == 0:
 os.close(_w)
 daemon = int(os.read(_r, 100))
 seen_during_run = daemon in [int(p) for p in os.listdir("/proc") if p.isdigit()]
-'''
+"""
 
-LIST_PROCESSES = '''
+LIST_PROCESSES = """
 os = _mod("os")
 pids = sorted(int(p) for p in os.listdir("/proc") if p.isdigit())
-'''
+"""
 
-SHELL_DAEMON_VIA_LOOP = '''
+SHELL_DAEMON_VIA_LOOP = """
 _proc = await asyncio.create_subprocess_shell("setsid sleep 3600 &")
 await _proc.wait()
-'''
+"""
 
-THREAD_LEFT_RUNNING = '''
+THREAD_LEFT_RUNNING = """
 threading = _mod("threading")
 threading.Thread(target=_mod("time").sleep, args=(3600,), daemon=True).start()
 started = True
-'''
+"""
 
 # --- signals --------------------------------------------------------------------
 
-KILL_PARENT = '''
+KILL_PARENT = """
 os = _mod("os")
 os.kill(os.getppid(), 9)
-'''
+"""
 
-KILL_EVERYONE = '''
+KILL_EVERYONE = """
 os = _mod("os")
 os.kill(-1, 9)
-'''
+"""
 
-KILL_INIT = '''
+KILL_INIT = """
 os = _mod("os")
 errors = []
 for _signum in (9, 15, 19):
@@ -184,15 +184,15 @@ for _signum in (9, 15, 19):
         errors.append(None)
     except OSError as _exc:
         errors.append(_exc.errno)
-'''
+"""
 
-PIDFD_KILL_INIT = '''
+PIDFD_KILL_INIT = """
 os = _mod("os")
 signal = _mod("signal")
 signal.pidfd_send_signal(os.pidfd_open(1), 9)
-'''
+"""
 
-SIGNAL_SCAN = '''
+SIGNAL_SCAN = """
 os = _mod("os")
 reached = []
 for _pid in range(1, 20000):
@@ -203,9 +203,9 @@ for _pid in range(1, 20000):
         reached.append(_pid)
     except OSError:
         pass
-'''
+"""
 
-PTRACE_INIT = '''
+PTRACE_INIT = """
 ctypes = _mod("ctypes")
 _libc = ctypes.CDLL(None, use_errno=True)
 _buffer = ctypes.create_string_buffer(64)
@@ -215,11 +215,11 @@ results = {
     "ptrace_attach": [_libc.ptrace(16, 1, 0, 0), ctypes.get_errno()],
     "process_vm_readv": [_libc.process_vm_readv(1, _local, 1, _remote, 1, 0), ctypes.get_errno()],
 }
-'''
+"""
 
 # --- identity and namespaces ----------------------------------------------------
 
-REGAIN_PRIVILEGES = '''
+REGAIN_PRIVILEGES = """
 os = _mod("os")
 ctypes = _mod("ctypes")
 _libc = ctypes.CDLL(None, use_errno=True)
@@ -240,23 +240,23 @@ for _name, _attempt in _attempts.items():
             succeeded.append(_name)
     except OSError:
         pass
-'''
+"""
 
 # --- rlimits --------------------------------------------------------------------
 
-PRLIMIT_PARENT = '''
+PRLIMIT_PARENT = """
 os = _mod("os")
 resource = _mod("resource")
 resource.prlimit(os.getppid(), resource.RLIMIT_NOFILE, (3, 3))  # getppid() is 0 (self) in the PID namespace
 resource.setrlimit(resource.RLIMIT_AS, (1 << 26, 1 << 26))
-'''
+"""
 
-PRLIMIT_INIT = '''
+PRLIMIT_INIT = """
 resource = _mod("resource")
 resource.prlimit(1, resource.RLIMIT_NOFILE, (3, 3))
-'''
+"""
 
-PRLIMIT_SCAN = '''
+PRLIMIT_SCAN = """
 resource = _mod("resource")
 changed = []
 for _pid in range(3, 5000):
@@ -265,11 +265,11 @@ for _pid in range(3, 5000):
         changed.append(_pid)
     except (OSError, ValueError):
         pass
-'''
+"""
 
 # --- secrets in the environment ---------------------------------------------------
 
-READ_ENVIRONMENTS = '''
+READ_ENVIRONMENTS = """
 os = _mod("os")
 seen = {"os.environ": dict(os.environ), "getppid": os.getppid()}
 _paths = ["/proc/self/environ", "/proc/1/environ", f"/proc/{os.getppid()}/environ",
@@ -282,9 +282,9 @@ for _path in _paths:
     except OSError as _exc:
         seen[_path] = repr(_exc)
 print(seen)
-'''
+"""
 
-READ_HOST_THROUGH_INIT = '''
+READ_HOST_THROUGH_INIT = """
 os = _mod("os")
 attempts = {}
 for _path in ("/proc/1/root/etc/hostname", "/proc/1/root/etc/passwd", "/proc/1/cwd", "/proc/1/root"):
@@ -292,35 +292,35 @@ for _path in ("/proc/1/root/etc/hostname", "/proc/1/root/etc/passwd", "/proc/1/c
         attempts[_path] = os.listdir(_path) if _path.endswith(("root", "cwd")) else open(_path).read()
     except OSError as _exc:
         attempts[_path] = _exc.errno
-'''
+"""
 
 # --- network -------------------------------------------------------------------------
 
-TCP_CONNECT = '''
+TCP_CONNECT = """
 socket = _mod("socket")
 _s = socket.create_connection(("127.0.0.1", port), timeout=1)
 _s.sendall(b"pwned")
-'''
+"""
 
-UDP_SEND = '''
+UDP_SEND = """
 socket = _mod("socket")
 _s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
 _s.sendto(b"pwned", ("127.0.0.1", udp_port))
-'''
+"""
 
-OPEN_CONNECTION_VIA_LOOP = '''
+OPEN_CONNECTION_VIA_LOOP = """
 _reader, _writer = await asyncio.open_connection("127.0.0.1", port)
 _writer.write(b"pwned")
 await _writer.drain()
-'''
+"""
 
-DATAGRAM_VIA_LOOP = '''
+DATAGRAM_VIA_LOOP = """
 _transport, _ = await asyncio.get_running_loop().create_datagram_endpoint(
     asyncio.DatagramProtocol, remote_addr=("127.0.0.1", udp_port))
 _transport.sendto(b"pwned")
-'''
+"""
 
-SOCKET_FAMILIES = '''
+SOCKET_FAMILIES = """
 socket = _mod("socket")
 created = []
 for _family, _kind in ((socket.AF_INET, socket.SOCK_STREAM), (socket.AF_INET6, socket.SOCK_STREAM),
@@ -332,11 +332,11 @@ for _family, _kind in ((socket.AF_INET, socket.SOCK_STREAM), (socket.AF_INET6, s
         created.append([int(_family), int(_kind)])
     except OSError:
         pass
-'''
+"""
 
 # --- writes outside the scratch space ---------------------------------------------------
 
-WRITE_EVERYWHERE = '''
+WRITE_EVERYWHERE = """
 os = _mod("os")
 written = []
 for _target in [canary, f"/proc/1/root{canary}", f"/proc/1/cwd/{marker}", "/" + marker, *system_paths]:
@@ -353,13 +353,13 @@ try:
     written.append("link")
 except OSError:
     pass
-'''
+"""
 
 # --- filling memory-backed and disk space --------------------------------------------------
 
 # Files of 1 MiB chunks in ``directory`` until the space is full: each file
 # grows until the file-size limit stops it (EFBIG), then the next one starts.
-FILL = '''
+FILL = """
 os = _mod("os")
 _chunk = b"f" * (1 << 20)
 sizes = []
@@ -377,11 +377,11 @@ try:
             os.close(_fd)
 except OSError as _exc:
     stopped_by = _exc.errno
-'''
+"""
 
 # Memory in memfd files: shmem pages, which neither RLIMIT_DATA nor the RSS of
 # the worker counts. ``files`` memfds of 16 MiB each (the default file-size limit).
-MEMFD_HOG = '''
+MEMFD_HOG = """
 os = _mod("os")
 _chunk = b"m" * (1 << 20)
 _fds = []
@@ -390,16 +390,16 @@ while len(_fds) < files:
     _fds.append(os.memfd_create("hog"))
     for _ in range(16):
         held += os.write(_fds[-1], _chunk)
-'''
+"""
 
-SYSV_SHARED_MEMORY = '''
+SYSV_SHARED_MEMORY = """
 ctypes = _mod("ctypes")
 _libc = ctypes.CDLL(None, use_errno=True)
 _segment = _libc.shmget(0, 256 << 20, 0o1600)  # IPC_PRIVATE | IPC_CREAT
 errno = ctypes.get_errno() if _segment < 0 else 0
-'''
+"""
 
-SPARSE_FILES = '''
+SPARSE_FILES = """
 os = _mod("os")
 errors = {}
 _fd = os.open(marker, os.O_CREAT | os.O_WRONLY, 0o600)
@@ -412,11 +412,11 @@ for _name, _attempt in (("truncate", lambda: os.truncate(_fd, 1 << 40)),
     except OSError as _exc:
         errors[_name] = _exc.errno
 size = os.fstat(_fd).st_size
-'''
+"""
 
 # --- threads and file descriptors ------------------------------------------------------------
 
-THREAD_BOMB = '''
+THREAD_BOMB = """
 threading = _mod("threading")
 time = _mod("time")
 started = 0
@@ -426,9 +426,9 @@ try:
         started += 1
 except RuntimeError as _exc:
     error = str(_exc)
-'''
+"""
 
-SPINNING_THREADS = '''
+SPINNING_THREADS = """
 _thread = _mod("_thread")
 def _spin():
     while True:
@@ -436,9 +436,9 @@ def _spin():
 for _ in range(8):
     _thread.start_new_thread(_spin, ())
 _spin()
-'''
+"""
 
-FD_EXHAUSTION = '''
+FD_EXHAUSTION = """
 os = _mod("os")
 socket = _mod("socket")
 _makers = {
@@ -457,9 +457,9 @@ count = len(_opened)
 if close:
     for _fd in _opened:
         os.close(_fd)
-'''
+"""
 
-CHANNEL_TAMPERING = '''
+CHANNEL_TAMPERING = """
 os = _mod("os")
 socket = _mod("socket")
 if how == "close":
@@ -467,59 +467,59 @@ if how == "close":
 else:
     _ours, _theirs = socket.socketpair()
     os.dup2(_theirs.fileno(), 3)
-'''
+"""
 
 # --- crashes, stops and hogs -----------------------------------------------------------------
 
-NULL_DEREFERENCE = '''
+NULL_DEREFERENCE = """
 ctypes = _mod("ctypes")
 ctypes.string_at(0)
-'''
+"""
 
-ABORT = '''
+ABORT = """
 _mod("os").abort()
-'''
+"""
 
-SELF_SIGSEGV = '''
+SELF_SIGSEGV = """
 os = _mod("os")
 os.kill(os.getpid(), 11)
-'''
+"""
 
-FAULTHANDLER_SIGSEGV = '''
+FAULTHANDLER_SIGSEGV = """
 _mod("faulthandler")._sigsegv()
-'''
+"""
 
-SELF_SIGSTOP = '''
+SELF_SIGSTOP = """
 os = _mod("os")
 os.kill(os.getpid(), 19)
-'''
+"""
 
-GROUP_SIGSTOP = '''
+GROUP_SIGSTOP = """
 os = _mod("os")
 os.kill(0, 19)
-'''
+"""
 
-RAISE_SIGTSTP = '''
+RAISE_SIGTSTP = """
 signal = _mod("signal")
 signal.signal(signal.SIGTSTP, signal.SIG_DFL)
 signal.raise_signal(signal.SIGTSTP)
-'''
+"""
 
-REGEX_BACKTRACKING = '''
+REGEX_BACKTRACKING = """
 import re
 matched = re.match(r"(a+)+$", "a" * 40 + "!")
-'''
+"""
 
-BIG_POWER = '''
+BIG_POWER = """
 x = 7 ** (10 ** 9)
-'''
+"""
 
-FACTORIAL = '''
+FACTORIAL = """
 import math
 x = math.factorial(10 ** 8)
-'''
+"""
 
-PBKDF2 = '''
+PBKDF2 = """
 import hashlib
 key = hashlib.pbkdf2_hmac("sha256", b"password", b"salt", 2 ** 31 - 1)
-'''
+"""

@@ -111,8 +111,14 @@ class Targets:
 
     def inputs(self, **extra: object) -> dict:
         """The inputs every attack gets (see ``tests.hostile.attacks``), plus ``extra``."""
-        return {"canary": str(self.canary), "port": self.listeners.tcp_port, "udp_port": self.listeners.udp_port,
-                "marker": self.marker, "system_paths": [str(p) for p in self.system_paths], **extra}
+        return {
+            "canary": str(self.canary),
+            "port": self.listeners.tcp_port,
+            "udp_port": self.listeners.udp_port,
+            "marker": self.marker,
+            "system_paths": [str(p) for p in self.system_paths],
+            **extra,
+        }
 
     def forbidden_paths(self) -> list[Path]:
         """Host paths an attack aims at; none may exist after the run."""
@@ -135,15 +141,23 @@ def lost_workers(report: dict) -> set[int]:
 
 def report_text(report: dict) -> str:
     """Every piece of the report a run could have put text into."""
-    return json.dumps([report["stdout"], report["stderr"], report["message"], report["attributes"],
-                       {name: value["repr"] for name, value in report["outputs"].items()}])
+    return json.dumps(
+        [
+            report["stdout"],
+            report["stderr"],
+            report["message"],
+            report["attributes"],
+            {name: value["repr"] for name, value in report["outputs"].items()},
+        ]
+    )
 
 
 def output_value(report: dict, name: str) -> object:
     """The JSON value of output ``name`` of a run that must have succeeded."""
     assert report["outcome"] == "ok", f"run failed: {report['outcome']}: {report['message']}"
-    assert name in report["outputs"], f"no output {name!r}; outputs {sorted(report['outputs'])}, " \
-                                      f"skipped {report['skipped']}"
+    assert name in report["outputs"], (
+        f"no output {name!r}; outputs {sorted(report['outputs'])}, skipped {report['skipped']}"
+    )
     return report["outputs"][name]["value"]
 
 
@@ -171,8 +185,14 @@ def host_problems(report: dict, harness: HarnessProcess) -> dict[str, str]:
     return problems
 
 
-def assert_host_intact(report: dict, harness: HarnessProcess, *, listeners: Listeners | None = None,
-                       forbidden_paths: list[Path] = (), ignore: frozenset[str] = frozenset()) -> None:
+def assert_host_intact(
+    report: dict,
+    harness: HarnessProcess,
+    *,
+    listeners: Listeners | None = None,
+    forbidden_paths: list[Path] = (),
+    ignore: frozenset[str] = frozenset(),
+) -> None:
     """Assert every after-run guarantee except the checks named in ``ignore``.
 
     ``forbidden_paths`` must not exist on the host, and ``listeners`` must
@@ -182,8 +202,7 @@ def assert_host_intact(report: dict, harness: HarnessProcess, *, listeners: List
     if listeners is not None:
         listeners.poll()
         if listeners.accepted:
-            problems.append(f"the TCP listener accepted {len(listeners.accepted)} connection(s): "
-                            f"{listeners.accepted}")
+            problems.append(f"the TCP listener accepted {len(listeners.accepted)} connection(s): {listeners.accepted}")
         if listeners.datagrams:
             problems.append(f"the UDP socket received {listeners.datagrams}")
     problems += [f"{path} exists on the host" for path in forbidden_paths if os.path.lexists(path)]
@@ -191,10 +210,19 @@ def assert_host_intact(report: dict, harness: HarnessProcess, *, listeners: List
         pytest.fail(f"outcome {report['outcome']}: {report['message'][:500]}\n" + "\n".join(problems))
 
 
-def attack(harness: HarnessProcess, targets: Targets, code: str, *, tenant: str = "default",
-           extra_inputs: dict | None = None, ignore: frozenset[str] = frozenset(), **options: object) -> dict:
+def attack(
+    harness: HarnessProcess,
+    targets: Targets,
+    code: str,
+    *,
+    tenant: str = "default",
+    extra_inputs: dict | None = None,
+    ignore: frozenset[str] = frozenset(),
+    **options: object,
+) -> dict:
     """Run hostile ``code`` at ``targets``, assert the host is intact, return the report."""
     report = harness.run(code, targets.inputs(**(extra_inputs or {})), tenant=tenant, **options)
-    assert_host_intact(report, harness, listeners=targets.listeners, forbidden_paths=targets.forbidden_paths(),
-                       ignore=ignore)
+    assert_host_intact(
+        report, harness, listeners=targets.listeners, forbidden_paths=targets.forbidden_paths(), ignore=ignore
+    )
     return report

@@ -39,7 +39,6 @@ from tests.hostile.harness import SECRET_VARIABLE
 
 REPO = Path(__file__).resolve().parent.parent.parent
 HARNESS = Path(__file__).with_name("harness.py")
-PACKAGES = ("sandbox", "runtime", "policies")
 UNPRIVILEGED_UID = 65534
 PIDS_MAX = 512
 _CGROUP_V1 = Path("/sys/fs/cgroup")
@@ -58,7 +57,7 @@ class ThrowawayCgroups:
         self.directories = directories
 
     @classmethod
-    def create(cls) -> "ThrowawayCgroups | None":
+    def create(cls) -> ThrowawayCgroups | None:
         """The groups, or None when not root or the v1 hierarchies are missing."""
         if os.geteuid() != 0:
             return None
@@ -90,8 +89,8 @@ class ThrowawayCgroups:
         deadline = time.monotonic() + timeout_s
         for directory in self.directories:
             while directory.exists():
-                for group in sorted((p for p in directory.rglob("*") if p.is_dir()),
-                                    key=lambda p: len(p.parts), reverse=True) + [directory]:
+                below = sorted((p for p in directory.rglob("*") if p.is_dir()), key=lambda p: -len(p.parts))
+                for group in [*below, directory]:
                     try:
                         group.rmdir()
                     except OSError:
@@ -124,8 +123,10 @@ def _interpreter_paths() -> list[str]:
     import uvloop
 
     paths = [sys.executable, os.path.realpath(sys.executable), sys.prefix, sys.base_prefix, sys.exec_prefix]
-    paths += [os.path.dirname(os.path.dirname(os.path.abspath(m.__file__)))
-              for m in (cloudpickle, psutil, pydantic, pyseccomp, uvloop)]
+    paths += [
+        os.path.dirname(os.path.dirname(os.path.abspath(m.__file__)))
+        for m in (cloudpickle, psutil, pydantic, pyseccomp, uvloop)
+    ]
     return sorted({os.path.abspath(p) for p in paths})
 
 
@@ -149,11 +150,10 @@ def _reachability_mounts() -> tuple[str, str] | None:
 
 
 def _stage_sources() -> str:
-    """A fresh 0755 copy of the packages under test and of the harness."""
+    """A fresh 0755 copy of the package under test (its linked subpackages
+    copied as folders) and of the harness."""
     stage = tempfile.mkdtemp(prefix="hostile-stage-")
-    for package in PACKAGES:
-        shutil.copytree(REPO / package, os.path.join(stage, package),
-                        ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copytree(REPO / "sandbox", os.path.join(stage, "sandbox"), ignore=shutil.ignore_patterns("__pycache__"))
     shutil.copy(HARNESS, os.path.join(stage, HARNESS.name))
     for root, _, files in os.walk(stage):
         os.chmod(root, 0o755)
@@ -162,7 +162,7 @@ def _stage_sources() -> str:
     return stage
 
 
-_DROP_PRIVILEGES = """
+_DROP_PRIVILEGES = f"""
 set -e
 blocked=$1 keep=$2 aside=$3
 shift 3
@@ -173,8 +173,8 @@ if [ -n "$blocked" ]; then
     mkdir -p "$keep"
     mount --move "$aside" "$keep"
 fi
-exec setpriv --reuid={uid} --regid={uid} --clear-groups "$@"
-""".format(uid=UNPRIVILEGED_UID)
+exec setpriv --reuid={UNPRIVILEGED_UID} --regid={UNPRIVILEGED_UID} --clear-groups "$@"
+"""
 
 
 class HarnessProcess:
@@ -208,17 +208,40 @@ class HarnessProcess:
         if self._stage is None:
             self._stage = _stage_sources()
         blocked, keep = _reachability_mounts() or ("", "")
-        return ["unshare", "--mount", "--pid", "--fork", "--kill-child", "--mount-proc",
-                "sh", "-c", _DROP_PRIVILEGES, "sh", blocked, keep, os.path.join(self._stage, "aside"),
-                python, "-I", os.path.join(self._stage, HARNESS.name), self._stage, config]
+        return [
+            "unshare",
+            "--mount",
+            "--pid",
+            "--fork",
+            "--kill-child",
+            "--mount-proc",
+            "sh",
+            "-c",
+            _DROP_PRIVILEGES,
+            "sh",
+            blocked,
+            keep,
+            os.path.join(self._stage, "aside"),
+            python,
+            "-I",
+            os.path.join(self._stage, HARNESS.name),
+            self._stage,
+            config,
+        ]
 
     def start(self) -> None:
         self._cgroups = ThrowawayCgroups.create()
         prefix = self._cgroups.enter_then_exec() if self._cgroups else []
-        self._stderr = tempfile.TemporaryFile()
+        self._stderr = tempfile.TemporaryFile()  # noqa: SIM115 - kept open for the process's life
         env = {"PATH": "/usr/local/bin:/usr/bin:/bin", "LANG": "C.UTF-8", SECRET_VARIABLE: self.secret}
-        self._process = subprocess.Popen([*prefix, *self._command()], stdin=subprocess.PIPE,
-                                         stdout=subprocess.PIPE, stderr=self._stderr, env=env, cwd="/")
+        self._process = subprocess.Popen(
+            [*prefix, *self._command()],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=self._stderr,
+            env=env,
+            cwd="/",
+        )
         self._buffer = b""
 
     def alive(self) -> bool:
@@ -271,8 +294,9 @@ class HarnessProcess:
         if self._process is not None and not self.alive():
             detail = f"exit status {self._process.poll()}; stderr:\n{self.stderr_tail()}"
             self.stop()
-            raise HarnessDied(f"the harness (the supervisor under test) died after answering its previous "
-                              f"request: {detail}")
+            raise HarnessDied(
+                f"the harness (the supervisor under test) died after answering its previous request: {detail}"
+            )
         if self._process is None:
             self.start()
         try:
@@ -313,12 +337,27 @@ class HarnessProcess:
     def info(self) -> dict:
         return self.request({"op": "info"})
 
-    def run(self, code: str, inputs: dict | None = None, *, tenant: str = "default",
-            probe_concurrently: bool = False, check_tenant: str | None = None,
-            inspect_scratch: bool = False) -> dict:
+    def run(
+        self,
+        code: str,
+        inputs: dict | None = None,
+        *,
+        tenant: str = "default",
+        probe_concurrently: bool = False,
+        check_tenant: str | None = None,
+        inspect_scratch: bool = False,
+    ) -> dict:
         """Run ``code`` in the harness; the answer is described in ``Harness.run``."""
-        answer = self.request({"op": "run", "code": code, "inputs": inputs or {}, "tenant": tenant,
-                               "probe_concurrently": probe_concurrently, "check_tenant": check_tenant,
-                               "inspect_scratch": inspect_scratch})
+        answer = self.request(
+            {
+                "op": "run",
+                "code": code,
+                "inputs": inputs or {},
+                "tenant": tenant,
+                "probe_concurrently": probe_concurrently,
+                "check_tenant": check_tenant,
+                "inspect_scratch": inspect_scratch,
+            }
+        )
         answer["harness_alive_after"] = self.alive()
         return answer

@@ -15,14 +15,32 @@ from pathlib import Path
 
 import pytest
 
-from policies import Policy
-from tests.hostile.checks import (LAG_LIMIT_S, RSS_GROWTH_LIMIT, TIME_MARGIN_S, Listeners, assert_host_intact,
-                                  host_only_dir, open_listeners, report_text, supervisor_uid)
+from sandbox.policies import Policy
+from tests.hostile.checks import (
+    LAG_LIMIT_S,
+    RSS_GROWTH_LIMIT,
+    TIME_MARGIN_S,
+    Listeners,
+    assert_host_intact,
+    host_only_dir,
+    open_listeners,
+    report_text,
+    supervisor_uid,
+)
 from tests.hostile.client import HarnessProcess
 from tests.hostile.samples import Sample
 
-KNOWN_OUTCOMES = frozenset({"ok", "CodeError", "TimeLimitExceeded", "MemoryLimitExceeded", "OutputLimitExceeded",
-                            "PolicyViolation", "WorkerCrashed"})
+KNOWN_OUTCOMES = frozenset(
+    {
+        "ok",
+        "CodeError",
+        "TimeLimitExceeded",
+        "MemoryLimitExceeded",
+        "OutputLimitExceeded",
+        "PolicyViolation",
+        "WorkerCrashed",
+    }
+)
 _PROBE_LIMIT_S = 1.0
 
 
@@ -141,13 +159,13 @@ def _loop_never_blocked(ctx: RunContext) -> None:
 
 CLAUSES = [
     Clause(r"loop never blocked", _loop_never_blocked),
-    Clause(r"other runs submitted meanwhile complete on time", _concurrent_run_on_time,
-           {"probe_concurrently": True}),
+    Clause(r"other runs submitted meanwhile complete on time", _concurrent_run_on_time, {"probe_concurrently": True}),
     Clause(r"ends within the wall limit plus a small margin", _ends_near_wall_limit),
     Clause(r"^supervisor alive$", _supervisor_alive),
     Clause(r"^next run succeeds$", _next_run_ok),
-    Clause(r"no file larger than the policy's file-size limit remains", _no_file_over_size_limit,
-           {"inspect_scratch": True}),
+    Clause(
+        r"no file larger than the policy's file-size limit remains", _no_file_over_size_limit, {"inspect_scratch": True}
+    ),
     Clause(r'outputs\["marker"\] == "genuine"', _genuine_marker_only),
     Clause(r"no process of the run is left behind", _no_leftovers),
     Clause(r"the host can still fork", _host_can_fork),
@@ -184,11 +202,11 @@ def check_sample(harness: HarnessProcess, policy: Policy, sample: Sample) -> Non
     with host_only_dir(supervisor_uid(harness)) as directory, open_listeners() as listeners:
         canary = directory / "canary"
         inputs = {"canary": str(canary), "port": listeners.tcp_port}
-        report = harness.run(sample.code, {name: inputs[name] for name in sample.inputs if name in inputs},
-                             **options)
+        report = harness.run(sample.code, {name: inputs[name] for name in sample.inputs if name in inputs}, **options)
         assert report["outcome"] in sample.expect, (
             f"{sample.name} ({sample.attack}) ended in {report['outcome']}: {report['message'][:500]}; "
-            f"the header accepts {sorted(sample.expect)}")
+            f"the header accepts {sorted(sample.expect)}"
+        )
         ctx = RunContext(report, harness, policy, canary, listeners)
         for text, clause in matched:
             try:

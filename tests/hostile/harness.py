@@ -9,8 +9,8 @@ so that a sandbox that is broken can kill or exhaust nothing outside it. As
 pid 1 of that namespace the process only forks the harness proper and waits
 for it; the harness is an ordinary process, like a real supervisor.
 
-``SOURCE_ROOT`` is put first on ``sys.path`` (the ``sandbox``, ``runtime``
-and ``policies`` packages are imported from there). ``CONFIG_JSON`` is
+``SOURCE_ROOT`` is put first on ``sys.path`` (the ``sandbox`` package is
+imported from there). ``CONFIG_JSON`` is
 ``{"tenants": {name: {policy field: value}}, "workers": n}``.
 
 Each line on stdin is one JSON request and gets one JSON line on stdout:
@@ -38,8 +38,8 @@ if __name__ == "__main__":
 import psutil
 import uvloop
 
-from policies import Policy
 from sandbox import Opaque, Result, Sandbox, SandboxError
+from sandbox.policies import Policy
 from sandbox.profile import UID_BASE
 from sandbox.worker import State
 
@@ -106,7 +106,7 @@ async def _serve(config: dict, answers: int) -> None:
             request = json.loads(line)
             try:
                 answer = await harness.handle(request)
-            except Exception:  # noqa: BLE001 - a broken check must reach the test, not kill the harness
+            except Exception:
                 answer = {"error": traceback.format_exc()}
             _write_line(answers, answer)
         harness.lag.stop()
@@ -115,7 +115,7 @@ async def _serve(config: dict, answers: int) -> None:
 def _write_line(fd: int, answer: dict) -> None:
     view = memoryview(json.dumps(answer).encode() + b"\n")
     while view:
-        view = view[os.write(fd, view):]
+        view = view[os.write(fd, view) :]
 
 
 class LagMonitor:
@@ -204,11 +204,15 @@ class Harness:
         answer["max_lag_s"] = self.lag.worst
         answer["workers_before"] = workers_before
         answer["workers_after"] = self._worker_pids()
-        answer["rlimits_changed"] = sorted(name for name, value in _own_rlimits().items()
-                                           if value != self.rlimits_at_start[name])
+        answer["rlimits_changed"] = sorted(
+            name for name, value in _own_rlimits().items() if value != self.rlimits_at_start[name]
+        )
         pool_limits_after = self._pool_rlimits()
-        answer["pool_rlimits_changed"] = sorted(pid for pid, text in pool_limits_before.items()
-                                                if pid in pool_limits_after and pool_limits_after[pid] != text)
+        answer["pool_rlimits_changed"] = sorted(
+            pid
+            for pid, text in pool_limits_before.items()
+            if pid in pool_limits_after and pool_limits_after[pid] != text
+        )
         answer["rss_growth_bytes"] = _own_rss() - rss_before
         answer["stray_files"] = _stray_files(started_wall)
         answer["secret_found_in"] = self._secret_places(answer, opaque_data)
@@ -228,8 +232,11 @@ class Harness:
             result = await self.sandbox.run(BENIGN_CODE, tenant=tenant)
         except SandboxError as exc:
             return {"ok": False, "detail": f"{type(exc).__name__}: {exc}", "elapsed_s": loop.time() - start}
-        return {"ok": result.outputs == BENIGN_OUTPUTS, "detail": repr(result.outputs),
-                "elapsed_s": loop.time() - start}
+        return {
+            "ok": result.outputs == BENIGN_OUTPUTS,
+            "detail": repr(result.outputs),
+            "elapsed_s": loop.time() - start,
+        }
 
     async def _tenant_check(self, tenant: str) -> dict:
         try:
@@ -281,8 +288,7 @@ class Harness:
         live = self._live_pairs()
         retired = self.seen_pairs - live
         skeleton = {1, os.getpid(), launcher} | zygotes
-        return {pid for pid, ppid in parents.items()
-                if pid not in skeleton and (ppid not in zygotes or pid in retired)}
+        return {pid for pid, ppid in parents.items() if pid not in skeleton and (ppid not in zygotes or pid in retired)}
 
     async def _leftovers(self) -> list[dict]:
         """Processes that belong neither to the harness nor to the pool, after a settle."""
@@ -321,8 +327,11 @@ class Harness:
         places = [field for field in ("stdout", "stderr", "message") if text in answer[field]]
         if text in json.dumps(answer["attributes"]):
             places.append("attributes")
-        places += [f"outputs[{name!r}]" for name, value in answer["outputs"].items()
-                   if text in value["repr"] or self.secret in opaque_data.get(name, b"")]
+        places += [
+            f"outputs[{name!r}]"
+            for name, value in answer["outputs"].items()
+            if text in value["repr"] or self.secret in opaque_data.get(name, b"")
+        ]
         return places
 
 
@@ -361,23 +370,38 @@ def _stray_files(since: float) -> list[dict]:
 
 
 def _describe_result(result: Result) -> dict:
-    return {"outcome": "ok", "message": "", "attributes": {}, "stdout": result.stdout, "stderr": result.stderr,
-            "outputs": {name: _describe_value(value) for name, value in result.outputs.items()},
-            "skipped": dict(result.skipped)}
+    return {
+        "outcome": "ok",
+        "message": "",
+        "attributes": {},
+        "stdout": result.stdout,
+        "stderr": result.stderr,
+        "outputs": {name: _describe_value(value) for name, value in result.outputs.items()},
+        "skipped": dict(result.skipped),
+    }
 
 
 def _describe_error(exc: SandboxError) -> dict:
-    attributes = {key: value for key, value in vars(exc).items()
-                  if key not in ("stdout", "stderr") and isinstance(value, (str, int, float, bool, type(None)))}
-    return {"outcome": type(exc).__name__, "message": str(exc), "attributes": attributes,
-            "stdout": exc.stdout, "stderr": exc.stderr, "outputs": {}, "skipped": {}}
+    attributes = {
+        key: value
+        for key, value in vars(exc).items()
+        if key not in ("stdout", "stderr") and isinstance(value, (str, int, float, bool, type(None)))
+    }
+    return {
+        "outcome": type(exc).__name__,
+        "message": str(exc),
+        "attributes": attributes,
+        "stdout": exc.stdout,
+        "stderr": exc.stderr,
+        "outputs": {},
+        "skipped": {},
+    }
 
 
 def _describe_value(value: object) -> dict:
     """A JSON-safe account of one output: ``value`` only when JSON holds it exactly."""
     if isinstance(value, Opaque):
-        return {"opaque": True, "type": value.type_name, "reason": value.reason, "repr": repr(value),
-                "value": None}
+        return {"opaque": True, "type": value.type_name, "reason": value.reason, "repr": repr(value), "value": None}
     try:
         text = repr(value)
     except ValueError as exc:  # e.g. an int with more digits than str() allows
@@ -386,16 +410,26 @@ def _describe_value(value: object) -> dict:
         plain = json.loads(json.dumps(value))
     except (TypeError, ValueError, RecursionError):
         plain = None
-    return {"opaque": False, "type": type(value).__name__, "reason": "", "repr": text,
-            "value": plain if plain == value else None}
+    return {
+        "opaque": False,
+        "type": type(value).__name__,
+        "reason": "",
+        "repr": text,
+        "value": plain if plain == value else None,
+    }
 
 
 def _describe_process(pid: int) -> dict | None:
     try:
         process = psutil.Process(pid)
         with process.oneshot():
-            description = {"pid": pid, "ppid": process.ppid(), "name": process.name(),
-                           "status": process.status(), "uids": list(process.uids())}
+            description = {
+                "pid": pid,
+                "ppid": process.ppid(),
+                "name": process.name(),
+                "status": process.status(),
+                "uids": list(process.uids()),
+            }
         try:
             description["cmdline"] = process.cmdline()
         except psutil.AccessDenied:
@@ -422,8 +456,9 @@ def _own_rss() -> int:
 
 
 async def _can_fork() -> bool:
-    process = await asyncio.create_subprocess_exec("/bin/true", stdin=asyncio.subprocess.DEVNULL,
-                                                   stdout=asyncio.subprocess.DEVNULL)
+    process = await asyncio.create_subprocess_exec(
+        "/bin/true", stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.DEVNULL
+    )
     return await process.wait() == 0
 
 
