@@ -19,10 +19,12 @@ field in it, and nothing is returned.
 
 from __future__ import annotations
 
+import difflib
 import tomllib
 from pathlib import Path
 
 from pydantic import ValidationError
+from pydantic_core import ErrorDetails
 
 from sandbox.policies.model import Policy
 
@@ -82,27 +84,37 @@ def _load_file(file: Path) -> dict[str, Policy | list[str]]:
     if not isinstance(tenants, dict) or not tenants:
         problems.append(f"{file}: no [tenants.NAME] table")
         tenants = {}
-    if base:
-        problems.extend(f"{file}: [base]: {p}" for p in _field_errors(base))
+    base_errors = _field_errors(base) if base else {}
+    problems.extend(f"{file}: [base]: {p}" for p in base_errors.values())
     result: dict[str, Policy | list[str]] = {"": problems} if problems else {}
     for tenant, overrides in tenants.items():
         if not isinstance(overrides, dict):
             result[tenant] = [f"{file}: tenant {tenant!r}: must be a table"]
             continue
-        try:
+        errors = _field_errors({**base, **overrides})
+        if errors:
+            # A field [base] got wrong is reported once, under [base], not
+            # again for every tenant that inherits it.
+            inherited = {field for field in base_errors if field not in overrides}
+            result[tenant] = [f"{file}: tenant {tenant!r}: {p}" for f, p in errors.items() if f not in inherited]
+        else:
             result[tenant] = Policy(**{**base, **overrides})
-        except ValidationError as exc:
-            result[tenant] = [f"{file}: tenant {tenant!r}: {p}" for p in _describe(exc)]
     return result
 
 
-def _field_errors(fields: dict) -> list[str]:
+def _field_errors(fields: dict[str, object]) -> dict[str, str]:
+    """Each invalid field of a policy, keyed by its name, in the project's words."""
     try:
-        Policy(**fields)
+        Policy(**fields)  # type: ignore[arg-type]
     except ValidationError as exc:
-        return _describe(exc)
-    return []
+        return {str(error["loc"][0]) if error["loc"] else "": _describe(error) for error in exc.errors()}
+    return {}
 
 
-def _describe(exc: ValidationError) -> list[str]:
-    return [f"{'.'.join(str(part) for part in error['loc']) or 'policy'}: {error['msg']}" for error in exc.errors()]
+def _describe(error: ErrorDetails) -> str:
+    location = ".".join(str(part) for part in error["loc"])
+    if error["type"] == "extra_forbidden":
+        close = difflib.get_close_matches(location, Policy.model_fields, n=1)
+        hint = f"; did you mean {close[0]!r}?" if close else "; policies/default.toml lists every field"
+        return f"unknown field {location!r}{hint}"
+    return f"{location or 'policy'}: {error['msg']}"

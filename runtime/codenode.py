@@ -34,7 +34,7 @@ import types
 import cloudpickle
 
 from sandbox.runtime import wire
-from sandbox.runtime.guards import Guard, ImportBlocked, ImportPolicy, InputUnpickler
+from sandbox.runtime.guards import Guard, ImportBlocked, ImportPolicy, InputUnpickler, explain_refused_sockets
 
 _TOP_LEVEL_AWAIT = 0x2000  # ast.PyCF_ALLOW_TOP_LEVEL_AWAIT
 # Names the interpreter itself puts into a module namespace; never the code's own variables.
@@ -116,6 +116,8 @@ class CodeNode:
     def __init__(self, settings: dict) -> None:
         self.policy = ImportPolicy(settings["allowed_modules"], settings["denied_modules"], settings["tenant"])
         self.guard = Guard(self.policy, settings["removed_builtins"])
+        if not settings["network"]:
+            explain_refused_sockets(settings["tenant"])
         self.max_value_bytes: int = settings["max_result_bytes"]
         self.max_total_bytes: int = settings["max_reply_bytes"]
         self.prebind_asyncio = not any(p in ("asyncio", "asyncio.*") for p in settings["denied_modules"])

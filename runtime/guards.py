@@ -29,10 +29,12 @@ and are never affected, so allowing ``json`` permits its internals.
 from __future__ import annotations
 
 import builtins
+import errno
 import importlib
 import importlib.util
 import io
 import pickle
+import socket
 import sys
 import types
 
@@ -44,8 +46,15 @@ class ImportBlocked(ImportError):
     ``except ImportError`` fallbacks in user code keep working.
     """
 
-    def __init__(self, module: str, tenant: str) -> None:
-        super().__init__(f"import of {module!r} is not allowed by the policy of tenant {tenant!r}", name=module)
+    def __init__(self, module: str, tenant: str, denied_by: str | None = None) -> None:
+        if denied_by is None:
+            entry = module.partition(".")[0] + ".*"
+            remedy = f'to allow it, add "{entry}" to allowed_modules'
+        else:
+            remedy = f'denied_modules has "{denied_by}", and a deny entry wins over allowed_modules'
+        super().__init__(
+            f"import of {module!r} is not allowed by the policy of tenant {tenant!r}; {remedy}", name=module
+        )
         self.module = module
         self.tenant = tenant
 
@@ -82,11 +91,43 @@ class ImportPolicy:
 
     def check(self, module: str) -> None:
         if not self.allows(module):
-            raise ImportBlocked(module, self.tenant)
+            denied_by = next((p for p in self.denied if _matches(module, p, subtree=True)), None)
+            raise ImportBlocked(module, self.tenant, denied_by)
 
     def check_unpickling(self, module: str) -> None:
         if module not in self._PICKLE_PLUMBING:
             self.check(module)
+
+
+def explain_refused_sockets(tenant: str) -> None:
+    """Make the socket seccomp refuses fail with the policy's reason.
+
+    Why: without network, seccomp answers ``socket(AF_INET, ...)`` with
+    EAFNOSUPPORT, and ``[Errno 97] Address family not supported by protocol``
+    reads like a bug in the code. This only rewords that refusal, in the
+    ``socket`` class every library goes through; code that reaches
+    ``_socket`` directly still gets the kernel's errno. The wall is seccomp.
+    """
+    refused = PermissionError(
+        errno.EACCES,
+        f"network access is not allowed by the policy of tenant {tenant!r}; "
+        'grant it with egress = ["HOST:PORT", ...] (or network = true) in its policy',
+    )
+
+    class PolicySocket(socket.socket):
+        __slots__ = ()
+
+        def __init__(self, family: int = -1, type: int = -1, proto: int = -1, fileno: int | None = None) -> None:
+            try:
+                super().__init__(family, type, proto, fileno)
+            except OSError as exc:
+                if exc.errno != errno.EAFNOSUPPORT:
+                    raise
+                raise PermissionError(*refused.args) from None
+
+    PolicySocket.__name__ = PolicySocket.__qualname__ = "socket"
+    PolicySocket.__module__ = "socket"
+    socket.socket = PolicySocket  # type: ignore[misc]
 
 
 class Guard:

@@ -33,13 +33,21 @@ EXIT_USAGE = 2
 _UNPRIVILEGED_UID = 65534
 
 
+EXIT_INTERRUPTED = 130  # what a shell reports for a command ended by SIGINT
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
     try:
-        return args.command(args)
+        return int(args.command(args))
     except _UsageError as exc:
-        parser.error(str(exc))
+        args.usage.error(str(exc))  # the usage of the subcommand that was called, then exit 2
+    except KeyboardInterrupt:
+        # The run was cancelled and the sandbox closed on the way out; one
+        # line says so instead of a traceback of the event loop.
+        print("sandbox: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
     return EXIT_USAGE
 
 
@@ -60,17 +68,17 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--policy", type=Path, metavar="FILE", help="TOML policy file (see policies/default.toml)")
     run.add_argument("--tenant", default=DEFAULT_TENANT, help="tenant of the policy file to run as")
     run.add_argument("--timeout", type=float, help="shorten the policy's wall-clock limit (seconds)")
-    run.set_defaults(command=_run)
+    run.set_defaults(command=_run, usage=run)
 
     doctor = commands.add_parser("doctor", help="report which isolation layers this host provides")
     doctor.add_argument("--json", action="store_true", help="print the report as JSON")
-    doctor.set_defaults(command=_doctor)
+    doctor.set_defaults(command=_doctor, usage=doctor)
 
     policy = commands.add_parser("policy", help="work with policy files")
     policy_commands = policy.add_subparsers(required=True, metavar="ACTION")
     check = policy_commands.add_parser("check", help="validate a policy file or directory")
     check.add_argument("path", type=Path)
-    check.set_defaults(command=_policy_check)
+    check.set_defaults(command=_policy_check, usage=check)
     return parser
 
 
@@ -89,11 +97,11 @@ def _run(args: argparse.Namespace) -> int:
     inputs = dict(_parse_input(item) for item in args.input)
     tenants = _load(args.policy) if args.policy else {}
     if args.tenant != DEFAULT_TENANT and args.tenant not in tenants:
-        raise _UsageError(f"tenant {args.tenant!r} is not defined in {args.policy}")
+        raise _UsageError(_unknown_tenant(args.tenant, args.policy, tenants))
 
     async def execute():
         async with Sandbox(tenants=tenants, workers=1) as sandbox:
-            return await sandbox.run(code, inputs, tenant=args.tenant, timeout=args.timeout)
+            return await sandbox.run(code, inputs, tenant=args.tenant, timeout=args.timeout, filename=str(args.file))
 
     try:
         result = uvloop.run(execute())
@@ -104,6 +112,12 @@ def _run(args: argparse.Namespace) -> int:
     sys.stderr.write(result.stdout + result.stderr)
     print(json.dumps(_jsonable(result.outputs), indent=2))
     return 0
+
+
+def _unknown_tenant(tenant: str, policy_file: Path | None, tenants: dict[str, Policy]) -> str:
+    known = ", ".join(repr(name) for name in sorted({DEFAULT_TENANT, *tenants}))
+    where = f"{policy_file} defines" if policy_file else "without --policy there is only the built-in default:"
+    return f"unknown tenant {tenant!r}: {where} {known}; --policy FILE loads more tenants"
 
 
 def _parse_input(item: str) -> tuple[str, object]:

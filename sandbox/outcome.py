@@ -24,12 +24,15 @@ from sandbox.errors import (
     TimeLimitExceeded,
     WorkerCrashed,
 )
+from sandbox.policies.model import Policy
 from sandbox.profile import TenantProfile
 from sandbox.result import Result, RunStats
 from sandbox.runtime import wire
 from sandbox.snapshot import Allowance, Budget, decode_value
 from sandbox.zygote import ExitInfo
 
+_THREAD_START_FAILED = "can't start new thread"  # threading's RuntimeError when pthread_create fails
+_NATIVE_THREADS_FAILED = "pthread_create failed"  # what OpenBLAS writes to stderr before it spins
 _DECODE_INLINE_BYTES = 64 * 1024  # larger outputs are decoded in a thread
 _BUDGET = Budget()
 
@@ -63,6 +66,8 @@ def _reported_error(reply: wire.Reply, profile: TenantProfile, **captured: str) 
     type_name, message, traceback, detail = reply.error
     policy = profile.policy
     if reply.status == wire.CODE_ERROR:
+        if type_name == "RuntimeError" and _THREAD_START_FAILED in message:
+            message = f"{message} ({_thread_budget(policy)})"
         return CodeError(type_name, message, traceback, **captured)
     if reply.status == wire.MEMORY_LIMIT:
         return memory_exceeded(policy.memory_mb, "the code ran out of memory", **captured)
@@ -88,9 +93,19 @@ def wall_timeout(limit_s: float, stdout: str, stderr: str) -> TimeLimitExceeded:
     )
 
 
-def cpu_exceeded(limit_s: float, **captured: str) -> TimeLimitExceeded:
-    return TimeLimitExceeded(
-        f"run exceeded its CPU-time limit of {limit_s:g} s and was stopped", kind="cpu", limit_s=limit_s, **captured
+def cpu_exceeded(policy: Policy, *, stdout: str, stderr: str) -> TimeLimitExceeded:
+    message = f"run exceeded its CPU-time limit of {policy.cpu_time_s:g} s and was stopped"
+    if _NATIVE_THREADS_FAILED in stderr:
+        # OpenBLAS and friends spin when their threads cannot start: the CPU
+        # limit is the symptom, the thread budget the cause.
+        message += f"; a native thread pool could not start its threads ({_thread_budget(policy)})"
+    return TimeLimitExceeded(message, kind="cpu", limit_s=policy.cpu_time_s, stdout=stdout, stderr=stderr)
+
+
+def _thread_budget(policy: Policy) -> str:
+    return (
+        f"the policy allows max_threads = {policy.max_threads} threads per worker; raise max_threads, "
+        "or start fewer threads"
     )
 
 
@@ -136,7 +151,7 @@ def worker_died(info: ExitInfo | None, profile: TenantProfile, stdout: str, stde
         return memory_exceeded(policy.memory_mb, "killed by the kernel's OOM killer", stdout=stdout, stderr=stderr)
     cpu_hard_limit = profile.template["rlimits"]["cpu"][1]
     if info.signal in (signal.SIGKILL, signal.SIGXCPU) and info.cpu_s >= cpu_hard_limit - 0.05:
-        return cpu_exceeded(policy.cpu_time_s, stdout=stdout, stderr=stderr)
+        return cpu_exceeded(policy, stdout=stdout, stderr=stderr)
     return WorkerCrashed(
         f"worker process {info.describe()} during the run",
         signal=info.signal,

@@ -20,7 +20,7 @@ from sandbox.cgroups import CgroupParents
 from sandbox.errors import ConfinementUnavailable
 from sandbox.policies.model import LAYERS, Policy
 from sandbox.seccomp import build_filter
-from sandbox.zygote import USERNS_INSIDE_ID
+from sandbox.zygote import NATIVE_THREAD_VARIABLES, USERNS_INSIDE_ID
 
 MiB = 1024 * 1024
 BASE_ENV = {"PATH": "/usr/local/bin:/usr/bin:/bin", "HOME": "/work", "TMPDIR": "/tmp", "LANG": "C.UTF-8"}
@@ -124,10 +124,29 @@ def build_profile(name: str, policy: Policy, host: HostSupport) -> TenantProfile
             "max_frame_bytes": policy.max_reply_bytes + _FRAME_HEADROOM,
             "max_error_text_bytes": MAX_ERROR_TEXT_BYTES // 2,
             "allow_processes": policy.allow_processes,
+            "network": policy.network,
         },
     }
-    env = {**BASE_ENV, **{key: os.environ[key] for key in policy.env if key in os.environ}}
+    env = {
+        **BASE_ENV,
+        **native_thread_env(policy.max_threads),
+        **{key: os.environ[key] for key in policy.env if key in os.environ},
+    }
     return TenantProfile(name, policy, required, template, env, host.cgroups)
+
+
+def native_thread_env(max_threads: int) -> dict[str, str]:
+    """Thread counts for the usual native pools, fitted to the thread budget.
+
+    Why: OpenBLAS, OpenMP, MKL and numexpr size their pools from the CPU
+    count when they load. Under a budget of ``max_threads`` their
+    ``pthread_create`` fails, and OpenBLAS then spins until the CPU limit
+    kills the run with an error that points nowhere near the cause. A pool of
+    N threads is the calling thread plus N - 1 workers, so N may be the whole
+    budget (and never more than the CPUs, where more threads buy nothing).
+    """
+    threads = str(max(1, min(max_threads, os.cpu_count() or 1)))
+    return dict.fromkeys(NATIVE_THREAD_VARIABLES, threads)
 
 
 def scratch_bytes(policy: Policy) -> int:

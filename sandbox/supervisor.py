@@ -181,13 +181,15 @@ class Sandbox:
         *,
         tenant: str = DEFAULT_TENANT,
         timeout: float | None = None,
+        filename: str = "<code>",
     ) -> Result:
         """Run ``code`` with ``inputs`` bound as variables; return its outputs.
 
         ``timeout`` may shorten the tenant's ``wall_time_s``, never extend it.
+        ``filename`` is what tracebacks call the code (a file's name, say).
         Raises a ``SandboxError`` subclass for every way a run can fail.
         """
-        return await self.execute(code, inputs, tenant=tenant, timeout=timeout)
+        return await self.execute(code, inputs, tenant=tenant, timeout=timeout, filename=filename)
 
     async def execute(
         self,
@@ -205,7 +207,9 @@ class Sandbox:
         profile = self._profiles.get(tenant)
         if profile is None:
             known = ", ".join(repr(name) for name in sorted(self._profiles))
-            raise SandboxError(f"unknown tenant {tenant!r}; this sandbox serves {known}")
+            raise SandboxError(
+                f"unknown tenant {tenant!r}: this sandbox serves {known}; define it in Sandbox(tenants=...)"
+            )
         if not isinstance(code, str):
             raise InputError(f"code must be a str, not {type(code).__name__}")
         wall = profile.policy.wall_time_s
@@ -389,9 +393,7 @@ class Sandbox:
                         )
                     )
                 elif cpu - baseline > policy.cpu_time_s:
-                    worker.fail_run(
-                        lambda out, err, p=policy: outcome.cpu_exceeded(p.cpu_time_s, stdout=out, stderr=err)
-                    )
+                    worker.fail_run(lambda out, err, p=policy: outcome.cpu_exceeded(p, stdout=out, stderr=err))
             for worker in [w for w in processes if w.state is State.DEAD]:
                 del processes[worker]
             if self._idle_timeout_s is not None:

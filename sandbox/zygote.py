@@ -31,6 +31,13 @@ _BOOT = "import sys; sys.path.insert(0, sys.argv[1]); from sandbox.runtime.zygot
 _PACKAGE_ROOT = str(Path(sandbox.__file__).parent.parent)
 _START_TIMEOUT_S = 30.0
 _MAX_EVENT_BYTES = 64 * 1024
+# Native thread pools that read their size from the environment when they load.
+# The zygote keeps them at one thread. It preloads every allowed module, so a
+# pool sized from the CPU count would start its threads in the process that
+# forks every worker, and each worker would then fail to restart them under
+# its thread budget (OpenBLAS spins when that happens). Pools a worker loads
+# itself are sized to its tenant's budget (``sandbox.profile``).
+NATIVE_THREAD_VARIABLES = ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS", "NUMEXPR_NUM_THREADS")
 USERNS_INSIDE_ID = 1000  # the uid/gid workers see inside the user namespace when unprivileged
 _STANDBY_WORKERS = 2  # forked ahead of need by the zygote, so that a spawn costs no fork
 _STANDBY_MEMORY_BYTES = 64 * 1024 * 1024
@@ -111,7 +118,7 @@ class Zygote:
                 pass_fds=[theirs.fileno()],
                 stdin=asyncio.subprocess.DEVNULL,
                 stdout=asyncio.subprocess.DEVNULL,
-                env={},
+                env=dict.fromkeys(NATIVE_THREAD_VARIABLES, "1"),
                 cwd="/",
             )
         finally:

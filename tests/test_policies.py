@@ -155,7 +155,11 @@ def test_an_invalid_file_raises_one_error_naming_file_tenant_and_every_bad_field
     problems = info.value.problems
     assert len(problems) == 3
     assert all(str(path) in p and "tenant 'alpha'" in p for p in problems)
-    assert {p.split(": ")[2] for p in problems} == {"memory_mb", "wall_time_s", "colour"}
+    assert {p.split(": ")[2] for p in problems} == {
+        "memory_mb",
+        "wall_time_s",
+        "unknown field 'colour'; policies/default.toml lists every field",
+    }
 
 
 @pytest.mark.parametrize(
@@ -164,7 +168,7 @@ def test_an_invalid_file_raises_one_error_naming_file_tenant_and_every_bad_field
         ("[tenant.alpha]\nmemory_mb = 128\n", "unknown top-level section 'tenant'"),
         ("[base]\nwall_time_s = 3\n", "no [tenants.NAME] table"),
         ("[tenants.alpha\n", "Expected ']'"),
-        ("[base]\nwalltime = 3\n[tenants.a]\n", "[base]: walltime"),
+        ("[base]\nwalltime = 3\n[tenants.a]\n", "[base]: unknown field 'walltime'; did you mean 'wall_time_s'?"),
     ],
 )
 def test_structural_errors_are_reported(tmp_path, text, fragment):
