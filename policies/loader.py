@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import tomllib
 from pathlib import Path
+from typing import Any
 
 from pydantic import ValidationError
 
@@ -96,7 +97,7 @@ def _load_file(file: Path) -> dict[str, Policy | list[str]]:
     return result
 
 
-def _field_errors(fields: dict) -> list[str]:
+def _field_errors(fields: dict[str, Any]) -> list[str]:
     try:
         Policy(**fields)
     except ValidationError as exc:
