@@ -22,6 +22,7 @@ from __future__ import annotations
 import difflib
 import tomllib
 from pathlib import Path
+from typing import Any
 
 from pydantic import ValidationError
 from pydantic_core import ErrorDetails
@@ -102,10 +103,10 @@ def _load_file(file: Path) -> dict[str, Policy | list[str]]:
     return result
 
 
-def _field_errors(fields: dict[str, object]) -> dict[str, str]:
+def _field_errors(fields: dict[str, Any]) -> dict[str, str]:
     """Each invalid field of a policy, keyed by its name, in the project's words."""
     try:
-        Policy(**fields)  # type: ignore[arg-type]
+        Policy(**fields)
     except ValidationError as exc:
         return {str(error["loc"][0]) if error["loc"] else "": _describe(error) for error in exc.errors()}
     return {}

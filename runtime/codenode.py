@@ -30,6 +30,7 @@ import pickle
 import threading
 import traceback
 import types
+from collections.abc import Coroutine
 
 import cloudpickle
 
@@ -231,7 +232,7 @@ def _serialize(value: object) -> bytes:
     return cloudpickle.dumps(value, protocol=5)
 
 
-def _run_coroutine(coroutine) -> bool:
+def _run_coroutine(coroutine: Coroutine[object, object, object]) -> bool:
     """Run top-level-await code on a fresh loop; True if it left work behind."""
     loop = asyncio.new_event_loop()
     try:

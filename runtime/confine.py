@@ -38,7 +38,9 @@ import os
 import resource
 import shutil
 import signal
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 from sandbox.runtime import linux
 
@@ -122,7 +124,7 @@ def confine(config: dict, empty_netns_fd: int | None, template_fd: int | None) -
     wanted: dict[str, bool] = config["layers"]
     report: dict[str, str] = {}
 
-    def attempt(layer: str, action, *args) -> None:
+    def attempt(layer: str, action: Callable[..., object], *args: Any) -> None:
         if layer not in wanted:
             report[layer] = "off: not requested"
             return
@@ -421,6 +423,8 @@ def _drop_identity(uid: int | None, gid: int | None) -> None:
         # its full capability set. Shed it all.
         linux.clear_capabilities()
         return
+    if gid is None:
+        raise OSError(22, "a worker uid comes without its gid")
     # Real root: becoming a uid of our own empties every capability set.
     os.setgroups([])
     os.setresgid(gid, gid, gid)

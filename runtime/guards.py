@@ -37,6 +37,8 @@ import pickle
 import socket
 import sys
 import types
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 
 class ImportBlocked(ImportError):
@@ -150,7 +152,14 @@ class Guard:
         self.current_builtins = dict(self._template)
         return self.current_builtins
 
-    def _guarded_import(self, name: str, globals=None, locals=None, fromlist=(), level: int = 0):
+    def _guarded_import(
+        self,
+        name: str,
+        globals: Mapping[str, Any] | None = None,
+        locals: Mapping[str, object] | None = None,
+        fromlist: Sequence[str] = (),
+        level: int = 0,
+    ) -> types.ModuleType:
         if level:
             package = (globals or {}).get("__package__") or ""
             name = importlib.util.resolve_name("." * level + name, package)
@@ -170,7 +179,7 @@ class Guard:
         real = importlib.import_module
         guard = self
 
-        def import_module(name: str, package: str | None = None):
+        def import_module(name: str, package: str | None = None) -> types.ModuleType:
             # Only calls made from user code are checked: library code that
             # imports dynamically must keep working.
             if sys._getframe(1).f_builtins is guard.current_builtins:
@@ -194,7 +203,7 @@ class InputUnpickler(pickle.Unpickler):
         super().__init__(io.BytesIO(data))
         self._policy = policy
 
-    def find_class(self, module: str, name: str):
+    def find_class(self, module: str, name: str) -> Any:
         if (module, name) == ("sandbox.opaque", "Opaque"):
             # An Opaque nested inside an input: the host pickles only its
             # bytes, and they are rebuilt here, under this run's policy.

@@ -48,8 +48,9 @@ def serve(channel: int, layers: dict[str, str], scratch: Scratch, settings: dict
     # could lower its own, and the worker must notice before reusing itself.
     limits_locked = layers.get("seccomp") == "on"
     allow_processes = settings["allow_processes"]
-    sys.stdout = sys.__stdout__ = _text_stream(1)
-    sys.stderr = sys.__stderr__ = _text_stream(2)
+    # typeshed marks the __std*__ originals Final; here they are replaced on purpose.
+    sys.stdout = sys.__stdout__ = _text_stream(1)  # type: ignore[misc]
+    sys.stderr = sys.__stderr__ = _text_stream(2)  # type: ignore[misc]
     node = CodeNode(settings)
     peak = _PeakMemory(scratch.clear_refs)
     first_run_fd = CLEAR_REFS_FD + 1 if scratch.clear_refs else CLEAR_REFS_FD
@@ -136,7 +137,7 @@ def _reply(
 
 def _identities() -> list[tuple[int, int] | None]:
     """(device, inode) of fds 0 to 3, or None for a closed one."""
-    identities = []
+    identities: list[tuple[int, int] | None] = []
     for fd in range(4):
         try:
             st = os.fstat(fd)

@@ -47,7 +47,7 @@ import socket
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import NamedTuple
 
 from sandbox.runtime import confine, linux, wire
@@ -65,7 +65,7 @@ def main(argv: list[str]) -> None:
     control = socket.socket(fileno=config["control_fd"])
     os.set_inheritable(control.fileno(), False)
     userns = config.get("userns")
-    namespaces = {"userns": False, "pid_namespaces": False, "namespace_error": None}
+    namespaces: dict[str, bool | str | None] = {"userns": False, "pid_namespaces": False, "namespace_error": None}
     try:
         if userns is not None:
             _enter_user_namespace(userns["uid"], userns["gid"], userns["inside_id"])
@@ -141,7 +141,8 @@ class _Zygote:
         while True:
             # Forking standbys is what the zygote does while nobody asks for anything.
             idle_timeout = 0 if len(self.stock) < self.stock_size else (0.5 if self.stale_cgroups else None)
-            ready, _, _ = select.select([self.control, self.wakeup_r], [], [], idle_timeout)
+            watched: list[socket.socket | int] = [self.control, self.wakeup_r]
+            ready, _, _ = select.select(watched, [], [], idle_timeout)
             if self.wakeup_r in ready:
                 _drain(self.wakeup_r)
             self._reap()
@@ -369,7 +370,7 @@ class _Zygote:
             shutil.rmtree(record["scratch"], ignore_errors=True)
         self.stale_cgroups.extend(record["cgroups"])
 
-    def _send(self, event: dict, fds: list[int] = ()) -> None:
+    def _send(self, event: dict, fds: Sequence[int] = ()) -> None:
         data = json.dumps(event).encode()
         try:
             socket.send_fds(self.control, [data], list(fds))
@@ -453,7 +454,7 @@ def _make_host_scratch(worker_id: int, uid: int | None, gid: int | None) -> str:
     """A private, empty directory: the scratch space of a worker that has no
     mount namespace of its own. Removed when the worker is reaped."""
     directory = tempfile.mkdtemp(prefix=f"sandbox-w{worker_id}-")
-    if uid is not None:
+    if uid is not None and gid is not None:
         os.chown(directory, uid, gid)
     return directory
 

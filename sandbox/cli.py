@@ -14,7 +14,9 @@ import argparse
 import json
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import uvloop
 
@@ -24,6 +26,7 @@ from sandbox.errors import SandboxError
 from sandbox.layers import probe
 from sandbox.policies import LAYERS, Policy, PolicyFileError, load_policies
 from sandbox.profile import build_profile
+from sandbox.result import Result
 from sandbox.supervisor import DEFAULT_TENANT, Sandbox
 from sandbox.unprivileged import call_as_user, interpreter_paths
 from sandbox.zygote import Zygote
@@ -40,7 +43,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
     try:
-        return int(args.command(args))
+        command: Callable[[argparse.Namespace], int] = args.command
+        return command(args)
     except _UsageError as exc:
         args.usage.error(str(exc))  # the usage of the subcommand that was called, then exit 2
     except KeyboardInterrupt:
@@ -99,7 +103,7 @@ def _run(args: argparse.Namespace) -> int:
     if args.tenant != DEFAULT_TENANT and args.tenant not in tenants:
         raise _UsageError(_unknown_tenant(args.tenant, args.policy, tenants))
 
-    async def execute():
+    async def execute() -> Result:
         async with Sandbox(tenants=tenants, workers=1) as sandbox:
             return await sandbox.run(code, inputs, tenant=args.tenant, timeout=args.timeout, filename=str(args.file))
 
@@ -185,7 +189,7 @@ def _doctor(args: argparse.Namespace) -> int:
     return 0 if report["error"] is None else EXIT_RUN_FAILED
 
 
-async def _probe_here() -> dict:
+async def _probe_here() -> dict[str, Any]:
     identity = "root" if os.geteuid() == 0 else f"uid {os.geteuid()}"
     cgroups, cgroup_error = None, None
     try:
@@ -212,7 +216,7 @@ async def _probe_here() -> dict:
     }
 
 
-def _probe_unprivileged() -> dict:
+def _probe_unprivileged() -> dict[str, Any]:
     """The same probe, run by a child that dropped to an unprivileged uid."""
     report = call_as_user(lambda: uvloop.run(_probe_here()), _UNPRIVILEGED_UID, interpreter_paths())
     report.setdefault("identity", f"uid {_UNPRIVILEGED_UID}")
@@ -221,7 +225,7 @@ def _probe_unprivileged() -> dict:
     return report
 
 
-def _print_doctor(columns: dict[str, dict], here: dict) -> None:
+def _print_doctor(columns: dict[str, dict[str, Any]], here: dict[str, Any]) -> None:
     width = max(len(layer) for layer in LAYERS) + 2
     for title, report in columns.items():
         print(f"== {title}")

@@ -12,6 +12,10 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from sandbox.worker import Completed
 
 _sequence = itertools.count()
 
@@ -39,7 +43,7 @@ class Job:
         allow_await: bool,
         filename: str,
         wall_time_s: float,
-        future: asyncio.Future,
+        future: asyncio.Future[Completed],
     ) -> None:
         self.tenant = tenant
         self.code = code
@@ -51,7 +55,7 @@ class Job:
         self.seq = next(_sequence)  # FIFO order across tenants, for fair-share ties
         self.started_at: float | None = None
 
-    def resolve(self, value: object) -> None:
+    def resolve(self, value: Completed) -> None:
         if not self.future.done():
             self.future.set_result(value)
 

@@ -12,6 +12,7 @@ applied it says "on".
 from __future__ import annotations
 
 import os
+from typing import Any
 
 from sandbox.cgroups import CgroupParents
 from sandbox.policies.model import LAYERS, Policy
@@ -42,7 +43,7 @@ async def probe(zygote: Zygote, cgroups: CgroupParents | None, cgroup_error: str
 
 
 async def _try_layers(
-    zygote: Zygote, root: bool, namespaces: dict, cgroups: CgroupParents | None, cgroup_error: str | None
+    zygote: Zygote, root: bool, namespaces: dict[str, Any], cgroups: CgroupParents | None, cgroup_error: str | None
 ) -> dict[str, str]:
     unavailable: dict[str, str] = {}
     if not (root or namespaces.get("userns")):

@@ -46,7 +46,7 @@ class Opaque:
 
         return cloudpickle.loads(self._data)
 
-    def __reduce__(self) -> tuple:
+    def __reduce__(self) -> tuple[type[Opaque], tuple[bytes, str, str]]:
         return (Opaque, (self._data, self.type_name, self.reason))
 
     def __repr__(self) -> str:

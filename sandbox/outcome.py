@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import signal
+from typing import TYPE_CHECKING
 
 from sandbox.errors import (
     CodeError,
@@ -33,11 +34,14 @@ from sandbox.zygote import ExitInfo
 
 _THREAD_START_FAILED = "can't start new thread"  # threading's RuntimeError when pthread_create fails
 _NATIVE_THREADS_FAILED = "pthread_create failed"  # what OpenBLAS writes to stderr before it spins
+if TYPE_CHECKING:
+    from sandbox.worker import Completed
+
 _DECODE_INLINE_BYTES = 64 * 1024  # larger outputs are decoded in a thread
 _BUDGET = Budget()
 
 
-async def to_result(completed, profile: TenantProfile) -> Result:
+async def to_result(completed: Completed, profile: TenantProfile) -> Result:
     """Decode a reply into a Result, or raise the error it reports."""
     reply: wire.Reply = completed.reply
     captured = {"stdout": completed.stdout, "stderr": completed.stderr}
@@ -63,6 +67,7 @@ def _decode_all(outputs: list[tuple[str, str, bytes]]) -> dict[str, object]:
 
 
 def _reported_error(reply: wire.Reply, profile: TenantProfile, **captured: str) -> SandboxError:
+    assert reply.error is not None, "wire.decode_reply pairs every non-OK status with an error"
     type_name, message, traceback, detail = reply.error
     policy = profile.policy
     if reply.status == wire.CODE_ERROR:

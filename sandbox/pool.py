@@ -45,7 +45,7 @@ class Pool:
         self._idle: dict[str, list[WorkerProcess]] = {name: [] for name in profiles}
         self._starting: dict[str, int] = dict.fromkeys(profiles, 0)
         self._held: dict[str, int] = dict.fromkeys(profiles, 0)
-        self._spawn_tasks: set[asyncio.Task] = set()
+        self._spawn_tasks: set[asyncio.Task[None]] = set()
         self.last_spawn_error: BaseException | None = None
 
     # --- questions the supervisor asks --------------------------------------

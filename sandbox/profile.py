@@ -15,6 +15,7 @@ from __future__ import annotations
 import math
 import os
 from dataclasses import dataclass, field
+from typing import Any
 
 from sandbox.cgroups import CgroupParents
 from sandbox.errors import ConfinementUnavailable
@@ -53,7 +54,7 @@ class TenantProfile:
     name: str
     policy: Policy
     required: frozenset[str]
-    template: dict
+    template: dict[str, Any]
     env: dict[str, str]
     cgroups: CgroupParents | None = field(default=None, compare=False)
 
@@ -61,7 +62,7 @@ class TenantProfile:
     def max_frame_bytes(self) -> int:
         return self.policy.max_reply_bytes + _FRAME_HEADROOM
 
-    def worker_config(self, worker_id: int) -> dict:
+    def worker_config(self, worker_id: int) -> dict[str, Any]:
         """The zygote config of one worker: the template plus its own ids."""
         config = dict(self.template)
         if config.pop("dedicated_uid"):

@@ -150,7 +150,7 @@ def build_filter(*, allow_processes: bool, allow_network: bool, pid_namespace: b
     flt = sc.SyscallFilter(sc.ALLOW)
     flt.set_attr(sc.Attr.ACT_BADARCH, sc.KILL_PROCESS)
 
-    def rule(action: int, name: str, *args) -> None:
+    def rule(action: int, name: str, *args: object) -> None:
         try:
             flt.add_rule(action, name, *args)
         except (OSError, ValueError, RuntimeError):

@@ -46,8 +46,9 @@ import io
 import pickle
 import struct
 import uuid
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any, ClassVar, cast
 
 from sandbox.opaque import Opaque
 
@@ -60,7 +61,7 @@ def _fraction(*terms: object) -> fractions.Fraction:
     """``Fraction`` as its ``__reduce__`` calls it: from a numerator and a denominator."""
     if len(terms) != 2 or any(type(term) is not int for term in terms):
         raise _Refused("Fraction is rebuilt only from two integers")
-    return fractions.Fraction(*terms)
+    return fractions.Fraction(*cast("tuple[int, int]", terms))
 
 
 _ALLOWED_GLOBALS: dict[tuple[str, str], object] = {
@@ -128,8 +129,13 @@ class Allowance:
         self.ops_left = budget.max_ops
 
 
-class _RestrictedUnpickler(pickle._Unpickler):  # type: ignore[name-defined]
-    dispatch: ClassVar[dict[int, Any]] = dict(pickle._Unpickler.dispatch)  # type: ignore[attr-defined]
+class _RestrictedUnpickler(pickle._Unpickler):
+    dispatch: ClassVar[dict[int, Any]] = dict(pickle._Unpickler.dispatch)
+    # The load() machinery the handlers below use; typeshed leaves it undeclared.
+    read: Callable[[int], bytes]
+    append: Callable[[object], None]
+    stack: list[Any]
+    metastack: list[list[Any]]
 
     def __init__(self, data: bytes, budget: Budget, allowance: Allowance) -> None:
         super().__init__(io.BytesIO(data), fix_imports=False)
@@ -148,7 +154,7 @@ class _RestrictedUnpickler(pickle._Unpickler):  # type: ignore[name-defined]
     def persistent_load(self, pid: object) -> None:
         raise _Refused("persistent references are not data")
 
-    def admit_keys(self, container: object, keys) -> None:
+    def admit_keys(self, container: object, keys: Iterable[object]) -> None:
         counts = self.hash_counts.setdefault(id(container), {})
         for key in keys:
             if type(key) in (tuple, frozenset):
@@ -166,7 +172,10 @@ class _RestrictedUnpickler(pickle._Unpickler):  # type: ignore[name-defined]
             raise _Refused("constructor arguments repeat more data than the pickle holds")
 
 
-def _counted(handler, cost: int):
+_Handler = Callable[[_RestrictedUnpickler], None]
+
+
+def _counted(handler: _Handler, cost: int) -> _Handler:
     def run(self: _RestrictedUnpickler) -> None:
         allowance = self.allowance
         allowance.ops_left -= cost
@@ -177,7 +186,7 @@ def _counted(handler, cost: int):
     return run
 
 
-def _load_long(size_format: str):
+def _load_long(size_format: str) -> _Handler:
     size = struct.Struct(size_format)
 
     def run(self: _RestrictedUnpickler) -> None:
@@ -230,7 +239,7 @@ def _load_build(self: _RestrictedUnpickler) -> None:
     target = self.stack[-1]
     if type(target) is not uuid.UUID or hasattr(target, "int") or not _is_uuid_state(state):
         raise _Refused("only a new UUID restores state, and only its own fields")
-    target.__setstate__(state)
+    target.__setstate__(state)  # type: ignore[attr-defined]  # UUID has one; typeshed omits it
 
 
 def _is_uuid_state(state: object) -> bool:
@@ -294,8 +303,8 @@ def _build_dispatch() -> None:
             op.NEWOBJ,
         )
     }
-    for code, handler in list(table.items()):
-        table[code] = _counted(handler, CONTAINER_OP_COST if code in containers else 1)
+    for opcode, handler in list(table.items()):
+        table[opcode] = _counted(handler, CONTAINER_OP_COST if opcode in containers else 1)
 
 
 _build_dispatch()
@@ -303,7 +312,7 @@ _build_dispatch()
 
 def _check_key(root: object, max_depth: int, nodes_left: int) -> int:
     """Walk a tuple or frozenset key before it is hashed; return the node budget left."""
-    stack = [(root, 1)]
+    stack: list[tuple[Any, int]] = [(root, 1)]  # worker-built objects, dispatched on their exact type
     while stack:
         obj, depth = stack.pop()
         nodes_left -= 1
@@ -319,7 +328,7 @@ def _check_key(root: object, max_depth: int, nodes_left: int) -> int:
 def _walk(root: object, budget: Budget) -> None:
     """Check depth and expanded size of a loaded value, without recursion."""
     nodes_left = budget.max_nodes
-    stack = [(root, 1)]
+    stack: list[tuple[Any, int]] = [(root, 1)]  # worker-built objects, dispatched on their exact type
     while stack:
         obj, depth = stack.pop()
         nodes_left -= 1
@@ -348,7 +357,7 @@ _NOT_A_SCALAR = object()
 _PROTO, _FRAME, _MEMOIZE, _STOP = 0x80, 0x95, 0x94, 0x2E
 _FIXED = {0x4E: None, 0x88: True, 0x89: False}  # NONE, NEWTRUE, NEWFALSE
 _INTS = {0x4B: struct.Struct("<B"), 0x4D: struct.Struct("<H"), 0x4A: struct.Struct("<i")}  # BININT1/2, BININT
-_SIZED = {  # opcode: (length field, decoder)
+_SIZED: dict[int, tuple[struct.Struct, Callable[[bytes], object]]] = {  # opcode: (length field, decoder)
     0x8C: (struct.Struct("<B"), lambda raw: str(raw, "utf-8")),  # SHORT_BINUNICODE
     0x58: (struct.Struct("<I"), lambda raw: str(raw, "utf-8")),  # BINUNICODE
     0x43: (struct.Struct("<B"), bytes),  # SHORT_BINBYTES

@@ -27,6 +27,7 @@ from __future__ import annotations
 import asyncio
 import os
 from collections.abc import Mapping
+from typing import TYPE_CHECKING
 
 import psutil
 
@@ -44,6 +45,9 @@ from sandbox.runtime import linux
 from sandbox.scheduler import Scheduler, TenantQueue
 from sandbox.worker import State, WorkerProcess
 from sandbox.zygote import Zygote
+
+if TYPE_CHECKING:
+    from sandbox.workflow import Workflow
 
 DEFAULT_TENANT = "default"
 _WATCHDOG_PERIOD_S = 0.05
@@ -89,7 +93,7 @@ class Sandbox:
         self._fresh_tenants = [t for t in self._scheduler.tenants.values() if t.policy.fresh_process_per_run]
         self._pool: Pool | None = None
         self._cgroups: CgroupParents | None = None
-        self._watchdog: asyncio.Task | None = None
+        self._watchdog: asyncio.Task[None] | None = None
         self._pump_timer: asyncio.Handle | None = None
         self._pump_timer_when = 0.0
         self.host: HostSupport | None = None
@@ -226,12 +230,12 @@ class Sandbox:
 
     async def run_workflow(
         self,
-        workflow,
+        workflow: Workflow,
         parameters: Mapping[str, Mapping[str, object]] | None = None,
         *,
         tenant: str = DEFAULT_TENANT,
         timeout: float | None = None,
-    ) -> dict:
+    ) -> dict[str, dict[str, object]]:
         """Run a built workflow of code nodes; see ``sandbox.workflow``."""
         from sandbox.workflow import run_workflow
 
@@ -261,7 +265,9 @@ class Sandbox:
             worker = pool.take_idle(tenant.name)
             if worker is None:
                 if not pool.has_room():
-                    pool.retire(self._eviction_victim(tenant))
+                    victim = self._eviction_victim(tenant)
+                    assert victim is not None, "_can_serve saw room or a victim"
+                    pool.retire(victim)
                 pool.spawn(tenant.name)
                 continue
             job = scheduler.started(tenant)
@@ -269,8 +275,14 @@ class Sandbox:
             worker.begin(job)
         self._keep_spares()
 
+    @property
+    def _open_pool(self) -> Pool:
+        """The pool, for code that runs only while the sandbox is open."""
+        assert self._pool is not None
+        return self._pool
+
     def _can_serve(self, tenant: TenantQueue) -> bool:
-        pool = self._pool
+        pool = self._open_pool
         if pool.has_idle(tenant.name):
             return True
         starting = pool.starting(tenant.name)
@@ -302,7 +314,7 @@ class Sandbox:
         a worker that never ran (one started with the pool, or a spare):
         its tenant had no burst to come back from.
         """
-        pool, scheduler = self._pool, self._scheduler
+        pool, scheduler = self._open_pool, self._scheduler
         if pool.held(tenant.name) >= scheduler.fair_share(tenant, pool.capacity):
             return None
         now = self._loop.time()
@@ -342,7 +354,7 @@ class Sandbox:
         only and, being idle, are the first to go when another tenant needs
         a slot (see ``_eviction_victim``).
         """
-        pool = self._pool
+        pool = self._open_pool
         for tenant in self._fresh_tenants:
             if not tenant.active:
                 continue
@@ -386,18 +398,24 @@ class Sandbox:
                 policy = worker.profile.policy
                 cpu = times.user + times.system
                 baseline = baselines.setdefault(job, min(worker.worker_cpu_s, cpu))
+                # fail_run calls the error factory before it returns: the loop's policy is still this worker's.
                 if rss > policy.memory_mb * MiB:
                     worker.fail_run(
-                        lambda out, err, p=policy: outcome.memory_exceeded(
-                            p.memory_mb, "seen by the supervisor's RSS watchdog", stdout=out, stderr=err
+                        lambda out, err: outcome.memory_exceeded(
+                            policy.memory_mb,  # noqa: B023
+                            "seen by the supervisor's RSS watchdog",
+                            stdout=out,
+                            stderr=err,
                         )
                     )
                 elif cpu - baseline > policy.cpu_time_s:
-                    worker.fail_run(lambda out, err, p=policy: outcome.cpu_exceeded(p, stdout=out, stderr=err))
+                    worker.fail_run(
+                        lambda out, err: outcome.cpu_exceeded(policy, stdout=out, stderr=err)  # noqa: B023
+                    )
             for worker in [w for w in processes if w.state is State.DEAD]:
                 del processes[worker]
             if self._idle_timeout_s is not None:
-                self._pool.retire_idle_since(now - self._idle_timeout_s)
+                self._open_pool.retire_idle_since(now - self._idle_timeout_s)
 
 
 def run_sync(

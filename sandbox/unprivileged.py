@@ -20,11 +20,12 @@ import os
 import stat
 import sys
 from collections.abc import Callable
+from typing import Any
 
 from sandbox.runtime import linux
 
 
-def call_as_user(fn: Callable[[], dict], uid: int, needed_paths: list[str]) -> dict:
+def call_as_user(fn: Callable[[], dict[str, Any]], uid: int, needed_paths: list[str]) -> dict[str, Any]:
     """Return ``fn()`` computed by a child running as ``uid``:``uid``."""
     read_end, write_end = os.pipe()
     pid = os.fork()
@@ -51,7 +52,8 @@ def call_as_user(fn: Callable[[], dict], uid: int, needed_paths: list[str]) -> d
         chunks.append(chunk)
     os.close(read_end)
     os.waitpid(pid, 0)
-    return json.loads(b"".join(chunks) or b'{"error": "the child died without a report"}')
+    report: dict[str, Any] = json.loads(b"".join(chunks) or b'{"error": "the child died without a report"}')
+    return report
 
 
 def interpreter_paths() -> list[str]:

@@ -101,7 +101,7 @@ class WorkerProcess:
         self._pidfds: list[int] = []
         self._rx = bytearray()
         self._tx: list[memoryview] = []
-        self._hello: asyncio.Future | None = None
+        self._hello: asyncio.Future[tuple[dict[str, str], str | None]] | None = None
         self._token = b""
         self._timer: asyncio.TimerHandle | None = None
         self._captured: tuple[list[bytes], list[bytes]] = ([], [])
@@ -229,9 +229,15 @@ class WorkerProcess:
 
     # --- channel -------------------------------------------------------------
 
+    @property
+    def _channel(self) -> socket.socket:
+        """The socket to the worker: every caller runs after ``start`` opened it."""
+        assert self._sock is not None
+        return self._sock
+
     def _on_channel(self) -> None:
         try:
-            received = self._sock.recv_into(_RECEIVE_BUFFER)
+            received = self._channel.recv_into(_RECEIVE_BUFFER)
         except (BlockingIOError, InterruptedError):
             return
         except OSError:
@@ -298,7 +304,7 @@ class WorkerProcess:
                 self._listener.worker_lost(self)
             return
         pidfd = self._pidfds[1]
-        self._loop.remove_reader(self._sock.fileno())  # its end of file would keep firing
+        self._loop.remove_reader(self._channel.fileno())  # its end of file would keep firing
         decided = False
 
         def decide(exited: bool) -> None:
@@ -344,19 +350,19 @@ class WorkerProcess:
             self._tx.append(memoryview(data))
             return
         try:
-            sent = self._sock.send(data)
+            sent = self._channel.send(data)
         except (BlockingIOError, InterruptedError):
             sent = 0
         except OSError:
             return  # the read side will see the worker's end and report it
         if sent < len(data):
             self._tx.append(memoryview(data)[sent:])
-            self._loop.add_writer(self._sock.fileno(), self._flush_tx)
+            self._loop.add_writer(self._channel.fileno(), self._flush_tx)
 
     def _flush_tx(self) -> None:
         while self._tx:
             try:
-                sent = self._sock.send(self._tx[0])
+                sent = self._channel.send(self._tx[0])
             except (BlockingIOError, InterruptedError):
                 return
             except OSError:
@@ -366,7 +372,7 @@ class WorkerProcess:
                 self._tx[0] = self._tx[0][sent:]
                 return
             self._tx.pop(0)
-        self._loop.remove_writer(self._sock.fileno())
+        self._loop.remove_writer(self._channel.fileno())
 
     # --- captured output ---------------------------------------------------------
 
@@ -406,8 +412,9 @@ class WorkerProcess:
             if not ready:
                 return
             for fd, _ in ready:
+                # _on_output may have ended the run; mypy keeps the loop's narrowing across that call.
                 if self.state is not State.BUSY:
-                    return
+                    return  # type: ignore[unreachable]
                 self._on_output(self._pipes.index(fd))
 
     def _take_output(self) -> tuple[str, str]:

@@ -209,8 +209,8 @@ class WorkflowBuilder:
     """
 
     def __init__(self) -> None:
-        self._nodes: list[tuple[object, object, object]] = []
-        self._connections: list[tuple[object, object, object, object]] = []
+        self._nodes: list[tuple[str, str, object]] = []
+        self._connections: list[tuple[str, str, str, str]] = []
 
     def add_node(self, kind: str, node_id: str, parameters: Mapping[str, object]) -> None:
         """Add a node of ``kind`` ("PythonCodeNode" or "AsyncPythonCodeNode").
@@ -240,13 +240,14 @@ class WorkflowBuilder:
         return Workflow(nodes, connections)
 
 
-def _make_node(kind: object, node_id: object, parameters: object) -> Node:
+def _make_node(kind: str, node_id: str, parameters: object) -> Node:
     if not isinstance(parameters, Mapping):
         raise WorkflowDefinitionError(
             f"node {node_id!r}: parameters must be a mapping holding at least 'code', not {type(parameters).__name__}"
         )
     others = {name: value for name, value in parameters.items() if name != CODE}
-    return Node(node_id, kind, parameters.get(CODE), others)
+    # Node reports a missing or non-str code; the builder's callers are not type-checked.
+    return Node(node_id, kind, parameters.get(CODE), others)  # type: ignore[arg-type]
 
 
 def _split_path(source_path: object) -> tuple[str, ...]:
@@ -322,13 +323,14 @@ def _map_strings(value: object, convert: Callable[[str], object]) -> object:
     ``convert`` returns is not walked again, so a template's value is never
     itself treated as a template.
     """
-    kind = type(value)
-    if kind is str:
+    if type(value) is str:
         return convert(value)
-    if kind is dict:
+    if type(value) is dict:
         return {key: _map_strings(item, convert) for key, item in value.items()}
-    if kind in (list, tuple):
-        return kind(_map_strings(item, convert) for item in value)
+    if type(value) is list:
+        return [_map_strings(item, convert) for item in value]
+    if type(value) is tuple:
+        return tuple(_map_strings(item, convert) for item in value)
     return value
 
 
@@ -360,7 +362,7 @@ def _resolve(node_id: str, parameter: str, value: object, variables: Mapping[str
     the worker's value.
     """
 
-    def format_value(match: re.Match) -> str:
+    def format_value(match: re.Match[str]) -> str:
         name = match.group(1)
         item = variables[name]
         if isinstance(item, Opaque):
@@ -488,10 +490,12 @@ class _WorkflowRun:
         self.tenant = tenant
         self.position = {node.id: index for index, node in enumerate(workflow.nodes)}
         self.finished: dict[str, Result] = {}
-        self.running: dict[asyncio.Task, str] = {}
+        self.running: dict[asyncio.Task[Result], str] = {}
 
     def completed(self) -> dict[str, dict[str, object]]:
-        return {node_id: self.finished[node_id].outputs for node_id in sorted(self.finished, key=self.position.get)}
+        return {
+            node_id: self.finished[node_id].outputs for node_id in sorted(self.finished, key=self.position.__getitem__)
+        }
 
     async def execute(self, timeout: float | None) -> dict[str, dict[str, object]]:
         """Run every node; return their outputs in definition order.
@@ -506,7 +510,7 @@ class _WorkflowRun:
             async with asyncio.timeout(timeout) as scope:
                 await self._drive()
         except TimeoutError:
-            if not scope.expired():
+            if timeout is None or not scope.expired():
                 raise
             error = self._timed_out(timeout)
             raise error from error.cause
@@ -526,18 +530,18 @@ class _WorkflowRun:
             if node.id not in started and self.workflow.dependencies(node.id) <= self.finished.keys():
                 self.running[asyncio.create_task(self._run_node(node))] = node.id
 
-    def _collect(self, done: Iterable[asyncio.Task]) -> None:
+    def _collect(self, done: Iterable[asyncio.Task[Result]]) -> None:
         """Record the nodes that finished, then raise for the first one (in definition order) that failed.
 
         Successes are recorded first so that ``WorkflowError.completed`` holds
         every node that finished, including ones that finished together with
         the failing node.
         """
-        failures = []
+        failures: list[tuple[str, SandboxError]] = []
         for task in sorted(done, key=lambda task: self.position[self.running[task]]):
             node_id = self.running.pop(task)
-            if isinstance(task.exception(), SandboxError):
-                failures.append((node_id, task.exception()))
+            if isinstance(error := task.exception(), SandboxError):
+                failures.append((node_id, error))
             else:
                 self.finished[node_id] = task.result()  # re-raises anything that is not a SandboxError
         if failures:
@@ -567,7 +571,7 @@ class _WorkflowRun:
         return WorkflowError(message, node=node_id, cause=cause, completed=self.completed())
 
     def _timed_out(self, timeout: float) -> WorkflowError:
-        running = sorted(self.running.values(), key=self.position.get)
+        running = sorted(self.running.values(), key=self.position.__getitem__)
         cause = TimeLimitExceeded(f"workflow exceeded its time limit of {timeout:g} s", kind="wall", limit_s=timeout)
         message = (
             f"workflow exceeded its time limit of {timeout:g} s while {_listing(running)} "

@@ -21,6 +21,7 @@ import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import sandbox
 from sandbox.cgroups import CgroupParents
@@ -81,11 +82,11 @@ class Zygote:
         self._loop = asyncio.get_running_loop()
         self._process = process
         self._control = control
-        self._ready: asyncio.Future[dict] = self._loop.create_future()
+        self._ready: asyncio.Future[dict[str, Any]] = self._loop.create_future()
         self._spawns: dict[int, asyncio.Future[tuple[int, int]]] = {}
         self._exit_watchers: dict[int, Callable[[ExitInfo], None]] = {}
         self.alive = True
-        self.namespaces: dict = {}
+        self.namespaces: dict[str, Any] = {}
         self._loop.add_reader(control.fileno(), self._on_readable)
 
     @classmethod
@@ -134,7 +135,7 @@ class Zygote:
         return zygote
 
     async def spawn(
-        self, worker_id: int, config: dict, fds: list[int], on_exit: Callable[[ExitInfo], None]
+        self, worker_id: int, config: dict[str, Any], fds: list[int], on_exit: Callable[[ExitInfo], None]
     ) -> tuple[int, int]:
         """Fork a worker that owns ``fds``; return pidfds of its init and of itself."""
         if not self.alive:
@@ -180,7 +181,7 @@ class Zygote:
                 return
             self._dispatch(json.loads(data), fds)
 
-    def _dispatch(self, event: dict, fds: list[int]) -> None:
+    def _dispatch(self, event: dict[str, Any], fds: list[int]) -> None:
         op = event["op"]
         if op == "ready":
             if not self._ready.done():
