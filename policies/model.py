@@ -173,6 +173,13 @@ class Policy(BaseModel):
     burst: int = Field(100, ge=1, description="Token-bucket size when rate_per_s is set.")
     weight: float = Field(1.0, gt=0, le=1000, description="Fair-share weight against other tenants.")
 
+    # --- sessions (Sandbox.session) ------------------------------------------------------
+    max_sessions: int = Field(4, ge=0, le=4096, description="Sessions of this tenant open at once (0: none).")
+    session_idle_s: float = Field(
+        300.0, gt=0, le=86_400, description="A session with no run for this long is ended and its worker freed."
+    )
+    session_max_s: float = Field(3600.0, gt=0, le=7 * 86_400, description="Longest life of one session.")
+
     @field_validator("allowed_modules", "denied_modules")
     @classmethod
     def _module_patterns(cls, patterns: list[str]) -> list[str]:

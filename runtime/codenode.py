@@ -11,7 +11,10 @@ AsyncPythonCodeNode model of workflow SDKs:
   comprehensions all see top-level names;
 * ``asyncio`` is pre-bound;
 * every top-level name the code binds or rebinds is an output, except the
-  kinds in :func:`_skip_reason`, each reported in ``skipped`` with why.
+  kinds in :func:`_skip_reason`, each reported in ``skipped`` with why;
+* in a session (``settings["session"]``) one namespace serves every run, so
+  names bound by earlier runs stay visible, and a run's outputs are what
+  that run bound or rebound.
 
 Must never: talk to the channel, or trust anything about the values it
 serializes. User objects can run code in ``__reduce__``, ``__str__`` or
@@ -123,11 +126,16 @@ class CodeNode:
         self.max_total_bytes: int = settings["max_reply_bytes"]
         self.prebind_asyncio = not any(p in ("asyncio", "asyncio.*") for p in settings["denied_modules"])
         self._compiled: dict[tuple[str, bool, str], types.CodeType] = {}
+        self._session_namespace: dict | None = self._fresh_namespace() if settings["session"] else None
 
-    def run(self, code: str, inputs: dict[str, bytes], allow_await: bool, filename: str) -> RunOutcome:
+    def _fresh_namespace(self) -> dict:
         namespace: dict = {"__builtins__": self.guard.fresh_builtins(), "__name__": "__main__"}
         if self.prebind_asyncio:
             namespace["asyncio"] = asyncio
+        return namespace
+
+    def run(self, code: str, inputs: dict[str, bytes], allow_await: bool, filename: str) -> RunOutcome:
+        namespace = self._session_namespace if self._session_namespace is not None else self._fresh_namespace()
         for name, blob in inputs.items():
             try:
                 namespace[name] = InputUnpickler(blob, self.policy).load()

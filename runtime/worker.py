@@ -5,6 +5,14 @@ Owns: the per-run housekeeping around ``runtime.codenode``: the CPU budget
 captured standard streams, emptying the scratch space, and telling the host
 when this process should not be reused.
 
+A session's worker (``settings["session"]``) serves one session for its
+whole life and keeps what a notebook kernel keeps between runs: the
+namespace, the files in its scratch space, /tmp and /dev/shm, and the files
+its code left open. Nothing a run started keeps running: processes are
+killed and leftover tasks cancelled after every run as for any worker, and
+a thread left running, or memory exhausted (the namespace had to be
+cleared), makes the worker ask to be retired, which ends the session.
+
 Must never: be trusted by the host, or touch anything outside this worker.
 Everything written here is produced in the same process as hostile code,
 which can rewrite any of it; the host therefore enforces every limit that
@@ -48,6 +56,7 @@ def serve(channel: int, layers: dict[str, str], scratch: Scratch, settings: dict
     # could lower its own, and the worker must notice before reusing itself.
     limits_locked = layers.get("seccomp") == "on"
     allow_processes = settings["allow_processes"]
+    session = settings["session"]
     # typeshed marks the __std*__ originals Final; here they are replaced on purpose.
     sys.stdout = sys.__stdout__ = _text_stream(1)  # type: ignore[misc]
     sys.stderr = sys.__stderr__ = _text_stream(2)  # type: ignore[misc]
@@ -75,8 +84,11 @@ def serve(channel: int, layers: dict[str, str], scratch: Scratch, settings: dict
         outcome = node.run(code, inputs, allow_await, filename)
         if allow_processes:
             _end_leftover_processes()
-        os.closerange(first_run_fd, _FD_CEILING)  # fds the run opened and left open die with it
-        retire = _restore_stdio() | outcome.retire | _empty_scratch(scratch)
+        if session:
+            retire = _restore_stdio() | outcome.retire | (outcome.status == wire.MEMORY_LIMIT)
+        else:
+            os.closerange(first_run_fd, _FD_CEILING)  # fds the run opened and left open die with it
+            retire = _restore_stdio() | outcome.retire | _empty_scratch(scratch)
         usage = resource.getrusage(resource.RUSAGE_SELF)
         used = _cpu_seconds(usage)
         retire |= (

@@ -32,12 +32,15 @@ if TYPE_CHECKING:
         QuotaExceeded,
         SandboxClosed,
         SandboxError,
+        SessionLost,
         TimeLimitExceeded,
         WorkerCrashed,
     )
     from sandbox.opaque import Opaque
     from sandbox.policies import Policy, PolicyFileError, load_policies
     from sandbox.result import Result, RunStats
+    from sandbox.session import Session
+    from sandbox.stream import Output, RunStream
     from sandbox.supervisor import Sandbox, run_sync
     from sandbox.workflow import Workflow, WorkflowBuilder, WorkflowDefinitionError, WorkflowError
 
@@ -54,10 +57,13 @@ _HOMES = {
         "InputError",
         "SandboxClosed",
         "ConfinementUnavailable",
+        "SessionLost",
     ],
     "sandbox.opaque": ["Opaque"],
     "sandbox.policies": ["Policy", "load_policies", "PolicyFileError"],
     "sandbox.result": ["Result", "RunStats"],
+    "sandbox.session": ["Session"],
+    "sandbox.stream": ["Output", "RunStream"],
     "sandbox.supervisor": ["Sandbox", "run_sync"],
     "sandbox.workflow": ["WorkflowBuilder", "Workflow", "WorkflowError", "WorkflowDefinitionError"],
 }

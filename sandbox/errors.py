@@ -104,12 +104,32 @@ class WorkerCrashed(SandboxError):
 
 
 class QuotaExceeded(SandboxError):
-    """The tenant is over a quota (``quota`` is ``max_queued`` or ``rate``); retry later."""
+    """The tenant is over a quota; retry later.
+
+    ``quota`` names it: ``max_queued`` or ``rate`` for a run; for a session
+    that cannot start, ``max_sessions``, ``max_concurrency`` or ``workers``
+    (every worker of the Sandbox is busy or held by a session).
+    """
 
     def __init__(self, message: str, *, tenant: str, quota: str) -> None:
         super().__init__(message)
         self.tenant = tenant
         self.quota = quota
+
+
+class SessionLost(SandboxError):
+    """The session is over, and this call cannot run in it; open a new session.
+
+    The message says why: a run ended the session's worker (it hit a limit,
+    crashed, was cancelled, or left the worker unfit for another run), the
+    session idled past ``session_idle_s`` or lived past ``session_max_s``,
+    or it was closed. ``run`` is the number of the session's run that ended
+    it (1 for its first run), or None when no run did.
+    """
+
+    def __init__(self, message: str, *, run: int | None = None, **captured: str) -> None:
+        super().__init__(message, **captured)
+        self.run = run
 
 
 class InputError(SandboxError):

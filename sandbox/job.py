@@ -12,10 +12,16 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from sandbox.worker import Completed
+
+# Called with (0 for stdout or 1 for stderr, text, seconds since the run
+# began) for each piece of output the run writes, as the host reads it
+# (see ``sandbox.stream``).
+OutputObserver = Callable[[int, str, float], None]
 
 _sequence = itertools.count()
 
@@ -29,6 +35,7 @@ class Job:
         "filename",
         "future",
         "inputs",
+        "observer",
         "seq",
         "started_at",
         "tenant",
@@ -44,6 +51,7 @@ class Job:
         filename: str,
         wall_time_s: float,
         future: asyncio.Future[Completed],
+        observer: OutputObserver | None = None,
     ) -> None:
         self.tenant = tenant
         self.code = code
@@ -52,6 +60,7 @@ class Job:
         self.filename = filename
         self.wall_time_s = wall_time_s
         self.future = future
+        self.observer = observer
         self.seq = next(_sequence)  # FIFO order across tenants, for fair-share ties
         self.started_at: float | None = None
 

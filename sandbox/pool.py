@@ -3,7 +3,9 @@
 Owns: how many workers exist (never more than ``capacity``, counting those
 still starting), which tenant each belongs to, which are idle, spawning
 through the zygote (restarting it if it ever dies), retiring workers that
-asked for it or sat idle too long, or whose slot another tenant needs.
+asked for it or sat idle too long, or whose slot another tenant needs, and
+the workers dedicated to one owner (a session), which are never idle in the
+pool and never reused (``start_dedicated``/``retire_dedicated``).
 
 Must never: give one tenant's worker to another tenant (a worker is
 confined for its tenant at birth, and its memory may hold that tenant's
@@ -19,7 +21,7 @@ from collections.abc import Awaitable, Callable
 
 from sandbox.errors import SandboxError
 from sandbox.profile import TenantProfile
-from sandbox.worker import WorkerProcess
+from sandbox.worker import Listener, WorkerProcess
 from sandbox.zygote import Zygote
 
 
@@ -46,6 +48,7 @@ class Pool:
         self._starting: dict[str, int] = dict.fromkeys(profiles, 0)
         self._held: dict[str, int] = dict.fromkeys(profiles, 0)
         self._spawn_tasks: set[asyncio.Task[None]] = set()
+        self._owners: dict[WorkerProcess, Listener] = {}  # dedicated workers and who they serve
         self.last_spawn_error: BaseException | None = None
 
     # --- questions the supervisor asks --------------------------------------
@@ -98,11 +101,7 @@ class Pool:
         except BaseException as exc:
             worker.kill()
             self._forget(worker)
-            error = (
-                exc
-                if isinstance(exc, SandboxError)
-                else SandboxError(f"could not start a worker for tenant {worker.tenant!r}: {exc}")
-            )
+            error = _start_error(worker, exc)
             self.last_spawn_error = error
             self._on_spawn_failed(worker.tenant, error)
         else:
@@ -140,9 +139,42 @@ class Pool:
         if worker in idle:
             idle.remove(worker)
 
+    # --- workers dedicated to one owner --------------------------------------------------
+
+    async def start_dedicated(self, tenant: str, owner: Listener) -> WorkerProcess:
+        """Start a worker of ``tenant`` for ``owner`` alone, in a free slot (the caller makes room).
+
+        It counts against the capacity and the tenant's holding like any
+        worker, but it is never idle in the pool, never handed to a run and
+        never evicted: ``owner`` hears of its releases and its loss, and
+        gives it back with ``retire_dedicated``, which ends it.
+        """
+        worker = WorkerProcess(next(self._ids), self._profiles[tenant], self, dedicated=True)
+        self.workers.add(worker)
+        self._held[tenant] += 1
+        self._owners[worker] = owner
+        try:
+            await worker.start(await self._live_zygote())
+        except asyncio.CancelledError:
+            self.retire_dedicated(worker)
+            raise
+        except BaseException as exc:
+            self.retire_dedicated(worker)
+            raise _start_error(worker, exc) from None
+        return worker
+
+    def retire_dedicated(self, worker: WorkerProcess) -> None:
+        self._owners.pop(worker, None)
+        self.retire(worker)
+        self._on_change()
+
     # --- WorkerProcess listener ------------------------------------------------------
 
     def worker_released(self, worker: WorkerProcess, *, retire: bool) -> None:
+        owner = self._owners.get(worker)
+        if owner is not None:
+            owner.worker_released(worker, retire=retire)
+            return
         if retire:
             self.retire(worker)
         else:
@@ -151,6 +183,9 @@ class Pool:
 
     def worker_lost(self, worker: WorkerProcess) -> None:
         self._forget(worker)
+        owner = self._owners.pop(worker, None)
+        if owner is not None:
+            owner.worker_lost(worker)
         self._on_change()
 
     # --- shutdown ----------------------------------------------------------------------
@@ -163,3 +198,9 @@ class Pool:
             worker.kill()
         self.workers.clear()
         await self._zygote.close()
+
+
+def _start_error(worker: WorkerProcess, exc: BaseException) -> SandboxError:
+    if isinstance(exc, SandboxError):
+        return exc
+    return SandboxError(f"could not start a worker for tenant {worker.tenant!r}: {exc}")

@@ -62,9 +62,19 @@ class TenantProfile:
     def max_frame_bytes(self) -> int:
         return self.policy.max_reply_bytes + _FRAME_HEADROOM
 
-    def worker_config(self, worker_id: int) -> dict[str, Any]:
-        """The zygote config of one worker: the template plus its own ids."""
+    def worker_config(self, worker_id: int, *, session: bool = False) -> dict[str, Any]:
+        """The zygote config of one worker: the template plus its own ids.
+
+        A session's worker keeps its namespace between runs, and its
+        RLIMIT_CPU covers a session's whole life rather than two runs: each
+        run's own budget is still the watchdog's to enforce, to the tick.
+        """
         config = dict(self.template)
+        if session:
+            cpu = math.ceil(self.policy.cpu_time_s)
+            cpu_hard = math.ceil(self.policy.session_max_s) + 2 * cpu + 1
+            config["rlimits"] = {**config["rlimits"], "cpu": (cpu_hard, cpu_hard)}
+            config["worker"] = {**config["worker"], "session": True}
         if config.pop("dedicated_uid"):
             config["uid"] = config["gid"] = UID_BASE + worker_id % UID_SPAN
         if self.cgroups is not None and "cgroup" in config["layers"]:
@@ -126,6 +136,7 @@ def build_profile(name: str, policy: Policy, host: HostSupport) -> TenantProfile
             "max_error_text_bytes": MAX_ERROR_TEXT_BYTES // 2,
             "allow_processes": policy.allow_processes,
             "network": policy.network,
+            "session": False,
         },
     }
     env = {

@@ -57,6 +57,7 @@ class TenantQueue:
     policy: Policy
     queue: deque[Job] = field(default_factory=deque)
     in_flight: int = 0
+    sessions: int = 0  # open sessions; each holds a worker, and a place under max_concurrency, for its life
     vtime: float = 0.0
     bucket: TokenBucket | None = None
 
@@ -71,7 +72,7 @@ class TenantQueue:
     @property
     def under_concurrency_cap(self) -> bool:
         cap = self.policy.max_concurrency
-        return cap is None or self.in_flight < cap
+        return cap is None or self.in_flight + self.sessions < cap
 
 
 class Scheduler:

@@ -3,7 +3,9 @@
 Owns: the life of a Sandbox (start: zygote, layer probe, tenant profiles,
 pre-started workers; close: no run left waiting, no process left behind),
 admission of runs, the dispatch loop that matches the scheduler's choice of
-tenant with the pool's workers, cancellation, and the watchdog.
+tenant with the pool's workers, cancellation, the watchdog, and the opening
+of sessions (which take a worker of their own out of the pool: see
+``sandbox.session``).
 
 ::
 
@@ -33,9 +35,9 @@ import psutil
 
 from sandbox import outcome
 from sandbox.cgroups import CgroupParents
-from sandbox.errors import InputError, SandboxClosed, SandboxError
+from sandbox.errors import InputError, QuotaExceeded, SandboxClosed, SandboxError
 from sandbox.inputs import encode_inputs
-from sandbox.job import Job
+from sandbox.job import Job, OutputObserver
 from sandbox.layers import probe
 from sandbox.policies.model import Policy
 from sandbox.pool import Pool
@@ -43,6 +45,8 @@ from sandbox.profile import HostSupport, TenantProfile, build_profile
 from sandbox.result import Result
 from sandbox.runtime import linux
 from sandbox.scheduler import Scheduler, TenantQueue
+from sandbox.session import Session
+from sandbox.stream import RunStream
 from sandbox.worker import State, WorkerProcess
 from sandbox.zygote import Zygote
 
@@ -88,6 +92,7 @@ class Sandbox:
         self._idle_timeout_s = idle_timeout_s
         self._state = "new"
         self._running: dict[Job, WorkerProcess] = {}
+        self._sessions: set[Session] = set()
         self._profiles: dict[str, TenantProfile] = {}
         self._scheduler = Scheduler(policies)
         self._fresh_tenants = [t for t in self._scheduler.tenants.values() if t.policy.fresh_process_per_run]
@@ -154,6 +159,8 @@ class Sandbox:
         if self._state in ("closing", "closed"):
             return
         self._state = "closing"
+        for session in list(self._sessions):
+            session.end(SandboxClosed("the sandbox was closed, which ended this session"))
         for job in self._scheduler.drain():
             job.fail(SandboxClosed("the sandbox was closed before this run started"))
         for worker in list(self._running.values()):
@@ -195,6 +202,31 @@ class Sandbox:
         """
         return await self.execute(code, inputs, tenant=tenant, timeout=timeout, filename=filename)
 
+    def stream(
+        self,
+        code: str,
+        inputs: Mapping[str, object] | None = None,
+        *,
+        tenant: str = DEFAULT_TENANT,
+        timeout: float | None = None,
+    ) -> RunStream:
+        """``run``, with its output delivered as it is written: ``async for out in sb.stream(code)``.
+
+        Each item is a ``sandbox.Output``; when the loop ends, the stream's
+        ``result`` is the Result ``run`` would have returned. See
+        ``sandbox.stream`` for failures, limits and leaving the loop early.
+        """
+        return RunStream(lambda observer: self.execute(code, inputs, tenant=tenant, timeout=timeout, observer=observer))
+
+    def session(self, tenant: str = DEFAULT_TENANT) -> Session:
+        """A stateful session: ``async with sb.session() as s: await s.run(code)``.
+
+        Its runs share one namespace in one worker of their own; see
+        ``sandbox.session``. Opening it raises ``QuotaExceeded`` naming the
+        limit that stopped it.
+        """
+        return Session(self, tenant)
+
     async def execute(
         self,
         code: str,
@@ -204,8 +236,18 @@ class Sandbox:
         timeout: float | None = None,
         allow_await: bool = True,
         filename: str = "<code>",
+        observer: OutputObserver | None = None,
     ) -> Result:
-        """``run`` with the knobs workflows need: sync-only code and a named filename."""
+        """``run`` with the knobs workflows and streams need: sync-only code, a
+        named filename, and an observer of the output as it is written."""
+        profile, job = self._new_job(code, inputs, tenant, timeout, allow_await, filename, observer)
+        self._scheduler.admit(job)
+        job.future.add_done_callback(lambda _: self._job_done(job))
+        self._pump()
+        completed = await job.future
+        return await outcome.to_result(completed, profile)
+
+    def _profile(self, tenant: str) -> TenantProfile:
         if self._state != "open":
             raise SandboxClosed("the sandbox is not running (use it inside 'async with Sandbox(...)')")
         profile = self._profiles.get(tenant)
@@ -214,6 +256,19 @@ class Sandbox:
             raise SandboxError(
                 f"unknown tenant {tenant!r}: this sandbox serves {known}; define it in Sandbox(tenants=...)"
             )
+        return profile
+
+    def _new_job(
+        self,
+        code: str,
+        inputs: Mapping[str, object] | None,
+        tenant: str,
+        timeout: float | None,
+        allow_await: bool,
+        filename: str,
+        observer: OutputObserver | None,
+    ) -> tuple[TenantProfile, Job]:
+        profile = self._profile(tenant)
         if not isinstance(code, str):
             raise InputError(f"code must be a str, not {type(code).__name__}")
         wall = profile.policy.wall_time_s
@@ -221,12 +276,8 @@ class Sandbox:
             if not timeout > 0:
                 raise InputError(f"timeout must be a positive number of seconds, not {timeout!r}")
             wall = min(wall, timeout)
-        job = Job(tenant, code, encode_inputs(inputs), allow_await, filename, wall, self._loop.create_future())
-        self._scheduler.admit(job)
-        job.future.add_done_callback(lambda _: self._job_done(job))
-        self._pump()
-        completed = await job.future
-        return await outcome.to_result(completed, profile)
+        future = self._loop.create_future()
+        return profile, Job(tenant, code, encode_inputs(inputs), allow_await, filename, wall, future, observer)
 
     async def run_workflow(
         self,
@@ -240,6 +291,77 @@ class Sandbox:
         from sandbox.workflow import run_workflow
 
         return await run_workflow(self, workflow, parameters, tenant=tenant, timeout=timeout)
+
+    # --- sessions -----------------------------------------------------------------
+
+    async def _open_session(self, session: Session) -> WorkerProcess:
+        """A new worker of the session's tenant for the session alone, or QuotaExceeded.
+
+        A session never waits for a worker: the limits that stop it are the
+        operator's (``max_sessions``, ``max_concurrency``, the pool's size),
+        so it says which one at once, as admission does for runs. To make
+        room on a full pool it takes the longest-idle worker of any tenant;
+        the session's worker is always a new process, one no run has used.
+        """
+        profile = self._profile(session.tenant)
+        tenant, policy, pool = self._scheduler.tenants[session.tenant], profile.policy, self._pool
+        if tenant.sessions >= policy.max_sessions:
+            raise QuotaExceeded(
+                f"tenant {tenant.name!r} already has {tenant.sessions} sessions open, its max_sessions; "
+                "close one or raise the limit",
+                tenant=tenant.name,
+                quota="max_sessions",
+            )
+        cap = policy.max_concurrency
+        if cap is not None and tenant.in_flight + tenant.sessions >= cap:
+            raise QuotaExceeded(
+                f"tenant {tenant.name!r} has {tenant.in_flight} runs in flight and {tenant.sessions} sessions open, "
+                f"its max_concurrency of {cap}; retry later",
+                tenant=tenant.name,
+                quota="max_concurrency",
+            )
+        if not pool.has_room():
+            victim = pool.idle_victim(lambda worker: True)
+            if victim is None:
+                raise QuotaExceeded(
+                    f"all {pool.capacity} workers of this sandbox are busy or held by sessions "
+                    "(Sandbox(workers=...)); retry later",
+                    tenant=tenant.name,
+                    quota="workers",
+                )
+            pool.retire(victim)
+        tenant.sessions += 1
+        try:
+            worker = await pool.start_dedicated(tenant.name, session)
+        except BaseException:
+            tenant.sessions -= 1
+            self._pump()
+            raise
+        if self._state != "open":  # closed while the worker started
+            self._close_session(session, worker)
+            raise SandboxClosed("the sandbox was closed while this session was opening")
+        self._sessions.add(session)
+        return worker
+
+    def _close_session(self, session: Session, worker: WorkerProcess) -> None:
+        """End a session's worker (never reused) and give its places back."""
+        self._sessions.discard(session)
+        self._scheduler.tenants[session.tenant].sessions -= 1
+        if self._pool is not None:
+            self._pool.retire_dedicated(worker)
+
+    async def _run_dedicated(self, worker: WorkerProcess, profile: TenantProfile, job: Job) -> Result:
+        """Run ``job`` on a session's worker: no queue, no scheduler slot (the session holds one)."""
+        self._running[job] = worker
+        job.future.add_done_callback(lambda _: self._dedicated_job_done(job))
+        worker.begin(job)
+        completed = await job.future
+        return await outcome.to_result(completed, profile)
+
+    def _dedicated_job_done(self, job: Job) -> None:
+        worker = self._running.pop(job, None)
+        if worker is not None and job.future.cancelled():
+            worker.abandon(job)
 
     def _job_done(self, job: Job) -> None:
         """Every run passes here exactly once, however it ended.
@@ -289,7 +411,7 @@ class Sandbox:
         if len(tenant.queue) <= starting:
             return False  # workers already on their way will take these runs
         cap = tenant.policy.max_concurrency
-        if cap is not None and tenant.in_flight + starting >= cap:
+        if cap is not None and tenant.in_flight + tenant.sessions + starting >= cap:
             return False
         return pool.has_room() or self._eviction_victim(tenant) is not None
 

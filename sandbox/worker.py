@@ -27,6 +27,7 @@ to the pool, or reports it lost:
 from __future__ import annotations
 
 import asyncio
+import codecs
 import enum
 import hmac
 import os
@@ -45,6 +46,7 @@ from sandbox.runtime import wire
 from sandbox.zygote import ExitInfo, Zygote
 
 _PIPE_CHUNK = 64 * 1024
+_UTF8 = codecs.getincrementaldecoder("utf-8")
 _HELLO_TIMEOUT_S = 30.0
 _EXIT_REPORT_GRACE_S = 1.0
 _DYING_GRACE_S = 0.05  # how long a worker whose channel closed may take to be seen exited
@@ -80,9 +82,13 @@ class Listener(Protocol):
 
 
 class WorkerProcess:
-    def __init__(self, worker_id: int, profile: TenantProfile, listener: Listener) -> None:
+    """``dedicated``: the worker of one session (see ``sandbox.session``): it
+    keeps its state between runs and is never reused by anything else."""
+
+    def __init__(self, worker_id: int, profile: TenantProfile, listener: Listener, *, dedicated: bool = False) -> None:
         self.id = worker_id
         self.profile = profile
+        self.dedicated = dedicated
         self.tenant = profile.name
         self.state = State.STARTING
         self.pid = 0
@@ -104,8 +110,9 @@ class WorkerProcess:
         self._hello: asyncio.Future[tuple[dict[str, str], str | None]] | None = None
         self._token = b""
         self._timer: asyncio.TimerHandle | None = None
-        self._captured: tuple[list[bytes], list[bytes]] = ([], [])
+        self._captured: tuple[list[str], list[str]] = ([], [])
         self._captured_bytes = 0
+        self._decoders = (_UTF8("replace"), _UTF8("replace"))
         self._awaiting_exit: Callable[[ExitInfo | None], None] | None = None
 
     # --- start -------------------------------------------------------------
@@ -119,7 +126,10 @@ class WorkerProcess:
         try:
             self._pidfds = list(
                 await zygote.spawn(
-                    self.id, self.profile.worker_config(self.id), [theirs.fileno(), out_w, err_w], self._on_exit
+                    self.id,
+                    self.profile.worker_config(self.id, session=self.dedicated),
+                    [theirs.fileno(), out_w, err_w],
+                    self._on_exit,
                 )
             )
         except BaseException:
@@ -166,6 +176,7 @@ class WorkerProcess:
         self._token = os.urandom(wire.TOKEN_BYTES)
         self._captured = ([], [])
         self._captured_bytes = 0
+        self._decoders = (_UTF8("replace"), _UTF8("replace"))
         request = wire.run_request(
             self._token, job.code, job.inputs, job.allow_await, job.filename, self.profile.policy.cpu_time_s
         )
@@ -212,11 +223,15 @@ class WorkerProcess:
         if self.first_peak_rss is None:
             self.first_peak_rss = reply.peak_rss
         policy = self.profile.policy
-        retire = (
-            reply.retire
-            or policy.fresh_process_per_run
-            or self.runs >= policy.max_runs_per_worker
-            or reply.peak_rss - self.first_peak_rss > policy.max_memory_growth_mb * 1024 * 1024
+        # A session's worker keeps its state on purpose: only the worker's
+        # own report that it is unfit for another run retires it.
+        retire = reply.retire or (
+            not self.dedicated
+            and (
+                policy.fresh_process_per_run
+                or self.runs >= policy.max_runs_per_worker
+                or reply.peak_rss - self.first_peak_rss > policy.max_memory_growth_mb * 1024 * 1024
+            )
         )
         job.resolve(Completed(reply, stdout, stderr, now - job.started_at, self.pid))
         self._listener.worker_released(self, retire=retire)
@@ -400,8 +415,9 @@ class WorkerProcess:
             return
         limit = self.profile.policy.max_output_bytes
         room = limit - self._captured_bytes
-        self._captured[index].append(data[:room])
-        self._captured_bytes += min(len(data), room)
+        kept = data[:room]
+        self._captured_bytes += len(kept)
+        self._deliver(index, self._decoders[index].decode(kept))
         if len(data) > room:  # no drain first: whatever else is in the pipes is over the cap too
             self._end_run(lambda out, err: outcome.output_overflow(limit, out, err))
 
@@ -417,10 +433,29 @@ class WorkerProcess:
                     return  # type: ignore[unreachable]
                 self._on_output(self._pipes.index(fd))
 
+    def _deliver(self, index: int, text: str) -> None:
+        """Keep a piece of decoded output for the run's result and show it to its observer.
+
+        Decoding happens here, piece by piece, for every run: what a stream
+        shows and what ``Result.stdout``/``stderr`` hold are the same
+        pieces, so they cannot disagree. An incremental decoder holds back
+        the bytes of a character split across two reads until the rest
+        arrives; invalid bytes become U+FFFD.
+        """
+        if not text:
+            return
+        self._captured[index].append(text)
+        job = self.job
+        if job is not None and job.observer is not None and job.started_at is not None:
+            job.observer(index, text, self._loop.time() - job.started_at)
+
     def _take_output(self) -> tuple[str, str]:
+        """The run's whole output; a character cut short at its end becomes U+FFFD."""
+        for index, decoder in enumerate(self._decoders):
+            self._deliver(index, decoder.decode(b"", final=True))
         out, err = self._captured
         self._captured = ([], [])
-        return _text(out), _text(err)
+        return "".join(out), "".join(err)
 
     # --- end of life -------------------------------------------------------------
 
@@ -455,10 +490,6 @@ class WorkerProcess:
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
-
-
-def _text(chunks: list[bytes]) -> str:
-    return b"".join(chunks).decode("utf-8", "replace") if chunks else ""
 
 
 def _host_pid(pidfd: int) -> int:
