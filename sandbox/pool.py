@@ -62,6 +62,9 @@ class Pool:
     def starting(self, tenant: str) -> int:
         return self._starting[tenant]
 
+    def starting_anywhere(self) -> bool:
+        return any(self._starting.values())
+
     def has_room(self) -> bool:
         return len(self.workers) < self.capacity
 

@@ -93,6 +93,7 @@ class Sandbox:
         self._state = "new"
         self._running: dict[Job, WorkerProcess] = {}
         self._sessions: set[Session] = set()
+        self._pool_waiters: list[asyncio.Future[None]] = []
         self._profiles: dict[str, TenantProfile] = {}
         self._scheduler = Scheduler(policies)
         self._fresh_tenants = [t for t in self._scheduler.tenants.values() if t.policy.fresh_process_per_run]
@@ -159,6 +160,7 @@ class Sandbox:
         if self._state in ("closing", "closed"):
             return
         self._state = "closing"
+        self._pump()  # wakes sessions waiting to open, which now see the sandbox closing
         for session in list(self._sessions):
             session.end(SandboxClosed("the sandbox was closed, which ended this session"))
         for job in self._scheduler.drain():
@@ -320,16 +322,20 @@ class Sandbox:
                 tenant=tenant.name,
                 quota="max_concurrency",
             )
-        if not pool.has_room():
+        while not pool.has_room():
             victim = pool.idle_victim(lambda worker: True)
-            if victim is None:
+            if victim is not None:
+                pool.retire(victim)
+            elif pool.starting_anywhere():
+                await self._pool_change()  # a worker on its way will be idle in a moment
+            else:
                 raise QuotaExceeded(
                     f"all {pool.capacity} workers of this sandbox are busy or held by sessions "
                     "(Sandbox(workers=...)); retry later",
                     tenant=tenant.name,
                     quota="workers",
                 )
-            pool.retire(victim)
+            self._profile(tenant.name)  # still open?
         tenant.sessions += 1
         try:
             worker = await pool.start_dedicated(tenant.name, session)
@@ -342,6 +348,12 @@ class Sandbox:
             raise SandboxClosed("the sandbox was closed while this session was opening")
         self._sessions.add(session)
         return worker
+
+    async def _pool_change(self) -> None:
+        """Wait until the pool next changes (a worker started, ended or was released)."""
+        waiter: asyncio.Future[None] = self._loop.create_future()
+        self._pool_waiters.append(waiter)
+        await waiter
 
     def _close_session(self, session: Session, worker: WorkerProcess) -> None:
         """End a session's worker (never reused) and give its places back."""
@@ -380,6 +392,10 @@ class Sandbox:
 
     def _pump(self) -> None:
         """Start every run that can start now, in the scheduler's order."""
+        waiters, self._pool_waiters = self._pool_waiters, []
+        for waiter in waiters:
+            if not waiter.done():
+                waiter.set_result(None)
         if self._state != "open" or self._pool is None:
             return
         pool, scheduler = self._pool, self._scheduler
