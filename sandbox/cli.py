@@ -1,7 +1,8 @@
 """The ``sandbox`` command line: run a file, check policies, report the host.
 
 Owns: argument parsing and presentation for ``sandbox run``, ``sandbox
-doctor`` and ``sandbox policy check``. Each command owns its own event loop
+shell`` (the prompt itself is ``sandbox.shell``), ``sandbox doctor`` and
+``sandbox policy check``. Each command owns its own event loop
 (uvloop).
 
 Must never: print anything but JSON on stdout for ``run`` (the code's own
@@ -74,6 +75,11 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--timeout", type=float, help="shorten the policy's wall-clock limit (seconds)")
     run.set_defaults(command=_run, usage=run)
 
+    shell = commands.add_parser("shell", help="an interactive prompt over a session (Ctrl-D leaves)")
+    shell.add_argument("--policy", type=Path, metavar="FILE", help="TOML policy file (see policies/default.toml)")
+    shell.add_argument("--tenant", default=DEFAULT_TENANT, help="tenant of the policy file to run as")
+    shell.set_defaults(command=_shell, usage=shell)
+
     doctor = commands.add_parser("doctor", help="report which isolation layers this host provides")
     doctor.add_argument("--json", action="store_true", help="print the report as JSON")
     doctor.set_defaults(command=_doctor, usage=doctor)
@@ -99,9 +105,7 @@ def _run(args: argparse.Namespace) -> int:
     except OSError as exc:
         raise _UsageError(f"cannot read {args.file}: {exc.strerror}") from None
     inputs = dict(_parse_input(item) for item in args.input)
-    tenants = _load(args.policy) if args.policy else {}
-    if args.tenant != DEFAULT_TENANT and args.tenant not in tenants:
-        raise _UsageError(_unknown_tenant(args.tenant, args.policy, tenants))
+    tenants = _tenants(args)
 
     async def execute() -> Result:
         async with Sandbox(tenants=tenants, workers=1) as sandbox:
@@ -122,6 +126,22 @@ def _unknown_tenant(tenant: str, policy_file: Path | None, tenants: dict[str, Po
     known = ", ".join(repr(name) for name in sorted({DEFAULT_TENANT, *tenants}))
     where = f"{policy_file} defines" if policy_file else "without --policy there is only the built-in default:"
     return f"unknown tenant {tenant!r}: {where} {known}; --policy FILE loads more tenants"
+
+
+def _tenants(args: argparse.Namespace) -> dict[str, Policy]:
+    tenants = _load(args.policy) if args.policy else {}
+    if args.tenant != DEFAULT_TENANT and args.tenant not in tenants:
+        raise _UsageError(_unknown_tenant(args.tenant, args.policy, tenants))
+    return tenants
+
+
+# --- sandbox shell -----------------------------------------------------------------
+
+
+def _shell(args: argparse.Namespace) -> int:
+    from sandbox.shell import Shell
+
+    return Shell(_tenants(args), args.tenant).interact()
 
 
 def _parse_input(item: str) -> tuple[str, object]:

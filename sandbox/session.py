@@ -81,8 +81,9 @@ class Session:
         self.end(SessionLost("this session was closed; open a new one with Sandbox.session()"))
 
     @property
-    def closed(self) -> bool:
-        return self._ended is not None
+    def ended(self) -> SandboxError | None:
+        """Why the session is over (the error every later call raises), or None while it goes on."""
+        return self._ended
 
     # --- runs ---------------------------------------------------------------------
 

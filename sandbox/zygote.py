@@ -121,6 +121,9 @@ class Zygote:
                 stdout=asyncio.subprocess.DEVNULL,
                 env=dict.fromkeys(NATIVE_THREAD_VARIABLES, "1"),
                 cwd="/",
+                # Out of the terminal's process group: Ctrl-C at a prompt
+                # (sandbox shell) interrupts the supervisor, never the zygote.
+                start_new_session=True,
             )
         finally:
             theirs.close()
