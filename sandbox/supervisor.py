@@ -306,7 +306,7 @@ class Sandbox:
         the session's worker is always a new process, one no run has used.
         """
         profile = self._profile(session.tenant)
-        tenant, policy, pool = self._scheduler.tenants[session.tenant], profile.policy, self._pool
+        tenant, policy, pool = self._scheduler.tenants[session.tenant], profile.policy, self._open_pool
         if tenant.sessions >= policy.max_sessions:
             raise QuotaExceeded(
                 f"tenant {tenant.name!r} already has {tenant.sessions} sessions open, its max_sessions; "
