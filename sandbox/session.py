@@ -88,23 +88,38 @@ class Session:
     # --- runs ---------------------------------------------------------------------
 
     async def run(
-        self, code: str, inputs: Mapping[str, object] | None = None, *, timeout: float | None = None
+        self,
+        code: str,
+        inputs: Mapping[str, object] | None = None,
+        *,
+        timeout: float | None = None,
+        filename: str = "<code>",
     ) -> Result:
         """Run ``code`` in the session's namespace, after the runs submitted before it."""
-        return await self._run(code, inputs, timeout, None)
+        return await self._run(code, inputs, timeout, filename, None)
 
     def stream(
-        self, code: str, inputs: Mapping[str, object] | None = None, *, timeout: float | None = None
+        self,
+        code: str,
+        inputs: Mapping[str, object] | None = None,
+        *,
+        timeout: float | None = None,
+        filename: str = "<code>",
     ) -> RunStream:
         """``run`` with its output delivered as written (see ``Sandbox.stream``); submitted when the loop starts.
 
         Leaving the loop early cancels the run, which kills the session's
         worker and so ends the session.
         """
-        return RunStream(lambda observer: self._run(code, inputs, timeout, observer))
+        return RunStream(lambda observer: self._run(code, inputs, timeout, filename, observer))
 
     async def _run(
-        self, code: str, inputs: Mapping[str, object] | None, timeout: float | None, observer: OutputObserver | None
+        self,
+        code: str,
+        inputs: Mapping[str, object] | None,
+        timeout: float | None,
+        filename: str,
+        observer: OutputObserver | None,
     ) -> Result:
         self._raise_if_over()
         self._submitted += 1
@@ -116,7 +131,7 @@ class Session:
                 self._raise_if_over()
                 worker = self._worker
                 assert worker is not None
-                profile, job = self._sandbox._new_job(code, inputs, self.tenant, timeout, True, "<code>", observer)
+                profile, job = self._sandbox._new_job(code, inputs, self.tenant, timeout, True, filename, observer)
                 self._job, self._job_number = job, number
                 try:
                     return await self._sandbox._run_dedicated(worker, profile, job)

@@ -121,7 +121,7 @@ class Shell:
         session = self._session
         assert session is not None
         try:
-            async for out in session.stream(code):
+            async for out in session.stream(code, filename="<shell>"):
                 self._write(out.text, err=out.stream == "stderr")
         except CodeError as exc:
             self._write(exc.traceback or f"{exc.type_name}: {exc.message}\n", err=True)

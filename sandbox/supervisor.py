@@ -211,6 +211,7 @@ class Sandbox:
         *,
         tenant: str = DEFAULT_TENANT,
         timeout: float | None = None,
+        filename: str = "<code>",
     ) -> RunStream:
         """``run``, with its output delivered as it is written: ``async for out in sb.stream(code)``.
 
@@ -218,7 +219,11 @@ class Sandbox:
         ``result`` is the Result ``run`` would have returned. See
         ``sandbox.stream`` for failures, limits and leaving the loop early.
         """
-        return RunStream(lambda observer: self.execute(code, inputs, tenant=tenant, timeout=timeout, observer=observer))
+        return RunStream(
+            lambda observer: self.execute(
+                code, inputs, tenant=tenant, timeout=timeout, filename=filename, observer=observer
+            )
+        )
 
     def session(self, tenant: str = DEFAULT_TENANT) -> Session:
         """A stateful session: ``async with sb.session() as s: await s.run(code)``.

@@ -74,6 +74,7 @@ def test_an_error_prints_type_and_message_and_the_session_goes_on(shell):
     send(shell, "x = 1")
     shell.expect_exact(">>> ")
     send(shell, "1 / 0")
+    shell.expect_exact('File "<shell>", line 1')
     shell.expect_exact("ZeroDivisionError: division by zero" + PROMPT)
     send(shell, "import socket")
     shell.expect("PolicyViolation: .*socket")
