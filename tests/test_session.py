@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import json
+import subprocess
+import sys
+import textwrap
 import time
 
 import pytest
@@ -19,7 +23,7 @@ from sandbox import (
     TimeLimitExceeded,
     WorkerCrashed,
 )
-from tests.conftest import quick_policy
+from tests.conftest import IS_ROOT, REPO, quick_policy
 from tests.hostile.attacks import ESCAPES
 from tests.test_stream import joined, wait_gone
 
@@ -277,3 +281,45 @@ async def test_a_closed_session_refuses_runs_and_cannot_reopen(shared_sandbox):
         await s.run("x")
     with pytest.raises(SandboxError, match="only once"):
         await s.open()
+
+
+@pytest.mark.skipif(not IS_ROOT, reason="dropping to uid 65534 needs root; unprivileged, every test here is that path")
+async def test_streams_and_sessions_work_for_an_unprivileged_supervisor():
+    script = textwrap.dedent("""
+        import json
+        from sandbox.unprivileged import call_as_user, interpreter_paths
+
+        def attempt():
+            import uvloop
+            from sandbox import Policy, Sandbox, SessionLost, TimeLimitExceeded
+
+            async def main():
+                async with Sandbox(Policy(wall_time_s=5), workers=2) as sb:
+                    stream = sb.stream("import time\\nprint('a')\\ntime.sleep(0.5)\\nprint('b')")
+                    pieces = [out.text async for out in stream]
+                    async with sb.session() as s:
+                        await s.run("x = 20\\nopen('f', 'w').write('kept')")
+                        kept = (await s.run("y = x + 1\\nz = open('f').read()")).outputs
+                        try:
+                            await s.run("while True: pass", timeout=0.3)
+                        except TimeLimitExceeded:
+                            pass
+                        try:
+                            await s.run("x")
+                            lost = None
+                        except SessionLost as exc:
+                            lost = str(exc)
+                    return {"pieces": pieces, "stdout": stream.result.stdout, "kept": kept, "lost": lost,
+                            "layers": sb.host.layers}
+            return uvloop.run(main())
+
+        print(json.dumps(call_as_user(attempt, 65534, interpreter_paths())))
+    """)
+    command = [sys.executable, "-c", script]
+    done = await asyncio.to_thread(subprocess.run, command, capture_output=True, text=True, cwd=REPO, timeout=120)
+    report = json.loads(done.stdout.strip().splitlines()[-1])
+    assert "error" not in report, report
+    assert report["pieces"] == ["a\n", "b\n"] and report["stdout"] == "a\nb\n"
+    assert report["kept"] == {"y": 21, "z": "kept"}
+    assert "run 3 ended the session: TimeLimitExceeded" in report["lost"]
+    assert report["layers"]["cgroup"].startswith("off") and report["layers"]["seccomp"] == "on"
