@@ -118,8 +118,11 @@ class Shell:
         await self._session.open()
 
     async def _stream(self, code: str) -> None:
+        if self._session is None:  # the last attempt to start one failed
+            await self._renew()
         session = self._session
-        assert session is not None
+        if session is None:
+            return
         try:
             async for out in session.stream(code, filename="<shell>"):
                 self._write(out.text, err=out.stream == "stderr")

@@ -7,12 +7,19 @@ cancels the run.
 Must never: run anything itself, or hold output of its own. A stream runs
 the very coroutine ``run()`` is (``Sandbox.execute`` or a session's run),
 in a task, with an observer that the worker process handle calls with each
-decoded piece of output as it reads it from the pipes. The pieces it keeps
-for a consumer that is behind are the same string objects the handle keeps
-for the run's ``Result``; those are bounded by ``max_output_bytes`` (past
-it the run fails), so a slow consumer, or one that never reads, makes the
-supervisor hold no more than ``run()`` would. And ``Result.stdout`` and
-``stderr`` are exactly the concatenation of what the loop yielded.
+decoded piece of output as it reads it from the pipes. And ``Result.stdout``
+and ``stderr`` are exactly the concatenation of what the loop yielded.
+
+What a consumer that is behind, or never reads, costs: nothing the run
+waits for (pieces are kept, never pushed back into the pipes, so the run
+goes on and ends under its limits as any run does), and no output of the
+stream's own. While the run goes on, the pieces kept for the consumer are
+the very string objects the worker process handle keeps for the run's
+``Result``, which ``max_output_bytes`` bounds (past it the run fails).
+Once the run has ended, the backlog drops its pieces and becomes offsets
+into the ``Result``'s (or the error's) ``stdout`` and ``stderr``. Either
+way the supervisor holds what ``run()`` would, plus a few dozen bytes per
+piece not yet taken.
 
 Why leaving the loop cancels the run, and how: ``async for`` neither closes
 nor tells its iterator when the loop body breaks or raises. So
@@ -50,6 +57,19 @@ class Output:
     at: float
 
 
+class _Entry:
+    """Consecutive output of one stream not yet taken: its pieces, or where it lies in the final output."""
+
+    __slots__ = ("at", "index", "length", "pieces", "start")
+
+    def __init__(self, index: int, at: float, start: int, text: str) -> None:
+        self.index = index
+        self.at = at
+        self.start = start
+        self.length = len(text)
+        self.pieces: list[str] | None = [text]
+
+
 class _Backlog:
     """Output not yet taken by the consumer, and the run's end.
 
@@ -60,21 +80,40 @@ class _Backlog:
     """
 
     def __init__(self) -> None:
-        self.entries: deque[tuple[int, float, list[str]]] = deque()
+        self.entries: deque[_Entry] = deque()
         self.waiter: asyncio.Future[None] | None = None
         self.task: asyncio.Task[Result] | None = None
         self.result: Result | None = None
+        self._written = [0, 0]  # characters seen so far on stdout and stderr
+        self._final: tuple[str, str] | None = None  # the run's whole output, once it has ended
 
     def add(self, index: int, text: str, at: float) -> None:
-        if self.entries and self.entries[-1][0] == index:
-            self.entries[-1][2].append(text)
+        last = self.entries[-1] if self.entries else None
+        if last is not None and last.index == index and last.pieces is not None:
+            last.pieces.append(text)
+            last.length += len(text)
         else:
-            self.entries.append((index, at, [text]))
+            self.entries.append(_Entry(index, at, self._written[index], text))
+        self._written[index] += len(text)
         self.wake()
+
+    def take(self) -> Output:
+        entry = self.entries.popleft()
+        if entry.pieces is not None:
+            text = "".join(entry.pieces)
+        else:
+            assert self._final is not None
+            text = self._final[entry.index][entry.start : entry.start + entry.length]
+        return Output(_STREAM_NAMES[entry.index], text, entry.at)
 
     def settled(self, task: asyncio.Task[Result]) -> None:
         if not task.cancelled():
-            task.exception()  # the loop raises it; a loop that was left early never asks
+            error = task.exception()  # the loop raises it; a loop that was left early never asks
+            ended = task.result() if error is None else error
+            if isinstance(ended, (Result, SandboxError)) and [len(ended.stdout), len(ended.stderr)] == self._written:
+                self._final = (ended.stdout, ended.stderr)
+                for entry in self.entries:
+                    entry.pieces = None
         self.wake()
 
     def wake(self) -> None:
@@ -155,8 +194,7 @@ class _Iteration:
                 raise
             finally:
                 backlog.waiter = None
-        index, at, pieces = backlog.entries.popleft()
-        return Output(_STREAM_NAMES[index], "".join(pieces), at)
+        return backlog.take()
 
     async def aclose(self) -> None:
         self._launch = None

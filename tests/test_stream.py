@@ -167,6 +167,9 @@ async def test_a_consumer_that_does_not_read_holds_up_neither_the_run_nor_memory
         start = time.monotonic()
         r = await sb.run("after = 1")  # needs the one worker: the flooding run must have ended
         assert r.outputs == {"after": 1} and time.monotonic() - start < 5
+        # What waits for the consumer is the error's own captured output, not pieces of the stream's.
+        backlog = stream._backlog
+        assert backlog.entries and all(entry.pieces is None for entry in backlog.entries)
         rest = []
         with pytest.raises(OutputLimitExceeded) as info:
             while True:
