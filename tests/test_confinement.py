@@ -10,7 +10,8 @@ import textwrap
 import pytest
 import pytest_asyncio
 
-from sandbox import Sandbox
+from sandbox import Policy, Sandbox
+from sandbox.profile import native_thread_env
 from tests.conftest import IS_ROOT, quick_policy
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
@@ -112,6 +113,7 @@ async def test_the_environment_holds_only_the_base_and_allowlisted_variables(sb)
         "HOME": "/work",
         "TMPDIR": "/tmp",
         "LANG": "C.UTF-8",
+        **native_thread_env(Policy().max_threads),
         "SANDBOX_TEST_PASSED": "visible",
     }
     assert b"secret" not in r.outputs["raw"] and b"SANDBOX_TEST" not in r.outputs["raw"]
@@ -120,19 +122,26 @@ async def test_the_environment_holds_only_the_base_and_allowlisted_variables(sb)
 async def test_no_network_without_the_policy(sb):
     code = textwrap.dedent("""
         import socket
-        errors = []
+        errors, kernel_errors = [], []
         for family in (socket.AF_INET, socket.AF_INET6, socket.AF_PACKET, socket.AF_NETLINK):
+            kind = socket.SOCK_DGRAM if family == socket.AF_INET6 else socket.SOCK_STREAM
             try:
-                socket.socket(family, socket.SOCK_DGRAM if family == socket.AF_INET6 else socket.SOCK_STREAM)
+                socket.socket(family, kind)
                 errors.append(None)
             except OSError as e:
                 errors.append(e.errno)
+            try:
+                socket._socket.socket(family, kind)  # past the socket module's rewording, straight to the kernel
+                kernel_errors.append(None)
+            except OSError as e:
+                kernel_errors.append(e.errno)
         a, b = socket.socketpair()
         a.send(b"ok")
         unix_ok = b.recv(2) == b"ok"
     """)
     r = await sb.run(code)
-    assert r.outputs["errors"] == [97, 97, 97, 97]  # EAFNOSUPPORT from seccomp
+    assert r.outputs["kernel_errors"] == [97, 97, 97, 97]  # EAFNOSUPPORT from seccomp
+    assert r.outputs["errors"] == [13, 13, 13, 13]  # the same refusal, reworded to name the policy
     assert r.outputs["unix_ok"] is True
 
 
