@@ -122,6 +122,8 @@ class Session:
         observer: OutputObserver | None,
     ) -> Result:
         self._raise_if_over()
+        queued = self._waiting - (1 if self._job is not None else 0)  # the run in flight is not waiting
+        self._sandbox._scheduler.admit_elsewhere(self.tenant, queued)
         self._submitted += 1
         number = self._submitted
         self._waiting += 1
