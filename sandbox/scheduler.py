@@ -82,10 +82,22 @@ class Scheduler:
     def admit(self, job: Job) -> None:
         """Queue a job, or raise QuotaExceeded without queuing it."""
         tenant = self.tenants[job.tenant]
+        self._charge(tenant, len(tenant.queue))
+        if not tenant.active:
+            floor = min((t.vtime for t in self.tenants.values() if t.active), default=tenant.vtime)
+            tenant.vtime = max(tenant.vtime, floor)
+        tenant.queue.append(job)
+
+    def admit_elsewhere(self, name: str, waiting: int) -> None:
+        """Charge a run that waits somewhere else (behind ``waiting`` runs of a
+        session) against the tenant's ``max_queued`` and rate, as ``admit`` does."""
+        self._charge(self.tenants[name], waiting)
+
+    def _charge(self, tenant: TenantQueue, waiting: int) -> None:
         policy = tenant.policy
-        if len(tenant.queue) >= policy.max_queued:
+        if waiting >= policy.max_queued:
             raise QuotaExceeded(
-                f"tenant {tenant.name!r} already has {len(tenant.queue)} runs queued (max_queued); retry later",
+                f"tenant {tenant.name!r} already has {waiting} runs queued (max_queued); retry later",
                 tenant=tenant.name,
                 quota="max_queued",
             )
@@ -96,10 +108,6 @@ class Scheduler:
                 tenant=tenant.name,
                 quota="rate",
             )
-        if not tenant.active:
-            floor = min((t.vtime for t in self.tenants.values() if t.active), default=tenant.vtime)
-            tenant.vtime = max(tenant.vtime, floor)
-        tenant.queue.append(job)
 
     def pick(self, can_serve: Callable[[TenantQueue], bool]) -> TenantQueue | None:
         """The tenant whose next run should start now, among those ``can_serve`` accepts."""

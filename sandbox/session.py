@@ -78,7 +78,7 @@ class Session:
 
     async def close(self) -> None:
         """End the session and retire its worker; a run still in flight ends with SessionLost."""
-        self.end(SessionLost("this session was closed; open a new one with Sandbox.session()"))
+        self._end(SessionLost("this session was closed; open a new one with Sandbox.session()"))
 
     @property
     def ended(self) -> SandboxError | None:
@@ -122,6 +122,8 @@ class Session:
         observer: OutputObserver | None,
     ) -> Result:
         self._raise_if_over()
+        queued = self._waiting - (1 if self._job is not None else 0)  # the run in flight is not waiting
+        self._sandbox._scheduler.admit_elsewhere(self.tenant, queued)
         self._submitted += 1
         number = self._submitted
         self._waiting += 1
@@ -159,7 +161,7 @@ class Session:
 
     # --- how it ends ----------------------------------------------------------------
 
-    def end(self, reason: SandboxError) -> None:
+    def _end(self, reason: SandboxError) -> None:
         """End the session: later calls raise ``reason``; a run in flight fails with it. Idempotent."""
         if self._ended is None:
             self._ended, self._ended_by_run = reason, None
@@ -177,12 +179,12 @@ class Session:
 
     def _lifetime_over(self, limit_s: float) -> None:
         self._life_timer = None
-        self.end(_lost(f"the session reached its lifetime limit of {limit_s:g} s (session_max_s) and was ended"))
+        self._end(_lost(f"the session reached its lifetime limit of {limit_s:g} s (session_max_s) and was ended"))
 
     def _idle_over(self, limit_s: float) -> None:
         self._idle_timer = None
         if self._waiting == 0:
-            self.end(_lost(f"the session was idle for {limit_s:g} s (session_idle_s) and was ended"))
+            self._end(_lost(f"the session was idle for {limit_s:g} s (session_idle_s) and was ended"))
 
     def _restart_idle_timer(self) -> None:
         self._stop_idle_timer()
@@ -209,7 +211,7 @@ class Session:
 
     def _end_by_run(self, message: str, number: int) -> None:
         """End the session because of run ``number``, whose error (if any) will refine ``message``."""
-        self.end(_lost(message, number))
+        self._end(_lost(message, number))
         self._ended_by_run = number
 
     def worker_lost(self, worker: WorkerProcess) -> None:
@@ -221,7 +223,7 @@ class Session:
                 self._end_by_run(f"run {self._job_number} ended the session's worker", self._job_number)
             else:
                 after = f"after run {self._job_number}" if self._job_number else "before its first run"
-                self.end(_lost(f"the session's worker ended between runs ({after})", self._job_number or None))
+                self._end(_lost(f"the session's worker ended between runs ({after})", self._job_number or None))
 
 
 def _lost(message: str, run: int | None = None) -> SessionLost:

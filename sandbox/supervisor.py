@@ -162,7 +162,7 @@ class Sandbox:
         self._state = "closing"
         self._pump()  # wakes sessions waiting to open, which now see the sandbox closing
         for session in list(self._sessions):
-            session.end(SandboxClosed("the sandbox was closed, which ended this session"))
+            session._end(SandboxClosed("the sandbox was closed, which ended this session"))
         for job in self._scheduler.drain():
             job.fail(SandboxClosed("the sandbox was closed before this run started"))
         for worker in list(self._running.values()):
@@ -304,11 +304,13 @@ class Sandbox:
     async def _open_session(self, session: Session) -> WorkerProcess:
         """A new worker of the session's tenant for the session alone, or QuotaExceeded.
 
-        A session never waits for a worker: the limits that stop it are the
-        operator's (``max_sessions``, ``max_concurrency``, the pool's size),
-        so it says which one at once, as admission does for runs. To make
-        room on a full pool it takes the longest-idle worker of any tenant;
-        the session's worker is always a new process, one no run has used.
+        A session does not queue for a worker: the limits that stop it are
+        the operator's (``max_sessions``, ``max_concurrency``, the pool's
+        size), so it says which one at once, as admission does for runs. To
+        make room on a full pool it takes the longest-idle worker of any
+        tenant, or waits for one that is still starting (a moment); only a
+        pool whose every worker is busy or held by a session refuses it. The
+        session's worker is always a new process, one no run has used.
         """
         profile = self._profile(session.tenant)
         tenant, policy, pool = self._scheduler.tenants[session.tenant], profile.policy, self._open_pool

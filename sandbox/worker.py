@@ -3,7 +3,9 @@
 Owns: the worker's channel socket, its stdout/stderr pipes, its pidfds and
 its life (starting -> idle <-> busy -> dead), and every limit the host
 enforces on a run inside it: wall time, output size, frame size and shape,
-and the per-run reply token.
+and the per-run reply token. Also the run's output as text: decoded piece
+by piece as it is read, kept for the run's result and shown as it comes to
+the run's observer, if it has one (``Sandbox.stream``).
 
 Must never: block the event loop (every fd is non-blocking and served by a
 loop callback), trust a byte the worker sends (frames are bounded before

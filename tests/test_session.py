@@ -241,6 +241,26 @@ async def test_a_session_counts_against_the_pool():
         assert (await asyncio.wait_for(waiting, 5)).outputs == {"y": 1}
 
 
+async def test_session_runs_count_against_the_rate_and_max_queued():
+    async with Sandbox(quick_policy(rate_per_s=0.001, burst=2), workers=1) as sb, sb.session() as s:
+        await s.run("x = 1")
+        await s.run("x = 2")
+        with pytest.raises(QuotaExceeded) as info:
+            await s.run("x = 3")
+        assert info.value.quota == "rate"
+        assert s.ended is None, "a refused run leaves the session going"
+    async with Sandbox(quick_policy(max_queued=1), workers=1) as sb, sb.session() as s:
+        running = asyncio.ensure_future(s.run("import time\ntime.sleep(0.5)"))
+        await asyncio.sleep(0.1)
+        waiting = asyncio.ensure_future(s.run("y = 1"))
+        await asyncio.sleep(0.1)
+        with pytest.raises(QuotaExceeded) as info:
+            await s.run("z = 1")
+        assert info.value.quota == "max_queued"
+        await running
+        assert (await waiting).outputs == {"y": 1}
+
+
 async def test_sessions_work_for_a_fresh_process_tenant():
     async with Sandbox(quick_policy(fresh_process_per_run=True), workers=2) as sb:
         plain = [await sb.run("z = 1") for _ in range(2)]
