@@ -1,0 +1,182 @@
+"""numpy and pandas values as bytes whose readers cannot run code.
+
+Owns: the tagged encoding of numpy arrays and scalars (numpy's ``.npy``
+format, written and read with ``allow_pickle=False``) and of pandas
+``DataFrame``, ``Series`` and ``Index`` (an Apache Arrow IPC stream), and
+the rule for which of those values it covers. The worker encodes its
+outputs with it and decodes its inputs; the host encodes its inputs with it,
+and ``sandbox.values`` checks worker bytes before handing them to
+:func:`decode`.
+
+Must never: import numpy, pandas or pyarrow unless the value in hand is
+already one of theirs (its module is loaded, because user code or the host
+loaded it), so that a worker whose code never touched them never pays for
+them; pickle anything; or decide that bytes a worker sent are safe. The
+host's checks live in ``sandbox.values``; :func:`decode` trusts its bytes.
+
+A tagged value is ``MAGIC``, one kind byte, then the payload. A pickle
+stream starts with the PROTO opcode (0x80), so the two never collide. What
+this module does not cover (object arrays, ndarray subclasses, frames with
+arbitrary objects in a column, MultiIndex) gets ``None`` from
+:func:`encode` and travels as cloudpickle, as any other value.
+
+Why the dtype rule is strict: a pandas value is encoded only if it comes
+back equal, with its dtypes, index and names. Arrow stores strings as
+strings, so an object column holding only ``str`` is sent as Arrow strings
+and turned back into an object column by :func:`decode`; anything looser
+(mixed objects, Period, Interval, Sparse, pyarrow-backed dtypes) stays a
+pickle and an ``Opaque`` on the host.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import sys
+from typing import Any
+
+MAGIC = b"\xa5SBV"
+NDARRAY = 0x61  # "a"
+NUMPY_SCALAR = 0x73  # "s"
+DATAFRAME = 0x66  # "f"
+SERIES = 0x53  # "S"
+UNNAMED_SERIES = 0x75  # "u"
+INDEX = 0x69  # "i"
+NUMPY_KINDS = frozenset({NDARRAY, NUMPY_SCALAR})
+PANDAS_KINDS = frozenset({DATAFRAME, SERIES, UNNAMED_SERIES, INDEX})
+HEADER_BYTES = len(MAGIC) + 1
+# Schema metadata key naming the object columns of strings (and whether the index is one).
+OBJECT_STRINGS = b"sandbox.object_strings"
+_PLAIN_DTYPE_KINDS = frozenset("biufmM")  # bool, ints, floats, timedelta64, datetime64
+# pandas' own extension dtypes that Arrow holds exactly (the nullable ones, strings, datetimes with a zone).
+_EXTENSION_DTYPES = frozenset(
+    {"DatetimeTZDtype", "StringDtype", "BooleanDtype", "Float32Dtype", "Float64Dtype"}
+    | {f"{sign}Int{bits}Dtype" for sign in ("", "U") for bits in (8, 16, 32, 64)}
+)
+
+
+def kind_of(data: bytes) -> int | None:
+    """The kind byte of a tagged value, or None for anything else (a pickle)."""
+    if len(data) >= HEADER_BYTES and data.startswith(MAGIC):
+        return data[len(MAGIC)]
+    return None
+
+
+def encode(value: object) -> bytes | None:
+    """The tagged bytes of a numpy or pandas value this module covers, else None."""
+    module = type(value).__module__
+    if module == "numpy" or module.startswith("numpy."):
+        return _encode_numpy(value, sys.modules.get("numpy"))
+    if module == "pandas" or module.startswith("pandas."):
+        return _encode_pandas(value, sys.modules.get("pandas"))
+    return None
+
+
+def _encode_numpy(value: Any, np: Any) -> bytes | None:
+    if np is None:
+        return None
+    if type(value) is np.ndarray:
+        kind, array = NDARRAY, value
+    elif isinstance(value, np.generic):
+        kind, array = NUMPY_SCALAR, np.asarray(value)
+    else:
+        return None
+    if array.dtype.hasobject:
+        return None
+    buffer = io.BytesIO()
+    buffer.write(MAGIC + bytes([kind]))
+    np.lib.format.write_array(buffer, array, allow_pickle=False)
+    return buffer.getvalue()
+
+
+def _encode_pandas(value: Any, pd: Any) -> bytes | None:
+    if pd is None:
+        return None
+    if type(value) is pd.DataFrame:
+        kind, frame = DATAFRAME, value
+    elif type(value) is pd.Series:
+        kind, frame = (UNNAMED_SERIES if value.name is None else SERIES), value.to_frame()
+    elif isinstance(value, pd.Index) and type(value).__module__.startswith("pandas"):
+        kind, frame = INDEX, pd.DataFrame({"": False}, index=value)  # a column keeps the row count
+    else:
+        return None
+    if not frame_fits(frame, pd):
+        return None
+    try:
+        import pyarrow as pa
+    except ImportError:
+        return None
+    object_strings = {
+        "columns": [str(name) for name, column in frame.items() if pd.api.types.is_object_dtype(column.dtype)],
+        "index": pd.api.types.is_object_dtype(frame.index.dtype),
+    }
+    try:
+        table = pa.Table.from_pandas(frame)  # a RangeIndex is kept as metadata
+        metadata = {**(table.schema.metadata or {}), OBJECT_STRINGS: json.dumps(object_strings).encode()}
+        table = table.replace_schema_metadata(metadata)
+        sink = pa.BufferOutputStream()
+        sink.write(MAGIC + bytes([kind]))
+        with pa.ipc.new_stream(sink, table.schema) as writer:
+            writer.write_table(table)
+    except (pa.ArrowException, ValueError, TypeError):
+        return None  # a dtype Arrow cannot hold after all: it travels as a pickle
+    return sink.getvalue().to_pybytes()
+
+
+def frame_fits(frame: Any, pd: Any) -> bool:
+    """True if every column and the index hold data that survives Arrow unchanged."""
+    columns, index = frame.columns, frame.index
+    if isinstance(columns, pd.MultiIndex) or isinstance(index, pd.MultiIndex) or not columns.is_unique or frame.attrs:
+        return False
+    if not all(type(name) is str for name in columns) and not all(type(name) is int for name in columns):
+        return False
+    if not all(name is None or type(name) in (str, int) for name in (columns.name, index.name)):
+        return False
+    if not isinstance(index, pd.RangeIndex) and not _dtype_fits(index, pd):
+        return False
+    return all(_dtype_fits(column, pd) for _, column in frame.items())
+
+
+def _dtype_fits(values: Any, pd: Any) -> bool:
+    dtype = values.dtype
+    if isinstance(dtype, pd.CategoricalDtype):
+        return _dtype_fits(dtype.categories, pd)
+    if isinstance(dtype, pd.ArrowDtype):
+        return False
+    if isinstance(dtype, pd.api.extensions.ExtensionDtype):
+        return type(dtype).__name__ in _EXTENSION_DTYPES and type(dtype) is getattr(pd, type(dtype).__name__)
+    if pd.api.types.is_object_dtype(dtype):
+        return pd.api.types.infer_dtype(values, skipna=False) == "string"
+    return dtype.kind in _PLAIN_DTYPE_KINDS
+
+
+def decode(data: bytes) -> object:
+    """Rebuild a tagged value. The bytes must come from a trusted side, or have passed ``sandbox.values``."""
+    kind = kind_of(data)
+    if kind in NUMPY_KINDS:
+        import numpy as np
+
+        array = np.lib.format.read_array(io.BytesIO(memoryview(data)[HEADER_BYTES:]), allow_pickle=False)
+        return array[()] if kind == NUMPY_SCALAR else array
+    if kind in PANDAS_KINDS:
+        import pyarrow as pa
+
+        return to_pandas(kind, pa.ipc.open_stream(pa.py_buffer(data)[HEADER_BYTES:]).read_all())
+    raise ValueError("not a tagged numpy or pandas value")
+
+
+def to_pandas(kind: int, table: Any) -> object:
+    """The pandas value a decoded Arrow table stands for, with its object columns of strings restored."""
+    frame = table.to_pandas()
+    object_strings = json.loads((table.schema.metadata or {}).get(OBJECT_STRINGS, b"{}"))
+    for name in object_strings.get("columns", ()):
+        label = next(label for label in frame.columns if str(label) == name)
+        frame[label] = frame[label].astype(object)
+    if object_strings.get("index"):
+        frame.index = frame.index.astype(object)
+    if kind == DATAFRAME:
+        return frame
+    if kind == INDEX:
+        return frame.index
+    series = frame.iloc[:, 0]
+    return series.rename(None) if kind == UNNAMED_SERIES else series
