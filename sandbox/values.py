@@ -7,9 +7,13 @@ against the reply's decoding allowance.
 Must never: unpickle; read a ``.npy`` payload with ``allow_pickle=True``;
 allocate for a size the worker declared before that size is checked against
 the bytes actually present and against the allowance; or import numpy,
-pandas or pyarrow before a reply carries one of their values (a host that
-never receives one never loads them, and a host without them keeps such
-values as ``Opaque``, as it keeps any other foreign object).
+pandas or pyarrow unless a tenant's policy allows the first two (a host
+whose tenants cannot produce their values never loads them, and a host
+without them keeps such values as ``Opaque``, as any other foreign object).
+They are imported when the Sandbox starts (:func:`preload`), not at the
+first value: importing a C extension holds the GIL for a quarter of a
+second, which would stall the supervisor's event loop in the middle of
+other tenants' runs.
 
 Why these checks, in this order. numpy's ``read_array`` allocates the whole
 array from its header before reading the data, so the header's shape times
@@ -34,7 +38,9 @@ import importlib
 import io
 import json
 import math
+import re
 import struct
+from collections.abc import Iterable
 from types import ModuleType
 from typing import TYPE_CHECKING, Any
 
@@ -47,10 +53,24 @@ if TYPE_CHECKING:
 _PYTHON_STRING_BYTES = 64
 _DICTIONARY_BATCH, _RECORD_BATCH = 2, 3  # MessageHeader union tags in Arrow's Message.fbs
 _U16, _I32, _U32 = struct.Struct("<H"), struct.Struct("<i"), struct.Struct("<I")
+# A time zone a worker names is looked up in the host's zone database: a zone name or a fixed offset,
+# never a path (no leading "/", no "..", no "dateutil/" prefix that pandas would hand to dateutil).
+_TIME_ZONE = re.compile(r"[A-Za-z][A-Za-z0-9_+-]{0,40}(/[A-Za-z0-9_+-]{1,40}){0,3}|[+-][0-9]{2}:[0-9]{2}")
 
 
 class Refused(Exception):
     """The bytes are not a value the host rebuilds; keep them opaque."""
+
+
+def preload(allowed_modules: Iterable[str]) -> None:
+    """Import the libraries that values allowed by these module patterns need, if they are installed."""
+    bases = {pattern.removesuffix(".*").partition(".")[0] for pattern in allowed_modules}
+    wanted = [name for name in ("numpy", "pandas") if name in bases]
+    for name in [*wanted, "pyarrow"] if "pandas" in wanted else wanted:
+        try:
+            importlib.import_module(name)
+        except ImportError:
+            pass
 
 
 def decode_checked(data: bytes, allowance: Allowance) -> object:
@@ -186,6 +206,8 @@ def _plain_type(pa: ModuleType, arrow_type: Any) -> bool:
     if isinstance(arrow_type, pa.ExtensionType):
         return False
     types = pa.types
+    if types.is_timestamp(arrow_type) and arrow_type.tz is not None:
+        return _TIME_ZONE.fullmatch(arrow_type.tz) is not None and not arrow_type.tz.startswith("dateutil")
     return any(
         check(arrow_type)
         for check in (

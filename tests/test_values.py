@@ -161,6 +161,14 @@ async def test_a_numpy_input_needs_numpy_allowed_but_a_pandas_one_never_needs_py
     assert info.value.module == "numpy"
 
 
+@in_module_loop
+async def test_a_worker_whose_code_never_touched_them_never_loads_numpy_pandas_or_pyarrow():
+    async with Sandbox(quick_policy(allowed_modules=["sys"], denied_modules=[]), workers=1) as sb:
+        code = "import sys\nrows = [{'a': 1.5}]\nloaded = sorted(set(sys.modules) & {'numpy', 'pandas', 'pyarrow'})"
+        r = await sb.run(code)
+    assert r.outputs == {"rows": [{"a": 1.5}], "loaded": []}
+
+
 # --- what stays Opaque ------------------------------------------------------------------
 
 
@@ -282,6 +290,10 @@ def _forgeries(canary: Path) -> dict[str, tuple[bytes, str]]:
         "string_views": (_arrow(pa.table({"v": pa.array(["x" * 20] * 4, pa.string_view())})), "string_view"),
         "extension_type": (
             _arrow(pa.Table.from_pandas(pd.DataFrame({"p": pd.period_range("2024", periods=2, freq="D")}))),
+            "which is not read",
+        ),
+        "time_zone_path": (
+            _arrow(pa.table({"t": pa.array([0], pa.timestamp("us", tz="dateutil//etc/shadow"))})),
             "which is not read",
         ),
         "bools_that_expand": (_arrow(BOOLS), "decodes to more bytes than the reply's budget"),
