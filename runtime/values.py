@@ -114,13 +114,13 @@ def _encode_pandas(value: Any, pd: Any) -> bytes | None:
         table = pa.Table.from_pandas(frame)  # a RangeIndex is kept as metadata
         metadata = {**(table.schema.metadata or {}), OBJECT_STRINGS: json.dumps(object_strings).encode()}
         table = table.replace_schema_metadata(metadata)
-        sink = pa.BufferOutputStream()
+        sink = io.BytesIO()  # its getvalue() hands over the buffer; an Arrow buffer's to_pybytes() copies it
         sink.write(MAGIC + bytes([kind]))
         with pa.ipc.new_stream(sink, table.schema) as writer:
             writer.write_table(table)
     except (pa.ArrowException, ValueError, TypeError):
         return None  # a dtype Arrow cannot hold after all: it travels as a pickle
-    return sink.getvalue().to_pybytes()
+    return sink.getvalue()
 
 
 def frame_fits(frame: Any, pd: Any) -> bool:
