@@ -25,6 +25,7 @@ import pytest
 import pytest_asyncio
 
 from sandbox import Opaque, PolicyViolation, Sandbox
+from sandbox import values as host_values
 from sandbox.inputs import encode_inputs
 from sandbox.runtime import values as tagged
 from tests.conftest import quick_policy
@@ -262,6 +263,12 @@ ZEROS = pa.table({"z": pa.array(np.zeros(2_000_000, dtype=np.int64))})
 BOOLS = pa.table({"b": pa.array(np.zeros(12 * MiB, dtype=bool))})  # 1.5 MiB of bits, 12 MiB as numpy
 
 
+def _with_attrs() -> pa.Table:
+    frame = pd.DataFrame({"a": [1]})
+    frame.attrs = {"deep": [[[[]]]]}
+    return pa.Table.from_pandas(frame)
+
+
 def _forgeries(canary: Path) -> dict[str, tuple[bytes, str]]:
     """name: (bytes, the reason the host gives for keeping them Opaque)."""
     small = pa.Table.from_pandas(pd.DataFrame({"a": [1, 2, 3]}))
@@ -301,8 +308,23 @@ def _forgeries(canary: Path) -> dict[str, tuple[bytes, str]]:
             _arrow(_with_metadata(small, **{"sandbox.object_strings": {"columns": ["a"], "index": False}})),
             "an object column that is not a column of strings",
         ),
+        "attrs": (_arrow(_with_attrs()), "builds a pandas value outside the types that are read"),
         "arrow_garbage": (_tagged(tagged.DATAFRAME, b"\xff\xff\xff\xff" + b"\x10" * 40), "not decodable"),
     }
+
+
+@pytest.mark.parametrize("compression", [None, "lz4", "zstd"])
+def test_compression_is_found_in_dictionary_and_record_batches_before_pyarrow_reads_them(compression):
+    table = pa.table({"c": pa.array(["a", "b", "a"]).dictionary_encode(), "n": [1, 2, 3]})
+    stream = _arrow(table, compression=compression)[tagged.HEADER_BYTES :]
+    messages = pa.ipc.MessageReader.open_stream(pa.py_buffer(stream))
+    found = {}
+    for message in iter(messages.read_next_message, None):
+        if message.type != "schema":
+            found[message.type] = host_values._names_compression(message.metadata.to_pybytes())
+        if message.type == "record batch":
+            break
+    assert found == {"dictionary": compression is not None, "record batch": compression is not None}
 
 
 @in_module_loop
