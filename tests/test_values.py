@@ -153,6 +153,13 @@ async def test_the_same_values_travel_as_inputs_without_pickle_and_come_back_equ
 
 
 @in_module_loop
+async def test_an_opaque_holding_npy_bytes_inside_an_input_is_rebuilt_in_the_worker(data_sandbox):
+    boxed = Opaque(tagged.encode(np.arange(4)), "numpy.ndarray", "kept as bytes")
+    r = await data_sandbox.run("total = int(items[0].sum())\nkind = type(items[0]).__name__", {"items": [boxed]})
+    assert r.outputs == {"total": 6, "kind": "ndarray"}
+
+
+@in_module_loop
 async def test_a_numpy_input_needs_numpy_allowed_but_a_pandas_one_never_needs_pyarrow():
     async with Sandbox(quick_policy(allowed_modules=["pandas"]), workers=1) as sb:
         r = await sb.run("rows = len(frame)", {"frame": pd.DataFrame({"a": [1, 2, 3]})})
