@@ -130,11 +130,21 @@ def frame_fits(frame: Any, pd: Any) -> bool:
         return False
     if not all(type(name) is str for name in columns) and not all(type(name) is int for name in columns):
         return False
-    if not all(name is None or type(name) in (str, int) for name in (columns.name, index.name)):
-        return False
-    if not isinstance(index, pd.RangeIndex) and not _dtype_fits(index, pd):
+    if not all(name is None or type(name) is str for name in (columns.name, index.name)):
+        return False  # Arrow keeps these names as strings
+    if not isinstance(index, pd.RangeIndex) and not _index_dtype_fits(index, pd):
         return False
     return all(_dtype_fits(column, pd) for _, column in frame.items())
+
+
+def _index_dtype_fits(index: Any, pd: Any) -> bool:
+    """An index keeps fewer dtypes than a column: pandas rebuilds it from its Arrow type alone."""
+    dtype = index.dtype
+    if isinstance(dtype, pd.StringDtype):
+        return getattr(dtype, "na_value", pd.NA) is not pd.NA  # the default ``str``, not ``string``
+    if isinstance(dtype, pd.api.extensions.ExtensionDtype):
+        return isinstance(dtype, (pd.CategoricalDtype, pd.DatetimeTZDtype)) and _dtype_fits(index, pd)
+    return _dtype_fits(index, pd)
 
 
 def _dtype_fits(values: Any, pd: Any) -> bool:

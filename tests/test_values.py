@@ -201,9 +201,11 @@ async def test_objects_inside_arrays_and_frames_stay_opaque_and_their_reduce_nev
         series = pd.Series([Payload()], name="o")
         multi = pd.DataFrame({{"v": [1]}}, index=pd.MultiIndex.from_tuples([(1, 2)]))
         periods = pd.Series(pd.period_range("2024", periods=2, freq="M"))
+        int_named_index = pd.DataFrame({{"a": [1]}}, index=pd.Index([3], name=0))  # Arrow would make it "0"
+        nullable_index = pd.Series([1.0], index=pd.Index([1], dtype="Int64"))  # Arrow would make it int64
     """)
     r = await data_sandbox.run(code)
-    for name in ("objects", "fields", "frame", "series", "multi", "periods"):
+    for name in ("objects", "fields", "frame", "series", "multi", "periods", "int_named_index", "nullable_index"):
         value = r.outputs[name]
         assert isinstance(value, Opaque), name
         assert tagged.kind_of(value.data) is None  # travelled as a pickle, decoded by the restricted unpickler
