@@ -90,7 +90,7 @@ def _encode_numpy(value: Any, np: Any) -> bytes | None:
 
 
 def _encode_pandas(value: Any, pd: Any) -> bytes | None:
-    if pd is None:
+    if pd is None or not pandas_supported(pd):
         return None
     if type(value) is pd.DataFrame:
         kind, frame = DATAFRAME, value
@@ -121,6 +121,12 @@ def _encode_pandas(value: Any, pd: Any) -> bytes | None:
     except (pa.ArrowException, ValueError, TypeError):
         return None  # a dtype Arrow cannot hold after all: it travels as a pickle
     return sink.getvalue()
+
+
+def pandas_supported(pd: Any) -> bool:
+    """pandas 3 or later: pandas 2 rebuilds some dtypes from Arrow differently (``string[pyarrow]``
+    comes back ``string[python]``, a fixed UTC offset as a pytz zone), so its values stay pickles."""
+    return int(pd.__version__.split(".")[0]) >= 3
 
 
 def frame_fits(frame: Any, pd: Any) -> bool:

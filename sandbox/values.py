@@ -132,6 +132,8 @@ def _read_npy(np: ModuleType, kind: int, data: bytes, allowance: Allowance) -> o
 
 
 def _read_arrow(pd: ModuleType, pa: ModuleType, kind: int, data: bytes, allowance: Allowance) -> object:
+    if not tagged.pandas_supported(pd):
+        raise Refused(f"pandas {pd.__version__} on the host; pandas values need pandas 3 or later")
     stream = pa.py_buffer(data)[tagged.HEADER_BYTES :]
     _refuse_compressed_batches(pa, stream)
     reader = pa.ipc.open_stream(stream)
@@ -141,7 +143,7 @@ def _read_arrow(pd: ModuleType, pa: ModuleType, kind: int, data: bytes, allowanc
     table = reader.read_all()
     table.validate(full=True)
     object_strings = _object_string_columns(pa, table)
-    _spend(allowance, _decoded_size(pa, pd, table, object_strings))
+    _spend(allowance, _decoded_size(pa, table, object_strings))
     value = tagged.to_pandas(kind, table)
     _check_built(pd, kind, value)
     return value
@@ -241,10 +243,9 @@ def _is_string(pa: ModuleType, arrow_type: Any) -> bool:
     return bool(pa.types.is_string(arrow_type) or pa.types.is_large_string(arrow_type))
 
 
-def _decoded_size(pa: ModuleType, pd: ModuleType, table: Any, object_strings: set[str]) -> int:
-    """An upper bound on what ``to_pandas`` allocates for ``table``."""
+def _decoded_size(pa: ModuleType, table: Any, object_strings: set[str]) -> int:
+    """An upper bound on what ``to_pandas`` allocates for ``table`` (pandas 3 keeps strings in Arrow)."""
     rows: int = table.num_rows
-    python_strings = int(pd.__version__.split(".")[0]) < 3  # pandas 3 keeps strings in Arrow
     size = 0
     for field, column in zip(table.schema, table.columns, strict=True):
         arrow_type = field.type
@@ -254,7 +255,7 @@ def _decoded_size(pa: ModuleType, pd: ModuleType, table: Any, object_strings: se
         elif _is_string(pa, arrow_type):
             width = 8
             size += column.nbytes
-            if python_strings or field.name in object_strings:
+            if field.name in object_strings:
                 size += rows * _PYTHON_STRING_BYTES
         else:
             width = max(arrow_type.bit_width // 8, 1)
