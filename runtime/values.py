@@ -26,6 +26,14 @@ strings, so an object column holding only ``str`` is sent as Arrow strings
 and turned back into an object column by :func:`decode`; anything looser
 (mixed objects, Period, Interval, Sparse, pyarrow-backed dtypes) stays a
 pickle and an ``Opaque`` on the host.
+
+Why pyarrow need not be in a tenant's allowlist: this module imports it
+with the interpreter's own ``__import__`` (the guard checks only imports
+made from user code), and only to encode a pandas value the code already
+built or to decode one the host sent, so pandas' allowance is what decides.
+That leaves pyarrow loaded for the worker's later runs, which pandas does
+anyway when it is installed; the import guard is not the wall, confinement
+is (see ``runtime.guards``).
 """
 
 from __future__ import annotations

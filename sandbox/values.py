@@ -52,7 +52,7 @@ if TYPE_CHECKING:
 # What one string costs pandas beyond its bytes when it becomes a Python object.
 _PYTHON_STRING_BYTES = 64
 _DICTIONARY_BATCH, _RECORD_BATCH = 2, 3  # MessageHeader union tags in Arrow's Message.fbs
-_U16, _I32, _U32 = struct.Struct("<H"), struct.Struct("<i"), struct.Struct("<I")
+_U8, _U16, _I32, _U32 = struct.Struct("<B"), struct.Struct("<H"), struct.Struct("<i"), struct.Struct("<I")
 # A time zone a worker names is looked up in the host's zone database: a zone name or a fixed offset,
 # never a path (no leading "/", no "..", no "dateutil/" prefix that pandas would hand to dateutil).
 _TIME_ZONE = re.compile(r"[A-Za-z][A-Za-z0-9_+-]{0,40}(/[A-Za-z0-9_+-]{1,40}){0,3}|[+-][0-9]{2}:[0-9]{2}")
@@ -65,8 +65,10 @@ class Refused(Exception):
 def preload(allowed_modules: Iterable[str]) -> None:
     """Import the libraries that values allowed by these module patterns need, if they are installed."""
     bases = {pattern.removesuffix(".*").partition(".")[0] for pattern in allowed_modules}
-    wanted = [name for name in ("numpy", "pandas") if name in bases]
-    for name in [*wanted, "pyarrow"] if "pandas" in wanted else wanted:
+    wanted: list[str] = [name for name in ("numpy", "pandas") if name in bases]
+    if "pandas" in wanted:
+        wanted.append("pyarrow")
+    for name in wanted:
         try:
             importlib.import_module(name)
         except ImportError:
@@ -166,13 +168,13 @@ def _names_compression(metadata: bytes) -> bool:
     header_type, header = _field(metadata, message, 1), _field(metadata, message, 2)
     if header_type is None or header is None:
         raise Refused("an Arrow message without a header")
-    batch = _offset_at(metadata, header)
-    if metadata[header_type] == _DICTIONARY_BATCH:
+    batch, kind = _offset_at(metadata, header), _read(_U8, metadata, header_type)
+    if kind == _DICTIONARY_BATCH:
         inner = _field(metadata, batch, 1)
         if inner is None:
             raise Refused("an Arrow dictionary batch without data")
         batch = _offset_at(metadata, inner)
-    elif metadata[header_type] != _RECORD_BATCH:
+    elif kind != _RECORD_BATCH:
         raise Refused("an Arrow message that is neither a schema nor a batch")
     return _field(metadata, batch, 3) is not None
 
