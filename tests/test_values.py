@@ -13,9 +13,11 @@ import asyncio
 import gc
 import io
 import json
+import random
 import sys
 import textwrap
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -28,6 +30,7 @@ from sandbox import Opaque, PolicyViolation, Sandbox
 from sandbox import values as host_values
 from sandbox.inputs import encode_inputs
 from sandbox.runtime import values as tagged
+from sandbox.snapshot import Allowance, Budget, decode_value
 from tests.conftest import quick_policy
 from tests.test_protocol import FORGER, LATE_REPLY_S
 from tests.test_snapshot import RunsACommand
@@ -334,6 +337,34 @@ def test_compression_is_found_in_dictionary_and_record_batches_before_pyarrow_re
         if message.type == "record batch":
             break
     assert found == {"dictionary": compression is not None, "record batch": compression is not None}
+
+
+def test_mutated_npy_and_arrow_bytes_decode_to_an_allowed_value_or_to_opaque_never_to_an_error():
+    seeds = [
+        tagged.encode(value)
+        for value in (
+            pd.DataFrame(
+                {"i": [1, 2, 3], "s": ["a", "bb", None], "c": pd.Categorical(["x", "y", "x"])},
+                index=pd.Index(["p", "q", "r"], name="n"),
+            ),
+            pd.Series([1.5, None], name="x"),
+            np.array([(1, 2.0)], dtype=[("a", "i4"), ("b", "f8")]),
+            pd.RangeIndex(4),
+        )
+    ]
+    rng = random.Random(13)
+    budget = Budget()
+    outcomes = set()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # numpy warns about headers that look written by Python 2
+        for _ in range(3000):
+            data = bytearray(rng.choice(seeds))
+            for _ in range(rng.randint(1, 3)):
+                data[rng.randrange(tagged.HEADER_BYTES, len(data))] = rng.randrange(256)
+            value = decode_value(bytes(data), "mutated", budget, Allowance(budget))
+            outcomes.add(type(value))
+    assert Opaque in outcomes
+    assert outcomes <= {Opaque, pd.DataFrame, pd.Series, pd.RangeIndex, pd.Index, np.ndarray}
 
 
 @in_module_loop
