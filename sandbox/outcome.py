@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import functools
 import signal
 from typing import TYPE_CHECKING
 
@@ -48,8 +49,8 @@ async def to_result(completed: Completed, profile: TenantProfile) -> Result:
     captured = {"stdout": completed.stdout, "stderr": completed.stderr}
     if reply.status != wire.OK:
         raise _reported_error(reply, profile, **captured)
-    # Building a numpy or pandas value may first import its library: never on the event loop.
-    budget = dataclasses.replace(_BUDGET, max_decoded_bytes=profile.policy.max_reply_bytes)
+    budget = _budget(profile.policy.max_reply_bytes)
+    # Building numpy and pandas values costs library calls, whatever their size: never on the event loop.
     inline = sum(len(blob) for _, _, blob in reply.outputs) <= _DECODE_INLINE_BYTES and not any(
         values.kind_of(blob) is not None for _, _, blob in reply.outputs
     )
@@ -65,6 +66,12 @@ async def to_result(completed: Completed, profile: TenantProfile) -> Result:
         tenant=profile.name,
     )
     return Result(outputs, completed.stdout, completed.stderr, dict(reply.skipped), stats)
+
+
+@functools.lru_cache(maxsize=64)
+def _budget(max_reply_bytes: int) -> Budget:
+    """The decoding budget of a tenant's replies: numpy and pandas values may take its ``max_reply_bytes``."""
+    return dataclasses.replace(_BUDGET, max_decoded_bytes=max_reply_bytes)
 
 
 def _decode_all(outputs: list[tuple[str, str, bytes]], budget: Budget) -> dict[str, object]:
