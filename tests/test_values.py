@@ -405,6 +405,12 @@ async def test_a_reply_shares_one_decoded_size_budget_across_its_outputs():
     assert r.outputs["second"].reason == "decodes to more bytes than the reply's budget of 4194304"
 
 
+def test_unsafe_unpickle_of_tagged_bytes_reads_them_without_pickle():
+    frame = pd.DataFrame({"a": [1, 2]}, index=pd.Index(["x", "y"], name="k"))
+    assert_same(frame, Opaque(tagged.encode(frame), "pandas.DataFrame", "kept").unsafe_unpickle())
+    assert_same(np.float32(2.5), Opaque(tagged.encode(np.float32(2.5)), "numpy.float32", "kept").unsafe_unpickle())
+
+
 # --- a host without the libraries ---------------------------------------------------
 
 
