@@ -7,13 +7,15 @@ against the reply's decoding allowance.
 Must never: unpickle; read a ``.npy`` payload with ``allow_pickle=True``;
 allocate for a size the worker declared before that size is checked against
 the bytes actually present and against the allowance; or import numpy,
-pandas or pyarrow unless a tenant's policy allows the first two (a host
-whose tenants cannot produce their values never loads them, and a host
-without them keeps such values as ``Opaque``, as any other foreign object).
-They are imported when the Sandbox starts (:func:`preload`), not at the
-first value: importing a C extension holds the GIL for a quarter of a
-second, which would stall the supervisor's event loop in the middle of
-other tenants' runs.
+pandas or pyarrow before a tenant's policy allows numpy or pandas or a
+reply carries one of their values (a host without them keeps such values
+as ``Opaque``, as any other foreign object). When a policy allows them,
+they are imported as the Sandbox starts (:func:`preload`), not at the first
+value: importing a C extension holds the GIL for a quarter of a second,
+which would stall the supervisor's event loop in the middle of other
+tenants' runs. A tenant that reaches numpy only through another library it
+may import (scipy, say) pays that once, at its first value, in the
+decoding thread.
 
 Why these checks, in this order. numpy's ``read_array`` allocates the whole
 array from its header before reading the data, so the header's shape times
