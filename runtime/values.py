@@ -53,8 +53,9 @@ INDEX = 0x69  # "i"
 NUMPY_KINDS = frozenset({NDARRAY, NUMPY_SCALAR})
 PANDAS_KINDS = frozenset({DATAFRAME, SERIES, UNNAMED_SERIES, INDEX})
 HEADER_BYTES = len(MAGIC) + 1
-# Schema metadata key naming the object columns of strings (and whether the index is one).
-OBJECT_STRINGS = b"sandbox.object_strings"
+# Schema metadata key for what Arrow does not keep: which columns (and whether the index) held
+# Python strings in an object column, and the frequency of a DatetimeIndex or TimedeltaIndex.
+RESTORE = b"sandbox.restore"
 _PLAIN_DTYPE_KINDS = frozenset("biufmM")  # bool, ints, floats, timedelta64, datetime64
 # pandas' own extension dtypes that Arrow holds exactly (the nullable ones, strings, datetimes with a zone).
 _EXTENSION_DTYPES = frozenset(
@@ -114,13 +115,15 @@ def _encode_pandas(value: Any, pd: Any) -> bytes | None:
         import pyarrow as pa
     except ImportError:
         return None
-    object_strings = {
-        "columns": [str(name) for name, column in frame.items() if pd.api.types.is_object_dtype(column.dtype)],
-        "index": pd.api.types.is_object_dtype(frame.index.dtype),
+    index = frame.index
+    restore = {
+        "object_columns": [str(name) for name, column in frame.items() if pd.api.types.is_object_dtype(column.dtype)],
+        "object_index": pd.api.types.is_object_dtype(index.dtype),
+        "index_freq": index.freqstr if isinstance(index, (pd.DatetimeIndex, pd.TimedeltaIndex)) else None,
     }
     try:
         table = pa.Table.from_pandas(frame)  # a RangeIndex is kept as metadata
-        metadata = {**(table.schema.metadata or {}), OBJECT_STRINGS: json.dumps(object_strings).encode()}
+        metadata = {**(table.schema.metadata or {}), RESTORE: json.dumps(restore).encode()}
         table = table.replace_schema_metadata(metadata)
         sink = io.BytesIO()  # its getvalue() hands over the buffer; an Arrow buffer's to_pybytes() copies it
         sink.write(MAGIC + bytes([kind]))
@@ -192,12 +195,15 @@ def decode(data: bytes) -> object:
 def to_pandas(kind: int, table: Any) -> object:
     """The pandas value a decoded Arrow table stands for, with its object columns of strings restored."""
     frame = table.to_pandas()
-    object_strings = json.loads((table.schema.metadata or {}).get(OBJECT_STRINGS, b"{}"))
-    for name in object_strings.get("columns", ()):
+    restore = json.loads((table.schema.metadata or {}).get(RESTORE, b"{}"))
+    for name in restore.get("object_columns", ()):
         label = next(label for label in frame.columns if str(label) == name)
         frame[label] = frame[label].astype(object)
-    if object_strings.get("index"):
+    if restore.get("object_index"):
         frame.index = frame.index.astype(object)
+    if restore.get("index_freq"):
+        # The constructor checks that the index conforms to the frequency, and raises if not.
+        frame.index = type(frame.index)(frame.index, freq=restore["index_freq"])
     if kind == DATAFRAME:
         return frame
     if kind == INDEX:

@@ -53,6 +53,8 @@ if TYPE_CHECKING:
 
 # What one string costs pandas beyond its bytes when it becomes a Python object.
 _PYTHON_STRING_BYTES = 64
+_MAX_FREQUENCY_CHARS = 32  # "W-SUN", "15min", "QE-DEC": frequencies are short
+_FREQUENCY_CHECK_BYTES_PER_ROW = 8  # checking an index against its frequency builds the expected one
 _DICTIONARY_BATCH, _RECORD_BATCH = 2, 3  # MessageHeader union tags in Arrow's Message.fbs
 _U8, _U16, _I32, _U32 = struct.Struct("<B"), struct.Struct("<H"), struct.Struct("<i"), struct.Struct("<I")
 # A time zone a worker names is looked up in the host's zone database: a zone name or a fixed offset,
@@ -146,8 +148,8 @@ def _read_arrow(pd: ModuleType, pa: ModuleType, kind: int, data: bytes, allowanc
             raise Refused(f"column {field.name[:80]!r} has Arrow type {str(field.type)[:80]}, which is not read")
     table = reader.read_all()
     table.validate(full=True)
-    object_strings = _object_string_columns(pa, table)
-    _spend(allowance, _decoded_size(pa, table, object_strings))
+    object_strings, has_frequency = _checked_restore(pa, table)
+    _spend(allowance, _decoded_size(pa, table, object_strings, has_frequency))
     value = tagged.to_pandas(kind, table)
     _check_built(pd, kind, value)
     return value
@@ -228,26 +230,31 @@ def _plain_type(pa: ModuleType, arrow_type: Any) -> bool:
     )
 
 
-def _object_string_columns(pa: ModuleType, table: Any) -> set[str]:
-    """The columns the worker asks to turn back into Python strings; each must be one Arrow string column."""
-    listed = json.loads((table.schema.metadata or {}).get(tagged.OBJECT_STRINGS, b"{}"))
-    if type(listed) is not dict or type(listed.get("index", False)) is not bool:
-        raise Refused("malformed list of object columns")
-    names = listed.get("columns", [])
+def _checked_restore(pa: ModuleType, table: Any) -> tuple[set[str], bool]:
+    """What the worker asks to restore after ``to_pandas``: the columns to turn back into Python
+    strings (each must be one Arrow string column), and whether the index gets a frequency (a short
+    string, which pandas parses and checks the index against)."""
+    restore = json.loads((table.schema.metadata or {}).get(tagged.RESTORE, b"{}"))
+    if type(restore) is not dict or type(restore.get("object_index", False)) is not bool:
+        raise Refused("malformed restore metadata")
+    freq = restore.get("index_freq")
+    if freq is not None and (type(freq) is not str or not 0 < len(freq) <= _MAX_FREQUENCY_CHARS):
+        raise Refused("malformed restore metadata")
+    names = restore.get("object_columns", [])
     if type(names) is not list or any(type(name) is not str for name in names) or len(set(names)) != len(names):
-        raise Refused("malformed list of object columns")
+        raise Refused("malformed restore metadata")
     for name in names:
         matches = table.schema.get_all_field_indices(name)
         if len(matches) != 1 or not _is_string(pa, table.schema.field(matches[0]).type):
             raise Refused("an object column that is not a column of strings")
-    return set(names)
+    return set(names), freq is not None
 
 
 def _is_string(pa: ModuleType, arrow_type: Any) -> bool:
     return bool(pa.types.is_string(arrow_type) or pa.types.is_large_string(arrow_type))
 
 
-def _decoded_size(pa: ModuleType, table: Any, object_strings: set[str]) -> int:
+def _decoded_size(pa: ModuleType, table: Any, object_strings: set[str], has_frequency: bool) -> int:
     """An upper bound on what ``to_pandas`` allocates for ``table`` (pandas 3 keeps strings in Arrow)."""
     rows: int = table.num_rows
     size = 0
@@ -266,6 +273,8 @@ def _decoded_size(pa: ModuleType, table: Any, object_strings: set[str]) -> int:
         if column.null_count:
             width = max(width, 8) + 1  # nulls turn ints into floats, or add a mask
         size += rows * width
+    if has_frequency:
+        size += rows * _FREQUENCY_CHECK_BYTES_PER_ROW
     return size + 1024 * len(table.schema)
 
 

@@ -84,6 +84,9 @@ PANDAS_VALUES = textwrap.dedent("""
          "F": pd.array([1.5, None], dtype="Float32"), "S": pd.array(["z", None], dtype="string")}
     )
     ranged = pd.DataFrame({"v": [1, 2]}, index=pd.RangeIndex(10, 14, 2, name="r"))
+    daily = pd.DataFrame({"v": [1.0, 2.0, 3.0]}, index=pd.date_range("2024-01-01", periods=3, freq="D", name="day"))
+    weekly = pd.Series([1, 2], index=pd.date_range("2024-01-07", periods=2, freq="W-SUN", tz="UTC"))
+    hours = pd.timedelta_range("1h", periods=3, freq="15min")
     durations = pd.DataFrame({"d": pd.to_timedelta([1, 2], unit="s")})
     nothing = pd.DataFrame()
     named = pd.Series([1, 2], name="x", index=pd.Index(["a", "b"]))
@@ -109,7 +112,7 @@ def assert_same(expected: object, got: object) -> None:
     """Equal, with the same type and dtypes, index and names."""
     assert type(got) is type(expected), (type(got), type(expected))
     if isinstance(expected, pd.DataFrame):
-        pd.testing.assert_frame_equal(got, expected, check_freq=False)
+        pd.testing.assert_frame_equal(got, expected)
     elif isinstance(expected, pd.Series):
         pd.testing.assert_series_equal(got, expected)
     elif isinstance(expected, pd.Index):
@@ -317,8 +320,19 @@ def _forgeries(canary: Path) -> dict[str, tuple[bytes, str]]:
         ),
         "bools_that_expand": (_arrow(BOOLS), "decodes to more bytes than the reply's budget"),
         "object_column_of_ints": (
-            _arrow(_with_metadata(small, **{"sandbox.object_strings": {"columns": ["a"], "index": False}})),
+            _arrow(_with_metadata(small, **{"sandbox.restore": {"object_columns": ["a"]}})),
             "an object column that is not a column of strings",
+        ),
+        "frequency_that_does_not_fit": (
+            _arrow(
+                _with_metadata(
+                    pa.Table.from_pandas(
+                        pd.DataFrame({"v": [1, 2]}, index=pd.DatetimeIndex(["2024-01-01", "2024-01-05"]))
+                    ),
+                    **{"sandbox.restore": {"index_freq": "D"}},
+                )
+            ),
+            "not decodable: ValueError",
         ),
         "attrs": (_arrow(_with_attrs()), "builds a pandas value outside the types that are read"),
         "arrow_garbage": (_tagged(tagged.DATAFRAME, b"\xff\xff\xff\xff" + b"\x10" * 40), "not decodable: ArrowInvalid"),
