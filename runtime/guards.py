@@ -40,6 +40,8 @@ import types
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from sandbox.runtime import values
+
 
 class ImportBlocked(ImportError):
     """Raised inside user code when the tenant's policy denies an import.
@@ -212,4 +214,17 @@ class InputUnpickler(pickle.Unpickler):
         return super().find_class(module, name)
 
     def _load_opaque(self, data: bytes, type_name: str, reason: str) -> object:
-        return InputUnpickler(data, self._policy).load()
+        return load_input(data, self._policy)
+
+
+def load_input(data: bytes, policy: ImportPolicy) -> object:
+    """One input: a pickle, or the tagged .npy/Arrow bytes of a numpy or pandas value.
+
+    A tagged value needs its library allowed, as its pickle would; pyarrow
+    is the runtime's own plumbing and need not be.
+    """
+    kind = values.kind_of(data)
+    if kind is None:
+        return InputUnpickler(data, policy).load()
+    policy.check("numpy" if kind in values.NUMPY_KINDS else "pandas")
+    return values.decode(data)

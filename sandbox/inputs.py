@@ -3,7 +3,9 @@
 Owns: the rule for what may be an input name, and the encoding of input
 values: cloudpickle, so that functions and lambdas can be inputs, except
 for an ``Opaque``, whose bytes are passed through untouched so that the
-worker (and never the host) rebuilds the object.
+worker (and never the host) rebuilds the object, and for the numpy and
+pandas values that ``sandbox.runtime.values`` covers, which travel as
+``.npy`` or Arrow bytes, the same way they come back.
 
 Must never: bind a name that would replace the code's builtins or other
 dunder machinery, or let a serialization failure surface as anything but a
@@ -19,6 +21,7 @@ import cloudpickle
 
 from sandbox.errors import InputError
 from sandbox.opaque import Opaque
+from sandbox.runtime import values
 
 
 def encode_inputs(inputs: Mapping[str, object] | None) -> dict[str, bytes]:
@@ -33,7 +36,7 @@ def encode_inputs(inputs: Mapping[str, object] | None) -> dict[str, bytes]:
             encoded[name] = value.data
             continue
         try:
-            encoded[name] = cloudpickle.dumps(value, protocol=5)
+            encoded[name] = values.encode(value) or cloudpickle.dumps(value, protocol=5)
         except Exception as exc:
             raise InputError(f"input {name!r} cannot be serialized: {type(exc).__name__}: {exc}") from exc
     return encoded

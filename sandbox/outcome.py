@@ -12,6 +12,8 @@ produced it, and its text fields are already bounded by the wire decoder.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import functools
 import signal
 from typing import TYPE_CHECKING
 
@@ -28,7 +30,7 @@ from sandbox.errors import (
 from sandbox.policies.model import Policy
 from sandbox.profile import TenantProfile
 from sandbox.result import Result, RunStats
-from sandbox.runtime import wire
+from sandbox.runtime import values, wire
 from sandbox.snapshot import Allowance, Budget, decode_value
 from sandbox.zygote import ExitInfo
 
@@ -37,7 +39,7 @@ _NATIVE_THREADS_FAILED = "pthread_create failed"  # what OpenBLAS writes to stde
 if TYPE_CHECKING:
     from sandbox.worker import Completed
 
-_DECODE_INLINE_BYTES = 64 * 1024  # larger outputs are decoded in a thread
+_DECODE_INLINE_BYTES = 64 * 1024  # larger outputs, and numpy or pandas ones, are decoded in a thread
 _BUDGET = Budget()
 
 
@@ -47,10 +49,15 @@ async def to_result(completed: Completed, profile: TenantProfile) -> Result:
     captured = {"stdout": completed.stdout, "stderr": completed.stderr}
     if reply.status != wire.OK:
         raise _reported_error(reply, profile, **captured)
-    if sum(len(blob) for _, _, blob in reply.outputs) <= _DECODE_INLINE_BYTES:
-        outputs = _decode_all(reply.outputs)
+    budget = _budget(profile.policy.max_reply_bytes)
+    # Building numpy and pandas values costs library calls, whatever their size: never on the event loop.
+    inline = sum(len(blob) for _, _, blob in reply.outputs) <= _DECODE_INLINE_BYTES and not any(
+        values.kind_of(blob) is not None for _, _, blob in reply.outputs
+    )
+    if inline:
+        outputs = _decode_all(reply.outputs, budget)
     else:
-        outputs = await asyncio.to_thread(_decode_all, reply.outputs)
+        outputs = await asyncio.to_thread(_decode_all, reply.outputs, budget)
     stats = RunStats(
         wall_s=completed.wall_s,
         cpu_s=reply.cpu_s,
@@ -61,9 +68,15 @@ async def to_result(completed: Completed, profile: TenantProfile) -> Result:
     return Result(outputs, completed.stdout, completed.stderr, dict(reply.skipped), stats)
 
 
-def _decode_all(outputs: list[tuple[str, str, bytes]]) -> dict[str, object]:
-    allowance = Allowance(_BUDGET)  # one reply, one budget, however many outputs it splits into
-    return {name: decode_value(blob, label, _BUDGET, allowance) for name, label, blob in outputs}
+@functools.lru_cache(maxsize=64)
+def _budget(max_reply_bytes: int) -> Budget:
+    """The decoding budget of a tenant's replies: numpy and pandas values may take its ``max_reply_bytes``."""
+    return dataclasses.replace(_BUDGET, max_decoded_bytes=max_reply_bytes)
+
+
+def _decode_all(outputs: list[tuple[str, str, bytes]], budget: Budget) -> dict[str, object]:
+    allowance = Allowance(budget)  # one reply, one budget, however many outputs it splits into
+    return {name: decode_value(blob, label, budget, allowance) for name, label, blob in outputs}
 
 
 def _reported_error(reply: wire.Reply, profile: TenantProfile, **captured: str) -> SandboxError:

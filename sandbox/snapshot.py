@@ -10,7 +10,10 @@ A value becomes a real object only if it is made entirely of inert builtin
 data: None, bool, int, float, complex, str, bytes, bytearray, list, tuple,
 dict, set, frozenset, and the ``datetime`` types, ``Decimal``, ``Fraction``
 and ``UUID``. Anything else, and anything over a budget, comes back as an
-:class:`~sandbox.opaque.Opaque` that holds the bytes.
+:class:`~sandbox.opaque.Opaque` that holds the bytes. numpy and pandas
+values that the worker tagged as ``.npy`` or Arrow bytes (never pickles)
+are checked and built by ``sandbox.values``, under the same rule: refused
+means Opaque.
 
 Why the pure-Python unpickler: the C one keeps its memo in an array sized by
 the largest index it sees, so a 20-byte pickle with ``LONG_BINPUT 2**31``
@@ -50,7 +53,9 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any, ClassVar, cast
 
+from sandbox import values
 from sandbox.opaque import Opaque
+from sandbox.runtime.values import kind_of
 
 
 class _Refused(Exception):
@@ -108,6 +113,11 @@ class Budget:
     ``CONTAINER_OP_COST``: memory, not just time, is what a hostile reply
     spends, and an empty set takes two hundred bytes of the host's for one
     byte of pickle. Two million units hold a list of a million floats.
+
+    ``max_decoded_bytes`` bounds what the numpy and pandas values of one
+    reply may take once built (see ``sandbox.values``); the host sets it to
+    the tenant's ``max_reply_bytes``, so only a value that expands on
+    decoding is refused.
     """
 
     max_ops: int = 2_000_000  # pickle opcodes executed, weighted
@@ -115,6 +125,7 @@ class Budget:
     max_depth: int = 100  # nesting of containers
     max_int_bytes: int = 4096  # one int, in two's-complement bytes
     max_equal_hashes: int = 16  # distinct keys of one dict/set sharing a hash
+    max_decoded_bytes: int = 32 * 1024 * 1024  # numpy and pandas values of one reply, as built
 
 
 CONTAINER_OP_COST = 8
@@ -123,10 +134,12 @@ CONTAINER_OP_COST = 8
 class Allowance:
     """The decoding work left for one reply, shared by all its outputs."""
 
-    __slots__ = ("ops_left",)
+    __slots__ = ("decoded_bytes_left", "max_decoded_bytes", "ops_left")
 
     def __init__(self, budget: Budget) -> None:
         self.ops_left = budget.max_ops
+        self.max_decoded_bytes = budget.max_decoded_bytes
+        self.decoded_bytes_left = budget.max_decoded_bytes
 
 
 class _RestrictedUnpickler(pickle._Unpickler):
@@ -406,11 +419,14 @@ def decode_value(data: bytes, type_label: str, budget: Budget = Budget(), allowa
     value = _decode_scalar(data)
     if value is not _NOT_A_SCALAR:
         return value
+    allowance = allowance or Allowance(budget)
     try:
-        value = _RestrictedUnpickler(data, budget, allowance or Allowance(budget)).load()
+        if kind_of(data) is not None:
+            return values.decode_checked(data, allowance)
+        value = _RestrictedUnpickler(data, budget, allowance).load()
         _walk(value, budget)
         return value
-    except _Refused as exc:
+    except (_Refused, values.Refused) as exc:
         return Opaque(data, type_label, str(exc))
     except RecursionError:
         return Opaque(data, type_label, "nested too deeply")

@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING
 
 import psutil
 
-from sandbox import outcome
+from sandbox import outcome, values
 from sandbox.cgroups import CgroupParents
 from sandbox.errors import InputError, QuotaExceeded, SandboxClosed, SandboxError
 from sandbox.inputs import encode_inputs
@@ -133,6 +133,8 @@ class Sandbox:
                 self._profiles = {
                     name: build_profile(name, policy, self.host) for name, policy in self.policies.items()
                 }
+                allowed = [pattern for policy in self.policies.values() for pattern in policy.allowed_modules]
+                await asyncio.to_thread(values.preload, allowed)
             except BaseException:
                 await zygote.close()
                 raise

@@ -23,7 +23,8 @@ from tests.hostile.client import UNPRIVILEGED_UID, HarnessProcess, unprivileged_
 from tests.hostile.contract import check_sample
 
 POLICY = {"wall_time_s": 1.5, "cpu_time_s": 1, "max_output_bytes": 256 * 1024}
-TENANTS = {"default": POLICY, "other": POLICY}
+DATA_POLICY = {**POLICY, "wall_time_s": 10, "cpu_time_s": 5, "allowed_modules": ["numpy.*", "pandas.*", "asyncio"]}
+TENANTS = {"default": POLICY, "other": POLICY, "data": DATA_POLICY}
 LIMITS = Policy(**POLICY)
 MiB = 1024 * 1024
 MEMFD_FILES = 30  # 30 x 16 MiB = 480 MiB of memfd memory, far over memory_mb
@@ -75,6 +76,17 @@ def test_benign_runs_work(harness: HarnessProcess, targets: Targets) -> None:
     assert output_value(report, "total") == 6
     assert output_value(report, "text") == "[1, 2, 3]"
     assert report["stdout"] == "hello\n"
+
+
+def test_numpy_and_pandas_values_come_back_real_from_an_unprivileged_worker(
+    harness: HarnessProcess, targets: Targets
+) -> None:
+    # The worker loads pyarrow itself, under landlock and seccomp, to send the frame.
+    code = "import numpy as np, pandas as pd\narray = np.arange(3)\nframe = pd.DataFrame({'a': [1], 's': ['x']})"
+    report = attack(harness, targets, code, tenant="data")
+    assert report["outcome"] == "ok", report["message"]
+    described = {name: (value["type"], value["opaque"]) for name, value in report["outputs"].items()}
+    assert described == {"array": ("ndarray", False), "frame": ("DataFrame", False)}
 
 
 @pytest.mark.parametrize("name", REPRESENTATIVE_SAMPLES)

@@ -415,7 +415,7 @@ def _describe_value(value: object) -> dict:
         "type": type(value).__name__,
         "reason": "",
         "repr": text,
-        "value": plain if plain == value else None,
+        "value": plain if plain is not None and plain == value else None,  # arrays compare elementwise
     }
 
 
