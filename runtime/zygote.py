@@ -53,6 +53,7 @@ from typing import NamedTuple
 from sandbox.runtime import confine, linux, wire
 
 _MAX_CONTROL_MESSAGE = 1 << 20
+SCRATCH_PREFIX = "sandbox-w"  # then the worker id, the supervisor's owner tag and mkdtemp's suffix
 _CHANNEL_FD, _STDOUT_FD, _STDERR_FD = 3, 1, 2
 
 
@@ -126,6 +127,8 @@ class _Zygote:
                 pass
         import sandbox.runtime.worker  # noqa: F401  (pre-import everything a worker runs)
 
+        self.scratch_root: str = config["scratch_root"]
+        self.owner: str = config["owner"]  # the supervisor's tag, in the names of what we make on the host
         self.workers: dict[int, dict] = {}  # worker pid -> record
         self.stale_cgroups: list[str] = []  # removed once the kernel has released them
         self.stock_size: int = config["standby"]
@@ -166,7 +169,9 @@ class _Zygote:
         config = request["config"]
         record = {"id": worker_id, "cgroups": [], "scratch": None}
         try:
-            record["scratch"] = _make_host_scratch(worker_id, config.get("uid"), config.get("gid"))
+            record["scratch"] = _make_host_scratch(
+                self.scratch_root, f"{SCRATCH_PREFIX}{worker_id}-{self.owner}-", config.get("uid"), config.get("gid")
+            )
             config.update(
                 pid_namespace=self.pid_namespaces,
                 host_scratch=record["scratch"],
@@ -450,10 +455,11 @@ def _outermost(paths: list[str]) -> list[str]:
     return kept
 
 
-def _make_host_scratch(worker_id: int, uid: int | None, gid: int | None) -> str:
+def _make_host_scratch(root: str, prefix: str, uid: int | None, gid: int | None) -> str:
     """A private, empty directory: the scratch space of a worker that has no
-    mount namespace of its own. Removed when the worker is reaped."""
-    directory = tempfile.mkdtemp(prefix=f"sandbox-w{worker_id}-")
+    mount namespace of its own. Removed when the worker is reaped, or by the
+    next supervisor's sweep if ours died first (``sandbox.leftovers``)."""
+    directory = tempfile.mkdtemp(prefix=prefix, dir=root)
     if uid is not None and gid is not None:
         os.chown(directory, uid, gid)
     return directory

@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING
 
 import psutil
 
-from sandbox import outcome
+from sandbox import leftovers, outcome
 from sandbox.cgroups import CgroupParents
 from sandbox.errors import InputError, SandboxClosed, SandboxError
 from sandbox.inputs import encode_inputs
@@ -116,6 +116,7 @@ class Sandbox:
         # its /proc files belong to root and it cannot be ptraced by them.
         linux.set_dumpable(False)
         try:
+            await asyncio.to_thread(leftovers.sweep)  # what supervisors killed before closing left on the host
             cgroup_error = None
             try:
                 self._cgroups = await asyncio.to_thread(CgroupParents.create)

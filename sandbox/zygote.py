@@ -15,6 +15,7 @@ import asyncio
 import json
 import os
 import pickle
+import shutil
 import signal
 import socket
 import sys
@@ -24,7 +25,9 @@ from pathlib import Path
 from typing import Any
 
 import sandbox
+from sandbox import leftovers
 from sandbox.cgroups import CgroupParents
+from sandbox.runtime.zygote import SCRATCH_PREFIX
 
 # The launcher imports the very ``sandbox`` package this supervisor runs:
 # its parent directory goes first on the path (-I leaves none of ours).
@@ -88,6 +91,8 @@ class Zygote:
         config = {
             "control_fd": theirs.fileno(),
             "supervisor_pid": os.getpid(),
+            "owner": leftovers.owner_tag(),
+            "scratch_root": leftovers.HOST_TMP,
             "userns": None
             if os.geteuid() == 0
             else {"uid": os.geteuid(), "gid": os.getegid(), "inside_id": USERNS_INSIDE_ID},
@@ -228,3 +233,20 @@ class Zygote:
                 future.set_exception(SpawnFailed("the zygote was closed"))
         self._spawns.clear()
         self._exit_watchers.clear()
+
+
+def _remove_dead_scratch(dead: frozenset[str]) -> bool:
+    """Worker scratch directories whose supervisor died before its zygote could remove them."""
+    try:
+        entries = list(os.scandir(leftovers.HOST_TMP))
+    except OSError:
+        return True
+    left = False
+    for entry in entries:
+        if leftovers.owner_in(entry.name, SCRATCH_PREFIX) in dead and entry.is_dir(follow_symlinks=False):
+            shutil.rmtree(entry.path, ignore_errors=True)  # never follows a symlink a worker left inside
+            left |= os.path.lexists(entry.path)
+    return not left
+
+
+leftovers.register("worker scratch directories", _remove_dead_scratch)
