@@ -55,7 +55,7 @@ class _Owner:
     def __init__(self) -> None:
         self.pid = os.getpid()
         self.tag = secrets.token_hex(_TAG_CHARS // 2)
-        final = _lock_path(self.tag)
+        final = lock_path(self.tag)
         # Locked before it gets its name, so no sweep ever sees it unlocked.
         pending = os.path.join(HOST_TMP, f".sandbox-owner-{self.tag}.pending")
         self.fd = os.open(pending, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
@@ -116,7 +116,7 @@ def sweep() -> None:
         if complete:
             for owner in dead:
                 try:
-                    os.unlink(_lock_path(owner))
+                    os.unlink(lock_path(owner))
                 except FileNotFoundError:
                     pass
     finally:
@@ -151,5 +151,6 @@ def _lock_dead_owners() -> dict[str, int]:
     return dead
 
 
-def _lock_path(owner: str) -> str:
+def lock_path(owner: str) -> str:
+    """The file whose lock says that ``owner`` lives."""
     return os.path.join(HOST_TMP, f"sandbox-owner-{owner}.lock")

@@ -30,7 +30,9 @@ from sandbox.cgroups import CgroupParents
 from sandbox.runtime.zygote import SCRATCH_PREFIX
 
 # The launcher imports the very ``sandbox`` package this supervisor runs:
-# its parent directory goes first on the path (-I leaves none of ours).
+# its parent directory goes first on the path (-I leaves none of ours). Its
+# only other argument is the control socket's fd: the config is the first
+# message on that socket, off the world-readable command line.
 _BOOT = "import sys; sys.path.insert(0, sys.argv[1]); from sandbox.runtime.zygote import main; main(sys.argv[2:])"
 _PACKAGE_ROOT = str(Path(sandbox.__file__).parent.parent)
 _START_TIMEOUT_S = 30.0
@@ -89,7 +91,6 @@ class Zygote:
     async def start(cls, *, preload: list[str], cgroups: CgroupParents | None) -> Zygote:
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         config = {
-            "control_fd": theirs.fileno(),
             "supervisor_pid": os.getpid(),
             "owner": leftovers.owner_tag(),
             "scratch_root": leftovers.HOST_TMP,
@@ -105,6 +106,7 @@ class Zygote:
             else cgroups.worker_limits(max_tasks=1, memory_bytes=_STANDBY_MEMORY_BYTES),
         }
         try:
+            ours.send(json.dumps(config).encode())  # queued for the launcher; a fresh socket has room
             process = await asyncio.create_subprocess_exec(
                 sys.executable,
                 "-I",
@@ -113,7 +115,7 @@ class Zygote:
                 "-c",
                 _BOOT,
                 _PACKAGE_ROOT,
-                json.dumps(config),
+                str(theirs.fileno()),
                 pass_fds=[theirs.fileno()],
                 stdin=asyncio.subprocess.DEVNULL,
                 stdout=asyncio.subprocess.DEVNULL,

@@ -63,7 +63,7 @@ class _Supervisor:
 def _entries(owner: str) -> set[str]:
     """Every host entry named with ``owner``'s tag: scratch directories, cgroups, its lock."""
     found = set(glob.glob(os.path.join(leftovers.HOST_TMP, f"sandbox-w*-{owner}-*")))
-    found |= set(glob.glob(os.path.join(leftovers.HOST_TMP, f"sandbox-owner-{owner}.lock")))
+    found |= set(glob.glob(leftovers.lock_path(owner)))
     for top, dirs, _ in os.walk("/sys/fs/cgroup"):
         found |= {os.path.join(top, d) for d in dirs if d.startswith("sandbox-") and f"-{owner}-" in d}
         dirs[:] = [d for d in dirs if not d.startswith("sandbox-")]  # workers' groups live inside these
@@ -109,7 +109,7 @@ def _leave(made: list[str], owner: str, *, lock_uid: int | None) -> str:
     os.mkdir(directory)
     made.append(directory)
     if lock_uid is not None:
-        lock = os.path.join(leftovers.HOST_TMP, f"sandbox-owner-{owner}.lock")
+        lock = leftovers.lock_path(owner)
         with open(lock, "x") as f:
             f.write("1\n")  # a pid in the file means nothing: a live process has pid 1
         os.chown(lock, lock_uid, -1)
@@ -149,5 +149,5 @@ def test_a_symlink_named_as_a_leftover_is_not_followed(tmp_entries: list[str], t
 def test_this_process_holds_its_own_lock() -> None:
     owner = leftovers.owner_tag()
     leftovers.sweep()
-    assert os.path.exists(os.path.join(leftovers.HOST_TMP, f"sandbox-owner-{owner}.lock"))
+    assert os.path.exists(leftovers.lock_path(owner))
     assert leftovers.owner_tag() == owner
