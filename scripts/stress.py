@@ -56,6 +56,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import glob
+import importlib.metadata
 import itertools
 import json
 import math
@@ -67,7 +68,7 @@ from collections import Counter
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import psutil
 import uvloop
@@ -75,6 +76,10 @@ import uvloop
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
 
 from sandbox import Policy, Sandbox, SandboxError, leftovers
+
+if TYPE_CHECKING:  # matplotlib is optional: the plot extra
+    from matplotlib.axes import Axes
+    from matplotlib.figure import Figure
 
 MiB = 1024 * 1024
 HOSTILE_TENANT = "hostile"
@@ -278,7 +283,9 @@ def default_out() -> Path:
 
 class Distribution(Protocol):
     method: str
-    count: int
+
+    @property
+    def count(self) -> int: ...
 
     def add(self, value: float) -> None: ...
 
@@ -351,7 +358,7 @@ class LogHistogram:
         figures: dict[str, float] = {"count": self.count}
         cumulative = itertools.accumulate(self.bins)
         wanted = iter(QUANTILES)
-        q = next(wanted)
+        q: int | None = next(wanted)
         for index, seen in enumerate(cumulative):
             while q is not None and seen >= math.ceil(q / 100 * self.count):
                 figures[f"p{q}"] = min(self._upper_edge(index), self.max)
@@ -406,7 +413,7 @@ class Recorder:
     submitted: int = 0
     completed: int = 0
     unexpected: int = 0
-    outcomes: Counter = field(default_factory=Counter)
+    outcomes: Counter[tuple[str, str]] = field(default_factory=Counter)
     latency: dict[str, Distribution] = field(default_factory=dict)
     queue_wait: dict[str, Distribution] = field(default_factory=dict)
     execution: dict[str, Distribution] = field(default_factory=dict)
@@ -550,7 +557,7 @@ class LoopErrors:
     examples: list[str] = field(default_factory=list)
 
     def install(self, loop: asyncio.AbstractEventLoop) -> None:
-        def handler(loop: asyncio.AbstractEventLoop, context: dict) -> None:
+        def handler(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
             self.count += 1
             if len(self.examples) < 5:
                 self.examples.append(f"{context.get('message')}: {context.get('exception')!r}"[:500])
@@ -632,7 +639,7 @@ def plan_runs(
         yield Planned(index, WORKLOADS[name], tenant)
 
 
-async def settle(pending: dict[asyncio.Task, Planned], keep_at_most: int, stall_s: float) -> bool:
+async def settle(pending: dict[asyncio.Task[None], Planned], keep_at_most: int, stall_s: float) -> bool:
     """Wait until at most ``keep_at_most`` runs are pending; False if none ended for ``stall_s``."""
     while len(pending) > keep_at_most:
         done, _ = await asyncio.wait(pending, timeout=stall_s, return_when=asyncio.FIRST_COMPLETED)
@@ -661,7 +668,7 @@ async def run_phase(
 ) -> Phase:
     """Keep ``--concurrency`` runs in flight until ``count`` runs or ``duration_s`` seconds; count the lost."""
     progress = new_progress(name, count, duration_s)
-    pending: dict[asyncio.Task, Planned] = {}
+    pending: dict[asyncio.Task[None], Planned] = {}
     flowing = True
     recorder.started = time.perf_counter()
     for planned in plan_runs(options, count, duration_s, rng):
@@ -747,7 +754,7 @@ def _ms(figures: dict[str, float]) -> dict[str, float]:
     return {k: (v if k == "count" else round(v * 1000, 3)) for k, v in figures.items()}
 
 
-def histogram_bins(distribution: Distribution) -> dict[str, list]:
+def histogram_bins(distribution: Distribution) -> dict[str, list[Any]]:
     edges, counts = distribution.histogram().coarse()
     return {"edges_ms": [round(edge * 1000, 4) for edge in edges], "counts": counts}
 
@@ -777,7 +784,7 @@ def build_report(
         "host": {
             "python": sys.version.split()[0],
             "cpus": psutil.cpu_count(),
-            "uvloop": uvloop.__version__,
+            "uvloop": importlib.metadata.version("uvloop"),
             "layers": layers,
         },
         "statistics": LogHistogram.method if options.soak else Samples.method,
@@ -824,7 +831,7 @@ def build_report(
     return report
 
 
-def judge(report: dict, options: argparse.Namespace) -> list[dict[str, str]]:
+def judge(report: dict[str, Any], options: argparse.Namespace) -> list[dict[str, str]]:
     """Every reason the stress run failed, as {check, message}."""
     failures: list[dict[str, str]] = []
 
@@ -886,7 +893,7 @@ def rss_growth_pct(resources: dict[str, dict[str, int]]) -> float:
     return (end - baseline) / baseline * 100
 
 
-def print_report(report: dict) -> None:
+def print_report(report: dict[str, Any]) -> None:
     config = report["config"]
     amount = f"{config['runs']} runs" if config["runs"] is not None else f"{config['duration']:g} s"
     print(
@@ -934,7 +941,7 @@ _SPLIT_FIGURES = ("p50", "p99", "max")
 _TOTAL_FIGURES = ("p50", "p90", "p99", "max")
 
 
-def print_latency(report: dict) -> None:
+def print_latency(report: dict[str, Any]) -> None:
     print(f"\nlatency per workload (ms; {report['statistics']})")
     width = 8
     print(f"  {'':<14}{'':>6}{'':>6}  {'queue wait':^{3 * width}}  {'execution':^{3 * width}}  {'total':^{4 * width}}")
@@ -957,7 +964,7 @@ def print_latency(report: dict) -> None:
         print(f"  {column + ':':<12}{meaning}")
 
 
-def print_resources(resources: dict[str, dict[str, int]], config: dict) -> None:
+def print_resources(resources: dict[str, dict[str, int]], config: dict[str, Any]) -> None:
     print("\nsupervisor process")
     print(f"  {'moment':<34}{'RSS MiB':>9}{'fds':>6}{'procs':>7}{'zombies':>9}{'host dirs':>11}")
     labels = {
@@ -982,7 +989,7 @@ def print_resources(resources: dict[str, dict[str, int]], config: dict) -> None:
     print(f"  processes left behind: {left['processes'] + left['zombies']}")
 
 
-def print_close(close: dict[str, object]) -> None:
+def print_close(close: dict[str, Any]) -> None:
     state = "returned" if close["finished"] else "had NOT returned"
     print(
         f"Sandbox.close() {state} after {close['seconds']:.2f} s; worker scratch directories "
@@ -993,7 +1000,7 @@ def print_close(close: dict[str, object]) -> None:
 # --- the plot -------------------------------------------------------------------------------------
 
 
-def plot(report: dict, path: Path) -> str:
+def plot(report: dict[str, Any], path: Path) -> str:
     """Draw latency over time, per-workload histograms and the supervisor's RSS; return what was done."""
     try:
         import matplotlib
@@ -1008,15 +1015,15 @@ def plot(report: dict, path: Path) -> str:
     return f"plot written to {path}"
 
 
-def draw(report: dict):  # -> matplotlib.figure.Figure, an optional dependency
+def draw(report: dict[str, Any]) -> Figure:
     """The figure the PNG shows."""
     import matplotlib.pyplot as plt
 
     timeline = report["latency_timeline"]
     panels = 3 if timeline else 2
     # Constrained layout makes room for the legends, which sit outside the axes so as to cover no data.
-    figure, axes = plt.subplots(panels, 1, figsize=(12, 4 * panels), squeeze=False, layout="constrained")
-    axes = [row[0] for row in axes]
+    figure, grid = plt.subplots(panels, 1, figsize=(12, 4 * panels), squeeze=False, layout="constrained")
+    axes = [row[0] for row in grid]
     if timeline:
         draw_latency_over_time(axes[0], timeline)
     draw_histograms(axes[-2], report["latency_histograms"])
@@ -1024,10 +1031,15 @@ def draw(report: dict):  # -> matplotlib.figure.Figure, an optional dependency
     return figure
 
 
-_LEGEND_OUTSIDE = {"loc": "upper left", "bbox_to_anchor": (1.08, 1), "borderaxespad": 0, "fontsize": "small"}
+_LEGEND_OUTSIDE: dict[str, Any] = {
+    "loc": "upper left",
+    "bbox_to_anchor": (1.08, 1),
+    "borderaxespad": 0,
+    "fontsize": "small",
+}
 
 
-def draw_latency_over_time(axis, timeline: list[tuple[float, float, str]]) -> None:
+def draw_latency_over_time(axis: Axes, timeline: list[tuple[float, float, str]]) -> None:
     by_workload: dict[str, tuple[list[float], list[float]]] = {}
     for t, latency, name in timeline:
         xs, ys = by_workload.setdefault(name, ([], []))
@@ -1039,7 +1051,7 @@ def draw_latency_over_time(axis, timeline: list[tuple[float, float, str]]) -> No
     axis.legend(markerscale=3, **_LEGEND_OUTSIDE)
 
 
-def draw_histograms(axis, histograms: dict[str, dict[str, list]]) -> None:
+def draw_histograms(axis: Axes, histograms: dict[str, dict[str, list[Any]]]) -> None:
     from matplotlib.ticker import MaxNLocator
 
     for name, bins in histograms.items():
@@ -1050,7 +1062,7 @@ def draw_histograms(axis, histograms: dict[str, dict[str, list]]) -> None:
     axis.legend(**_LEGEND_OUTSIDE)
 
 
-def draw_resources(axis, timeline: list[dict[str, float]]) -> None:
+def draw_resources(axis: Axes, timeline: list[dict[str, float]]) -> None:
     """Both axes start at 0, so that a swing of a few MiB looks as small as it is next to the whole RSS."""
     from matplotlib.ticker import MaxNLocator
 
