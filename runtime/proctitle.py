@@ -37,8 +37,11 @@ def set_title(title: str) -> None:
     """``comm`` becomes the title's first word, the command line the whole title."""
     title = "".join(c if c.isprintable() else "?" for c in title)
     name = ctypes.create_string_buffer(title.split(" ", 1)[0].encode()[:_COMM_BYTES])
-    linux.prctl(PR_SET_NAME, ctypes.addressof(name))
-    start, end = _block()
+    try:
+        linux.prctl(PR_SET_NAME, ctypes.addressof(name))
+        start, end = _block()
+    except OSError:
+        return  # a title is for people reading ps, never a reason for a process to fail
     size = end - start
     if size < 2:
         return

@@ -33,13 +33,14 @@ import os
 import re
 import secrets
 import stat
-import tempfile
 import threading
 from collections.abc import Callable
 
-# Where owner locks and worker scratch directories live (the zygote gets it
-# in its config, since it runs with an empty environment).
-HOST_TMP = tempfile.gettempdir()
+# Where owner locks and worker scratch directories live. Not $TMPDIR: every
+# supervisor must look in the same place whatever its environment, and a
+# worker's uid must be able to reach its scratch directory (a private TMPDIR
+# often is not). The zygote gets it in its config.
+HOST_TMP = "/tmp"
 _TAG_CHARS = 8  # hex digits: short enough for a network interface name's 15 bytes
 _LOCK = re.compile(rf"sandbox-owner-(?P<owner>[0-9a-f]{{{_TAG_CHARS}}})\.lock")
 
@@ -112,7 +113,7 @@ def sweep() -> None:
             return
         owners = frozenset(dead)
         # Every kind runs, even after one fails to remove everything.
-        complete = all([remove(owners) for remove in _KINDS.values()])
+        complete = all([_remove_kind(remove, owners) for remove in _KINDS.values()])
         if complete:
             for owner in dead:
                 try:
@@ -122,6 +123,13 @@ def sweep() -> None:
     finally:
         for fd in dead.values():
             os.close(fd)
+
+
+def _remove_kind(remove: Remover, owners: frozenset[str]) -> bool:
+    try:
+        return remove(owners)
+    except OSError:
+        return False  # cleaning up must never stop a Sandbox from starting; the next start retries
 
 
 def _lock_dead_owners() -> dict[str, int]:
