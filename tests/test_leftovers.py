@@ -8,6 +8,7 @@ import os
 import secrets
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 
 import psutil
@@ -58,6 +59,11 @@ class _Supervisor:
         self.process.wait()
         _, alive = psutil.wait_procs(self.tree, timeout=15)
         assert not alive, f"the killed supervisor's processes outlived it: {alive}"
+        # A standby forked after self.tree was taken dies with the zygote too, a moment later;
+        # until it has, the kernel keeps its cgroup (the sweep would leave it for the next start).
+        deadline = time.monotonic() + 15
+        while _tasks_in(_entries(self.owner)) and time.monotonic() < deadline:
+            time.sleep(0.05)
 
 
 def _entries(owner: str) -> set[str]:
@@ -68,6 +74,20 @@ def _entries(owner: str) -> set[str]:
         found |= {os.path.join(top, d) for d in dirs if d.startswith("sandbox-") and f"-{owner}-" in d}
         dirs[:] = [d for d in dirs if not d.startswith("sandbox-")]  # workers' groups live inside these
     return found
+
+
+def _tasks_in(entries: set[str]) -> list[str]:
+    """The processes still inside any of these cgroups (or their workers' groups)."""
+    tasks = []
+    for entry in entries:
+        for top, _, files in os.walk(entry):
+            if "cgroup.procs" in files:
+                try:
+                    with open(os.path.join(top, "cgroup.procs")) as f:
+                        tasks += f.read().split()
+                except OSError:
+                    pass  # removed meanwhile
+    return tasks
 
 
 @pytest.fixture
