@@ -15,7 +15,10 @@ import psutil
 import pytest
 
 from sandbox import Sandbox, leftovers
+from sandbox.unprivileged import call_as_user, interpreter_paths
 from tests.conftest import IS_ROOT, REPO, quick_policy
+
+_NOBODY = 65534
 
 # A supervisor in a process of its own: starts a pool, runs once, prints its
 # owner tag, and closes when its stdin does.
@@ -148,7 +151,7 @@ def test_entries_that_no_lock_of_ours_vouches_for_are_left_alone(tmp_entries: li
     """An entry without a lock file (an older version's) or with another user's cannot be judged."""
     kept = [_leave(tmp_entries, secrets.token_hex(4), lock_uid=None)]
     if IS_ROOT:
-        kept.append(_leave(tmp_entries, secrets.token_hex(4), lock_uid=65534))
+        kept.append(_leave(tmp_entries, secrets.token_hex(4), lock_uid=_NOBODY))
     leftovers.sweep()
     assert all(os.path.isdir(directory) for directory in kept)
 
@@ -171,3 +174,19 @@ def test_this_process_holds_its_own_lock() -> None:
     leftovers.sweep()
     assert os.path.exists(leftovers.lock_path(owner))
     assert leftovers.owner_tag() == owner
+
+
+@pytest.mark.skipif(not IS_ROOT, reason="acting as uid 65534 needs root")
+def test_an_unprivileged_sweep_removes_its_own_uids_leftovers_only(tmp_entries: list[str]) -> None:
+    ours = _leave(tmp_entries, secrets.token_hex(4), lock_uid=_NOBODY)
+    os.chown(ours, _NOBODY, _NOBODY)
+    roots = _leave(tmp_entries, secrets.token_hex(4), lock_uid=0)
+
+    def sweep() -> dict[str, object]:
+        leftovers.sweep()
+        return {}
+
+    report = call_as_user(sweep, _NOBODY, interpreter_paths())
+    assert "error" not in report, report
+    assert not os.path.lexists(ours)
+    assert os.path.isdir(roots)

@@ -7,9 +7,13 @@ import asyncio
 import time
 
 import psutil
+import pytest
 
 from sandbox import Sandbox
 from tests.conftest import descendants, quick_policy
+from tests.hostile.client import HARNESS, UNPRIVILEGED_UID, HarnessProcess, unprivileged_unavailable
+
+UNPRIVILEGED = unprivileged_unavailable()
 
 
 def _cmdline(pid: int) -> bytes:
@@ -60,3 +64,29 @@ async def test_each_process_is_titled_by_role_and_tenant_and_no_config_is_on_a_c
 
 def _inits(zygote: psutil.Process) -> set[bytes]:
     return {_cmdline(p.pid) for p in zygote.children() if _comm(p.pid) == "sandbox-init"}
+
+
+@pytest.mark.skipif(UNPRIVILEGED is not None, reason=f"unprivileged harness unavailable: {UNPRIVILEGED}")
+def test_an_unprivileged_pool_is_titled_too() -> None:
+    """As uid 65534 the zygote runs in a user namespace; its processes are titled the same way."""
+    harness = HarnessProcess({"default": {}, "free": {}}, unprivileged=True)
+    try:
+        assert harness.run("x = 1", tenant="free")["outcome"] == "ok"
+        below = psutil.Process(harness.pid).children(recursive=True)
+        (launcher,) = [p for p in below if _cmdline(p.pid) == b"sandbox-launcher\0"]
+        supervisor = launcher.parent()
+        assert supervisor is not None and HARNESS.name in " ".join(supervisor.cmdline())
+        assert supervisor.uids().real == UNPRIVILEGED_UID
+        wanted = {b"sandbox-launcher\0", b"sandbox-zygote\0", b"sandbox-worker tenant=free\0"}
+        deadline = time.monotonic() + 10
+        while True:
+            pool = {p.pid: (_comm(p.pid), _cmdline(p.pid)) for p in supervisor.children(recursive=True)}
+            if wanted | {b"sandbox-init tenant=free\0"} <= {cmdline for _, cmdline in pool.values()}:
+                break
+            assert time.monotonic() < deadline, pool
+            time.sleep(0.05)
+        for comm, cmdline in pool.values():
+            assert comm.startswith("sandbox-") and cmdline.startswith(b"sandbox-"), (comm, cmdline)
+            assert b"{" not in cmdline, cmdline
+    finally:
+        harness.close()
