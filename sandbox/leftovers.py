@@ -36,6 +36,8 @@ import stat
 import threading
 from collections.abc import Callable
 
+from sandbox.errors import SandboxError
+
 # Where owner locks and worker scratch directories live. Not $TMPDIR: every
 # supervisor must look in the same place whatever its environment, and a
 # worker's uid must be able to reach its scratch directory (a private TMPDIR
@@ -59,7 +61,13 @@ class _Owner:
         final = lock_path(self.tag)
         # Locked before it gets its name, so no sweep ever sees it unlocked.
         pending = os.path.join(HOST_TMP, f".sandbox-owner-{self.tag}.pending")
-        self.fd = os.open(pending, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+        try:
+            self.fd = os.open(pending, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+        except OSError as exc:
+            raise SandboxError(
+                f"cannot create {pending}: {exc.strerror}; a sandbox needs {HOST_TMP} writable "
+                "for its owner lock and its workers' scratch directories"
+            ) from None
         try:
             fcntl.flock(self.fd, fcntl.LOCK_EX)
             os.write(self.fd, f"{self.pid}\n".encode())  # for people reading /tmp; never trusted
