@@ -398,7 +398,8 @@ class Planned:
 LATENCY_COLUMNS = {
     "queue wait": "total minus execution: waiting for a free or newly started worker, plus admission "
     "and decoding the result",
-    "execution": "the run on its worker, from the request sent to the reply received (Result.stats.wall_s)",
+    "execution": "the run on its worker, from the request sent to the reply received (Result.stats.wall_s, "
+    "read off the event loop's clock: whole milliseconds under uvloop)",
     "total": "Sandbox.run() called until it returned or raised: what the caller waits",
     "split": "runs whose total is split in two: those that returned a Result (an error carries no stats)",
 }
