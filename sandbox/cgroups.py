@@ -36,7 +36,7 @@ class CgroupParents:
         """Create parent groups, or raise OSError saying why there are none."""
         if os.geteuid() != 0:
             raise OSError(1, "cgroups need root or a delegated cgroup v2 subtree; running unprivileged")
-        name = f"{_PREFIX}{os.getpid()}-{leftovers.owner_tag()}-{secrets.token_hex(2)}"
+        name = f"{_PREFIX}{os.getpid()}-{leftovers.owner_tag()}-{secrets.token_hex(4)}"
         found = _v2_parent() or _v1_parents()
         if not found:
             raise OSError(2, "no writable pids and memory cgroup controllers found")
