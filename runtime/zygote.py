@@ -50,20 +50,27 @@ import time
 from collections.abc import Callable, Sequence
 from typing import NamedTuple
 
-from sandbox.runtime import confine, linux, wire
+from sandbox.runtime import confine, linux, proctitle, wire
 
 _MAX_CONTROL_MESSAGE = 1 << 20
+_MAX_TITLE_BYTES = 256
+SCRATCH_PREFIX = "sandbox-w"  # then the worker id, the supervisor's owner tag and mkdtemp's suffix
 _CHANNEL_FD, _STDOUT_FD, _STDERR_FD = 3, 1, 2
 
 
 def main(argv: list[str]) -> None:
-    """Entry point of the launcher process L (argv[0] is a JSON config)."""
-    config = json.loads(argv[0])
+    """Entry point of the launcher process L (argv[0] is the control socket's fd).
+
+    The config is the first message on that socket, not an argument: every
+    user of the host can read a command line.
+    """
     linux.set_parent_death_signal(signal.SIGKILL)
-    if os.getppid() != config["supervisor_pid"]:
-        os._exit(1)  # the supervisor died before we could tie our life to it
-    control = socket.socket(fileno=config["control_fd"])
+    proctitle.set_title("sandbox-launcher")
+    control = socket.socket(fileno=int(argv[0]))
     os.set_inheritable(control.fileno(), False)
+    config = json.loads(control.recv(_MAX_CONTROL_MESSAGE) or b"null")
+    if config is None or os.getppid() != config["supervisor_pid"]:
+        os._exit(1)  # the supervisor died before we could tie our life to it
     userns = config.get("userns")
     namespaces: dict[str, bool | str | None] = {"userns": False, "pid_namespaces": False, "namespace_error": None}
     try:
@@ -107,12 +114,14 @@ class _Standby(NamedTuple):
     worker_pid: int
     assignment: socket.socket
     cgroups: list[str]
+    init_title: int  # write end of a pipe: the init's title, once the pair has a tenant
 
 
 class _Zygote:
     def __init__(self, control: socket.socket, config: dict, namespaces: dict) -> None:
         linux.set_parent_death_signal(signal.SIGKILL)
         linux.set_dumpable(False)
+        proctitle.set_title("sandbox-zygote")
         self.control = control
         self.pid_namespaces = namespaces["pid_namespaces"]
         self.interpreter_paths = _interpreter_paths()
@@ -126,6 +135,8 @@ class _Zygote:
                 pass
         import sandbox.runtime.worker  # noqa: F401  (pre-import everything a worker runs)
 
+        self.scratch_root: str = config["scratch_root"]
+        self.owner: str = config["owner"]  # the supervisor's tag, in the names of what we make on the host
         self.workers: dict[int, dict] = {}  # worker pid -> record
         self.stale_cgroups: list[str] = []  # removed once the kernel has released them
         self.stock_size: int = config["standby"]
@@ -166,7 +177,9 @@ class _Zygote:
         config = request["config"]
         record = {"id": worker_id, "cgroups": [], "scratch": None}
         try:
-            record["scratch"] = _make_host_scratch(worker_id, config.get("uid"), config.get("gid"))
+            record["scratch"] = _make_host_scratch(
+                self.scratch_root, f"{SCRATCH_PREFIX}{worker_id}-{self.owner}-", config.get("uid"), config.get("gid")
+            )
             config.update(
                 pid_namespace=self.pid_namespaces,
                 host_scratch=record["scratch"],
@@ -207,6 +220,7 @@ class _Zygote:
             try:
                 config["cgroup_error"] = _set_cgroup_limits(standby.cgroups, config.get("cgroup"))
                 socket.send_fds(standby.assignment, [pickle.dumps(config)], fds)
+                _write_title(standby.init_title, _tenant_label(config))
                 return standby
             except OSError:
                 os.kill(standby.init_pid, signal.SIGKILL)  # it died while waiting; try the next
@@ -215,6 +229,7 @@ class _Zygote:
                     raise
             finally:
                 standby.assignment.close()
+                os.close(standby.init_title)
 
     def _restock(self) -> None:
         try:
@@ -225,18 +240,22 @@ class _Zygote:
     def _fork_standby(self) -> _Standby:
         cgroups = _make_cgroups(self.standby_cgroups)
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        title_r, title_w = os.pipe2(os.O_CLOEXEC)
         try:
-            init_pid, worker_pid = self._fork_pair(lambda: self._await_assignment(theirs, cgroups))
+            init_pid, worker_pid = self._fork_pair(lambda: self._await_assignment(theirs, cgroups), title_r)
         except OSError:
             ours.close()
+            os.close(title_w)
             self.stale_cgroups.extend(cgroups)
             raise
         finally:
             theirs.close()
-        return _Standby(init_pid, worker_pid, ours, cgroups)
+            os.close(title_r)
+        return _Standby(init_pid, worker_pid, ours, cgroups, title_w)
 
-    def _fork_pair(self, worker_main: Callable[[], None]) -> tuple[int, int]:
-        """Fork init (pid 1) and the worker (pid 2) into a new PID namespace.
+    def _fork_pair(self, worker_main: Callable[[], None], init_title: int) -> tuple[int, int]:
+        """Fork init (pid 1) and the worker (pid 2) into a new PID namespace;
+        init reads its title from ``init_title``.
 
         Without PID namespaces the worker is a plain child and stands in
         for its own init.
@@ -250,7 +269,7 @@ class _Zygote:
         try:
             init_pid = os.fork()
             if init_pid == 0:
-                _run_init()
+                _run_init(init_title)
             try:
                 worker_pid = os.fork()
             except OSError:
@@ -267,6 +286,7 @@ class _Zygote:
         assignment socket until a config arrives."""
         try:
             linux.set_parent_death_signal(signal.SIGKILL)
+            proctitle.set_title("sandbox-worker standby")
             confine.reset_signals()
             keep = {0, 1, 2, assignment.fileno()}
             if self.empty_netns is not None:
@@ -287,6 +307,7 @@ class _Zygote:
 
     def _become_worker(self, config: dict, fds: list[int]) -> None:
         try:
+            proctitle.set_title(f"sandbox-worker {_tenant_label(config)}")
             os.setsid()
             # Lift every fd we keep above the low numbers first, so that
             # placing the channel and stdio on 0-3 can never overwrite one.
@@ -379,13 +400,15 @@ class _Zygote:
             os._exit(0)
 
 
-def _run_init() -> None:
-    """Pid 1 of a worker's namespace: reap orphans, exit when the worker does."""
+def _run_init(title: int) -> None:
+    """Pid 1 of a worker's namespace: reap orphans, exit when the worker does,
+    and take the title the zygote writes to ``title`` once the pair has a tenant."""
     try:
         linux.set_parent_death_signal(signal.SIGKILL)
         linux.set_dumpable(False)
+        proctitle.set_title("sandbox-init standby")
         for fd in _open_fds():
-            if fd > 2:
+            if fd > 2 and fd != title:
                 os.close(fd)
         # Reap as soon as a child dies, so a run's killed leftovers vanish at once.
         wakeup_r, wakeup_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
@@ -402,8 +425,14 @@ def _run_init() -> None:
                 if time.monotonic() > deadline:
                     os._exit(0)
                 time.sleep(0.0005)
+        watched = [worker, wakeup_r, title]
         while True:
-            ready, _, _ = select.select([worker, wakeup_r], [], [])
+            ready, _, _ = select.select(watched, [], [])
+            if title in ready:
+                label = os.read(title, _MAX_TITLE_BYTES).decode(errors="replace")
+                if label:
+                    proctitle.set_title(f"sandbox-init {label}")
+                watched.remove(title)  # one title, or none if the zygote went away
             if wakeup_r in ready:
                 _drain(wakeup_r)
             while True:
@@ -416,6 +445,18 @@ def _run_init() -> None:
                 os._exit(0)
     finally:
         os._exit(0)
+
+
+def _tenant_label(config: dict) -> str:
+    return f"tenant={config['worker']['tenant']}"
+
+
+def _write_title(fd: int, label: str) -> None:
+    """Hand init its title; a worker without a PID namespace has no init to read it."""
+    try:
+        os.write(fd, label.encode()[:_MAX_TITLE_BYTES])
+    except OSError:
+        pass  # EPIPE: nobody reads
 
 
 def _drain(fd: int) -> None:
@@ -450,10 +491,11 @@ def _outermost(paths: list[str]) -> list[str]:
     return kept
 
 
-def _make_host_scratch(worker_id: int, uid: int | None, gid: int | None) -> str:
+def _make_host_scratch(root: str, prefix: str, uid: int | None, gid: int | None) -> str:
     """A private, empty directory: the scratch space of a worker that has no
-    mount namespace of its own. Removed when the worker is reaped."""
-    directory = tempfile.mkdtemp(prefix=f"sandbox-w{worker_id}-")
+    mount namespace of its own. Removed when the worker is reaped, or by the
+    next supervisor's sweep if ours died first (``sandbox.leftovers``)."""
+    directory = tempfile.mkdtemp(prefix=prefix, dir=root)
     if uid is not None and gid is not None:
         os.chown(directory, uid, gid)
     return directory

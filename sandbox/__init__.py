@@ -22,27 +22,33 @@ from typing import TYPE_CHECKING, Any
 __version__ = "0.2.0"
 
 if TYPE_CHECKING:
+    # "X as X": an explicit re-export, which strict type checkers of code using this package require.
     from sandbox.errors import (
-        CodeError,
-        ConfinementUnavailable,
-        InputError,
-        MemoryLimitExceeded,
-        OutputLimitExceeded,
-        PolicyViolation,
-        QuotaExceeded,
-        SandboxClosed,
-        SandboxError,
-        SessionLost,
-        TimeLimitExceeded,
-        WorkerCrashed,
+        CodeError as CodeError,
+        ConfinementUnavailable as ConfinementUnavailable,
+        InputError as InputError,
+        MemoryLimitExceeded as MemoryLimitExceeded,
+        OutputLimitExceeded as OutputLimitExceeded,
+        PolicyViolation as PolicyViolation,
+        QuotaExceeded as QuotaExceeded,
+        SandboxClosed as SandboxClosed,
+        SandboxError as SandboxError,
+        SessionLost as SessionLost,
+        TimeLimitExceeded as TimeLimitExceeded,
+        WorkerCrashed as WorkerCrashed,
     )
-    from sandbox.opaque import Opaque
-    from sandbox.policies import Policy, PolicyFileError, load_policies
-    from sandbox.result import Result, RunStats
-    from sandbox.session import Session
-    from sandbox.stream import Output, RunStream
-    from sandbox.supervisor import Sandbox, run_sync
-    from sandbox.workflow import Workflow, WorkflowBuilder, WorkflowDefinitionError, WorkflowError
+    from sandbox.opaque import Opaque as Opaque
+    from sandbox.policies import Policy as Policy, PolicyFileError as PolicyFileError, load_policies as load_policies
+    from sandbox.result import Result as Result, RunStats as RunStats
+    from sandbox.session import Session as Session
+    from sandbox.stream import Output as Output, RunStream as RunStream
+    from sandbox.supervisor import Sandbox as Sandbox, run_sync as run_sync
+    from sandbox.workflow import (
+        Workflow as Workflow,
+        WorkflowBuilder as WorkflowBuilder,
+        WorkflowDefinitionError as WorkflowDefinitionError,
+        WorkflowError as WorkflowError,
+    )
 
 _HOMES = {
     "sandbox.errors": [

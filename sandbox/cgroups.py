@@ -7,7 +7,9 @@ worker's group gets. The zygote creates ``<parent>/w<id>`` per worker and
 the worker joins it; see ``runtime.zygote``.
 
 Must never: touch groups it did not create, or leave its parent groups
-behind after ``remove()``.
+behind after ``remove()``. Groups of supervisors that died are removed by
+``sandbox.leftovers``, through the kind registered here: their names carry
+their owner's tag.
 """
 
 from __future__ import annotations
@@ -16,7 +18,10 @@ import os
 import secrets
 from dataclasses import dataclass
 
+from sandbox import leftovers
+
 _V1_ROOT = "/sys/fs/cgroup"
+_PREFIX = "sandbox-"  # then the supervisor's pid (for people), its owner tag, and one per Sandbox
 
 
 @dataclass
@@ -31,7 +36,7 @@ class CgroupParents:
         """Create parent groups, or raise OSError saying why there are none."""
         if os.geteuid() != 0:
             raise OSError(1, "cgroups need root or a delegated cgroup v2 subtree; running unprivileged")
-        name = f"sandbox-{os.getpid()}-{secrets.token_hex(4)}"
+        name = f"{_PREFIX}{os.getpid()}-{leftovers.owner_tag()}-{secrets.token_hex(4)}"
         found = _v2_parent() or _v1_parents()
         if not found:
             raise OSError(2, "no writable pids and memory cgroup controllers found")
@@ -61,9 +66,33 @@ class CgroupParents:
 
     def remove(self) -> None:
         for directory in self.directories:
-            for entry in _subgroups(directory):
-                _rmdir(entry)
-            _rmdir(directory)
+            _remove_tree(directory)
+
+
+def _remove_tree(directory: str) -> bool:
+    """Remove a parent group and its workers' groups; False if the kernel still holds one."""
+    for entry in _subgroups(directory):
+        _rmdir(entry)
+    return _rmdir(directory)
+
+
+def _remove_dead_owners(dead: frozenset[str]) -> bool:
+    """The parent groups that dead supervisors left next to where ours go; True when none is left."""
+    found = (_v2_parent() or _v1_parents()) if os.geteuid() == 0 else None
+    if not found:
+        return True
+    _, parents = found
+    return all(
+        [
+            _remove_tree(entry)
+            for parent in parents
+            for entry in _subgroups(parent)
+            if leftovers.owner_in(os.path.basename(entry), _PREFIX) in dead
+        ]
+    )
+
+
+leftovers.register("cgroups", _remove_dead_owners)
 
 
 def own_group(controller: str) -> str | None:
@@ -116,13 +145,16 @@ def _v2_parent() -> tuple[int, dict[str, str]] | None:
 
 def _subgroups(directory: str) -> list[str]:
     try:
-        return [entry.path for entry in os.scandir(directory) if entry.is_dir()]
+        return [entry.path for entry in os.scandir(directory) if entry.is_dir(follow_symlinks=False)]
     except OSError:
         return []
 
 
-def _rmdir(directory: str) -> None:
+def _rmdir(directory: str) -> bool:
     try:
         os.rmdir(directory)
+    except FileNotFoundError:
+        return True
     except OSError:
-        pass
+        return False
+    return True

@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING
 
 import psutil
 
-from sandbox import outcome, values
+from sandbox import leftovers, outcome, values
 from sandbox.cgroups import CgroupParents
 from sandbox.errors import InputError, QuotaExceeded, SandboxClosed, SandboxError
 from sandbox.inputs import encode_inputs
@@ -122,6 +122,7 @@ class Sandbox:
         # its /proc files belong to root and it cannot be ptraced by them.
         linux.set_dumpable(False)
         try:
+            await asyncio.to_thread(leftovers.sweep)  # what supervisors killed before closing left on the host
             cgroup_error = None
             try:
                 self._cgroups = await asyncio.to_thread(CgroupParents.create)

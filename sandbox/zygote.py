@@ -15,6 +15,7 @@ import asyncio
 import json
 import os
 import pickle
+import shutil
 import signal
 import socket
 import sys
@@ -24,10 +25,14 @@ from pathlib import Path
 from typing import Any
 
 import sandbox
+from sandbox import leftovers
 from sandbox.cgroups import CgroupParents
+from sandbox.runtime.zygote import SCRATCH_PREFIX
 
 # The launcher imports the very ``sandbox`` package this supervisor runs:
-# its parent directory goes first on the path (-I leaves none of ours).
+# its parent directory goes first on the path (-I leaves none of ours). Its
+# only other argument is the control socket's fd: the config is the first
+# message on that socket, off the world-readable command line.
 _BOOT = "import sys; sys.path.insert(0, sys.argv[1]); from sandbox.runtime.zygote import main; main(sys.argv[2:])"
 _PACKAGE_ROOT = str(Path(sandbox.__file__).parent.parent)
 _START_TIMEOUT_S = 30.0
@@ -93,8 +98,9 @@ class Zygote:
     async def start(cls, *, preload: list[str], cgroups: CgroupParents | None) -> Zygote:
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         config = {
-            "control_fd": theirs.fileno(),
             "supervisor_pid": os.getpid(),
+            "owner": leftovers.owner_tag(),
+            "scratch_root": leftovers.HOST_TMP,
             "userns": None
             if os.geteuid() == 0
             else {"uid": os.geteuid(), "gid": os.getegid(), "inside_id": USERNS_INSIDE_ID},
@@ -107,6 +113,7 @@ class Zygote:
             else cgroups.worker_limits(max_tasks=1, memory_bytes=_STANDBY_MEMORY_BYTES),
         }
         try:
+            ours.send(json.dumps(config).encode())  # queued for the launcher; a fresh socket has room
             process = await asyncio.create_subprocess_exec(
                 sys.executable,
                 "-I",
@@ -115,7 +122,7 @@ class Zygote:
                 "-c",
                 _BOOT,
                 _PACKAGE_ROOT,
-                json.dumps(config),
+                str(theirs.fileno()),
                 pass_fds=[theirs.fileno()],
                 stdin=asyncio.subprocess.DEVNULL,
                 stdout=asyncio.subprocess.DEVNULL,
@@ -238,3 +245,20 @@ class Zygote:
                 future.set_exception(SpawnFailed("the zygote was closed"))
         self._spawns.clear()
         self._exit_watchers.clear()
+
+
+def _remove_dead_scratch(dead: frozenset[str]) -> bool:
+    """Worker scratch directories whose supervisor died before its zygote could remove them."""
+    try:
+        entries = list(os.scandir(leftovers.HOST_TMP))
+    except OSError:
+        return True
+    left = False
+    for entry in entries:
+        if leftovers.owner_in(entry.name, SCRATCH_PREFIX) in dead and entry.is_dir(follow_symlinks=False):
+            shutil.rmtree(entry.path, ignore_errors=True)  # never follows a symlink a worker left inside
+            left |= os.path.lexists(entry.path)
+    return not left
+
+
+leftovers.register("worker scratch directories", _remove_dead_scratch)

@@ -10,10 +10,13 @@ a ``--hostile-fraction`` of runs are infinite loops, memory bombs, crashes,
 output floods and fork attempts. It runs on uvloop (``uvloop.run``), as the
 supervisor does in production, and a monitor task measures the event loop's
 lag meanwhile. At the end it prints throughput, latency percentiles per
-workload, outcome counts (expected or not), the loop lag, the supervisor's
-RSS and open fds, and the processes left behind once the Sandbox closed; it
-writes the same as JSON and plots latency over time and per-workload
-histograms to a PNG.
+workload (queue wait and execution apart, see ``LATENCY_COLUMNS``), outcome
+counts (expected or not), the loop lag, the supervisor's RSS and open fds,
+and the processes left behind once the Sandbox closed; it writes the same as
+JSON (``stress-report.json``) and plots latency over time, per-workload
+histograms and the supervisor's RSS and fds (``stress-plot.png``) into
+``--out DIR``: by default ``$XDG_CACHE_HOME/sandbox-stress`` (``~/.cache``
+without it), outside the source tree.
 
 How to run, from the repository root. Hostile code belongs in a throwaway
 PID namespace, as for the hostile tests (add ``--map-current-user`` to
@@ -35,12 +38,11 @@ Exit status 0 when every run had an expected outcome; 1 when a run was lost
 (submitted, never ended) or had an unexpected outcome, the loop lag passed
 ``--lag-threshold-ms``, an exception escaped into an event-loop callback,
 ``Sandbox.close()`` hung, or something leaked: a process left alive, more
-fds than before the Sandbox opened, RSS growth past ``--max-rss-growth-pct``.
-Worker scratch directories (``sandbox-w*`` in the temp directory) that
-appeared during the run and outlived it are reported; they fail the run
-only with ``--check-host-dirs``, because every Sandbox on the host names its
-directories that way: use it when nothing else runs one (or with a private
-``/tmp``).
+fds than before the Sandbox opened, RSS growth past ``--max-rss-growth-pct``,
+a worker scratch directory left on the host.
+Worker scratch directories of this process's Sandbox (named with its owner
+tag, see ``sandbox.leftovers``) that outlive it fail the run too; other
+Sandboxes on the host do not count.
 
 Must never: retry, drop or reclassify a run (each submitted run is counted
 once, as its outcome or as lost); clean up after the sandbox (processes it
@@ -54,25 +56,30 @@ from __future__ import annotations
 import argparse
 import asyncio
 import glob
+import importlib.metadata
 import itertools
 import json
 import math
+import os
 import random
 import sys
-import tempfile
 import time
 from collections import Counter
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import psutil
 import uvloop
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
 
-from sandbox import Policy, Sandbox, SandboxError
+from sandbox import Policy, Sandbox, SandboxError, leftovers
+
+if TYPE_CHECKING:  # matplotlib is optional: the plot extra
+    from matplotlib.axes import Axes
+    from matplotlib.figure import Figure
 
 MiB = 1024 * 1024
 HOSTILE_TENANT = "hostile"
@@ -228,12 +235,6 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         help="period of the supervisor RSS/fd/process samples (default 1, 5 with --soak)",
     )
     parser.add_argument(
-        "--check-host-dirs",
-        action="store_true",
-        help="fail when worker scratch directories that appeared during the run outlive it "
-        "(exact only when no other Sandbox runs on this host)",
-    )
-    parser.add_argument(
         "--soak", action="store_true", help="long-run mode: constant-memory statistics, warm-up, RSS growth check"
     )
     parser.add_argument("--warmup", type=int, help="runs before the baseline is taken (default 0, 1000 with --soak)")
@@ -244,11 +245,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--seed", type=int, default=0, help="seed of the workload choice (default 0)")
     parser.add_argument(
-        "--json", type=Path, default=Path("stress-report.json"), help="JSON report path (default stress-report.json)"
+        "--out",
+        type=Path,
+        default=default_out(),
+        help=f"directory for stress-report.json and stress-plot.png (default {default_out()})",
     )
-    parser.add_argument(
-        "--plot", type=Path, default=Path("stress-plot.png"), help="PNG plot path (default stress-plot.png)"
-    )
+    parser.add_argument("--json", type=Path, help="JSON report path instead (default OUT/stress-report.json)")
+    parser.add_argument("--plot", type=Path, help="PNG plot path instead (default OUT/stress-plot.png)")
     parser.add_argument("--no-plot", action="store_true", help="do not draw the PNG")
     options = parser.parse_args(argv)
     if options.runs is None and options.duration is None:
@@ -259,6 +262,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         options.sample_every_s = 5.0 if options.soak else 1.0
     if options.max_rss_growth_pct is None and options.soak:
         options.max_rss_growth_pct = 5.0
+    options.json = options.json or options.out / "stress-report.json"
+    options.plot = options.plot or options.out / "stress-plot.png"
     for name in ("concurrency", "workers", "tenants"):
         if getattr(options, name) < 1:
             parser.error(f"--{name} must be at least 1")
@@ -267,12 +272,20 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     return options
 
 
+def default_out() -> Path:
+    """Where reports go unless ``--out`` says otherwise: the user's cache, not the source tree."""
+    cache = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(cache) / "sandbox-stress"
+
+
 # --- statistics ------------------------------------------------------------------------------
 
 
 class Distribution(Protocol):
     method: str
-    count: int
+
+    @property
+    def count(self) -> int: ...
 
     def add(self, value: float) -> None: ...
 
@@ -345,7 +358,7 @@ class LogHistogram:
         figures: dict[str, float] = {"count": self.count}
         cumulative = itertools.accumulate(self.bins)
         wanted = iter(QUANTILES)
-        q = next(wanted)
+        q: int | None = next(wanted)
         for index, seen in enumerate(cumulative):
             while q is not None and seen >= math.ceil(q / 100 * self.count):
                 figures[f"p{q}"] = min(self._upper_edge(index), self.max)
@@ -381,16 +394,30 @@ class Planned:
     tenant: str
 
 
+# What each latency column measures, as the report prints it.
+LATENCY_COLUMNS = {
+    "queue wait": "total minus execution: waiting for a free or newly started worker, plus admission "
+    "and decoding the result",
+    "execution": "the run on its worker, from the request sent to the reply received (Result.stats.wall_s, "
+    "read off the event loop's clock: whole milliseconds under uvloop)",
+    "total": "Sandbox.run() called until it returned or raised: what the caller waits",
+    "split": "runs whose total is split in two: those that returned a Result (an error carries no stats)",
+}
+
+
 @dataclass
 class Recorder:
-    """Every run's outcome, counted once; latency per workload."""
+    """Every run's outcome, counted once; latency per workload: in total and, for
+    runs that returned a Result, split into queue wait and execution."""
 
     bounded: bool
     submitted: int = 0
     completed: int = 0
     unexpected: int = 0
-    outcomes: Counter = field(default_factory=Counter)
+    outcomes: Counter[tuple[str, str]] = field(default_factory=Counter)
     latency: dict[str, Distribution] = field(default_factory=dict)
+    queue_wait: dict[str, Distribution] = field(default_factory=dict)
+    execution: dict[str, Distribution] = field(default_factory=dict)
     timeline: list[tuple[float, float, str]] = field(default_factory=list)
     examples: list[dict[str, object]] = field(default_factory=list)
     started: float = field(default_factory=time.perf_counter)
@@ -398,15 +425,17 @@ class Recorder:
 
     MAX_EXAMPLES = 10
 
-    def record(self, planned: Planned, submitted_at: float, outcome: str, message: str) -> None:
+    def record(
+        self, planned: Planned, submitted_at: float, outcome: str, message: str, execution_s: float | None
+    ) -> None:
         now = time.perf_counter()
         workload = planned.workload
         self.completed += 1
         self.outcomes[workload.name, outcome] += 1
-        distribution = self.latency.get(workload.name)
-        if distribution is None:
-            distribution = self.latency[workload.name] = new_distribution(self.bounded)
-        distribution.add(now - submitted_at)
+        self._add(self.latency, workload.name, now - submitted_at)
+        if execution_s is not None:
+            self._add(self.execution, workload.name, execution_s)
+            self._add(self.queue_wait, workload.name, max(0.0, now - submitted_at - execution_s))
         if not self.bounded:
             self.timeline.append((submitted_at - self.started, now - submitted_at, workload.name))
         if outcome not in workload.expected:
@@ -422,13 +451,21 @@ class Recorder:
                     }
                 )
 
+    def _add(self, table: dict[str, Distribution], name: str, value: float) -> None:
+        distribution = table.get(name)
+        if distribution is None:
+            distribution = table[name] = new_distribution(self.bounded)
+        distribution.add(value)
+
 
 async def one_run(sandbox: Sandbox, planned: Planned, recorder: Recorder, progress: Progress) -> None:
     """Submit one run and record how it ended; a cancelled run is left for the caller to count as lost."""
     submitted_at = time.perf_counter()
     message = ""
+    execution_s = None
     try:
         result = await sandbox.run(planned.workload.code, {"token": planned.index}, tenant=planned.tenant)
+        execution_s = result.stats.wall_s
         outcome = "ok" if result.outputs.get("echo") == planned.index else "wrong_output"
         if outcome == "wrong_output":
             message = f"outputs: {result.outputs!r}"
@@ -436,7 +473,7 @@ async def one_run(sandbox: Sandbox, planned: Planned, recorder: Recorder, progre
         outcome, message = type(exc).__name__, str(exc)
     except Exception as exc:
         outcome, message = f"internal:{type(exc).__name__}", repr(exc)
-    recorder.record(planned, submitted_at, outcome, message)
+    recorder.record(planned, submitted_at, outcome, message, execution_s)
     progress.advance(recorder)
 
 
@@ -521,7 +558,7 @@ class LoopErrors:
     examples: list[str] = field(default_factory=list)
 
     def install(self, loop: asyncio.AbstractEventLoop) -> None:
-        def handler(loop: asyncio.AbstractEventLoop, context: dict) -> None:
+        def handler(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
             self.count += 1
             if len(self.examples) < 5:
                 self.examples.append(f"{context.get('message')}: {context.get('exception')!r}"[:500])
@@ -538,14 +575,16 @@ class Resources:
     fds: int
     processes: int  # live descendants
     zombies: int  # descendants that exited but were never reaped
-    host_dirs: int  # worker scratch directories in the host's temp directory, of any Sandbox on the host
+    host_dirs: int  # worker scratch directories of this process's Sandbox in the host's temp directory
 
 
-HOST_DIRS = str(Path(tempfile.gettempdir()) / "sandbox-w*")
+def host_dirs_pattern() -> str:
+    """This process's worker scratch directories: their names carry its owner tag."""
+    return os.path.join(leftovers.HOST_TMP, f"sandbox-w*-{leftovers.owner_tag()}-*")
 
 
 def host_dir_names() -> frozenset[str]:
-    return frozenset(glob.glob(HOST_DIRS))
+    return frozenset(glob.glob(host_dirs_pattern()))
 
 
 def measure_resources() -> Resources:
@@ -601,7 +640,7 @@ def plan_runs(
         yield Planned(index, WORKLOADS[name], tenant)
 
 
-async def settle(pending: dict[asyncio.Task, Planned], keep_at_most: int, stall_s: float) -> bool:
+async def settle(pending: dict[asyncio.Task[None], Planned], keep_at_most: int, stall_s: float) -> bool:
     """Wait until at most ``keep_at_most`` runs are pending; False if none ended for ``stall_s``."""
     while len(pending) > keep_at_most:
         done, _ = await asyncio.wait(pending, timeout=stall_s, return_when=asyncio.FIRST_COMPLETED)
@@ -630,7 +669,7 @@ async def run_phase(
 ) -> Phase:
     """Keep ``--concurrency`` runs in flight until ``count`` runs or ``duration_s`` seconds; count the lost."""
     progress = new_progress(name, count, duration_s)
-    pending: dict[asyncio.Task, Planned] = {}
+    pending: dict[asyncio.Task[None], Planned] = {}
     flowing = True
     recorder.started = time.perf_counter()
     for planned in plan_runs(options, count, duration_s, rng):
@@ -673,10 +712,12 @@ async def close_within(sandbox: Sandbox, timeout_s: float) -> dict[str, object]:
 async def stress(options: argparse.Namespace) -> dict[str, object]:
     """Run the whole load test; return the judged report."""
     rng = random.Random(options.seed)
+    # The process's owner lock (sandbox.leftovers) is held until it exits, not
+    # closed with the Sandbox: taken first, it is not counted as a leaked fd.
+    leftovers.owner_tag()
     loop_errors = LoopErrors()
     loop_errors.install(asyncio.get_running_loop())
     resources: dict[str, Resources] = {"before_sandbox": await asyncio.to_thread(measure_resources)}
-    dirs_before = await asyncio.to_thread(host_dir_names)
     lag = new_distribution(options.soak)
     timeline: list[dict[str, float]] = []
     sandbox = Sandbox(tenants=policies(options), workers=options.workers)
@@ -703,7 +744,7 @@ async def stress(options: argparse.Namespace) -> dict[str, object]:
     finally:
         close = await close_within(sandbox, options.stall_timeout_s)
     resources["closed"], resources["after_grace"] = await after_close(options.leak_grace_s)
-    close["host_dirs_left"] = sorted(await asyncio.to_thread(host_dir_names) - dirs_before)
+    close["host_dirs_left"] = sorted(await asyncio.to_thread(host_dir_names))
     return build_report(options, main, warmup, lag, loop_errors, resources, timeline, layers, close)
 
 
@@ -714,7 +755,7 @@ def _ms(figures: dict[str, float]) -> dict[str, float]:
     return {k: (v if k == "count" else round(v * 1000, 3)) for k, v in figures.items()}
 
 
-def histogram_bins(distribution: Distribution) -> dict[str, list]:
+def histogram_bins(distribution: Distribution) -> dict[str, list[Any]]:
     edges, counts = distribution.histogram().coarse()
     return {"edges_ms": [round(edge * 1000, 4) for edge in edges], "counts": counts}
 
@@ -744,7 +785,7 @@ def build_report(
         "host": {
             "python": sys.version.split()[0],
             "cpus": psutil.cpu_count(),
-            "uvloop": uvloop.__version__,
+            "uvloop": importlib.metadata.version("uvloop"),
             "layers": layers,
         },
         "statistics": LogHistogram.method if options.soak else Samples.method,
@@ -752,7 +793,15 @@ def build_report(
         "completed": recorder.completed,
         "elapsed_s": round(elapsed, 3),
         "throughput_runs_per_s": round(recorder.completed / elapsed, 2) if elapsed > 0 else None,
-        "latency_ms": {name: _ms(dist.summary()) for name, dist in sorted(recorder.latency.items())},
+        "latency_columns": LATENCY_COLUMNS,
+        "latency_ms": {
+            name: {
+                "total": _ms(total.summary()),
+                "queue_wait": _ms(recorder.queue_wait[name].summary()) if name in recorder.queue_wait else {"count": 0},
+                "execution": _ms(recorder.execution[name].summary()) if name in recorder.execution else {"count": 0},
+            }
+            for name, total in sorted(recorder.latency.items())
+        },
         "latency_histograms": {name: histogram_bins(dist) for name, dist in sorted(recorder.latency.items())},
         "outcomes": outcome_rows(recorder),
         "unexpected": recorder.unexpected,
@@ -783,7 +832,7 @@ def build_report(
     return report
 
 
-def judge(report: dict, options: argparse.Namespace) -> list[dict[str, str]]:
+def judge(report: dict[str, Any], options: argparse.Namespace) -> list[dict[str, str]]:
     """Every reason the stress run failed, as {check, message}."""
     failures: list[dict[str, str]] = []
 
@@ -821,10 +870,10 @@ def judge(report: dict, options: argparse.Namespace) -> list[dict[str, str]]:
             f"{left['processes']} live and {left['zombies']} zombie descendants remain "
             f"{options.leak_grace_s:g} s after the Sandbox closed",
         )
-    if options.check_host_dirs and report["close"]["host_dirs_left"]:
+    if report["close"]["host_dirs_left"]:
         fail(
             "host_dirs",
-            f"{len(report['close']['host_dirs_left'])} worker scratch directories ({HOST_DIRS}) "
+            f"{len(report['close']['host_dirs_left'])} worker scratch directories ({host_dirs_pattern()}) "
             f"appeared during the run and remain after close: "
             f"{', '.join(report['close']['host_dirs_left'][:5])}",
         )
@@ -845,7 +894,7 @@ def rss_growth_pct(resources: dict[str, dict[str, int]]) -> float:
     return (end - baseline) / baseline * 100
 
 
-def print_report(report: dict) -> None:
+def print_report(report: dict[str, Any]) -> None:
     config = report["config"]
     amount = f"{config['runs']} runs" if config["runs"] is not None else f"{config['duration']:g} s"
     print(
@@ -856,11 +905,7 @@ def print_report(report: dict) -> None:
         f"completed {report['completed']} of {report['submitted']} runs in {report['elapsed_s']:.1f} s: "
         f"{report['throughput_runs_per_s']} runs/s"
     )
-    print(f"\nlatency (ms; {report['statistics']})")
-    print(f"  {'workload':<14}{'runs':>8}{'p50':>10}{'p90':>10}{'p99':>10}{'max':>10}")
-    for name, figures in report["latency_ms"].items():
-        cells = "".join(f"{figures[k]:>10.1f}" for k in ("p50", "p90", "p99", "max"))
-        print(f"  {name:<14}{figures['count']:>8}{cells}")
+    print_latency(report)
     print("\noutcomes")
     for row in report["outcomes"]:
         mark = "expected" if row["expected"] else "UNEXPECTED"
@@ -893,7 +938,34 @@ def print_report(report: dict) -> None:
     print("PASS" if report["passed"] else "FAILED")
 
 
-def print_resources(resources: dict[str, dict[str, int]], config: dict) -> None:
+_SPLIT_FIGURES = ("p50", "p99", "max")
+_TOTAL_FIGURES = ("p50", "p90", "p99", "max")
+
+
+def print_latency(report: dict[str, Any]) -> None:
+    print(f"\nlatency per workload (ms; {report['statistics']})")
+    width = 8
+    print(f"  {'':<14}{'':>6}{'':>6}  {'queue wait':^{3 * width}}  {'execution':^{3 * width}}  {'total':^{4 * width}}")
+    figures_header = "".join(f"{k:>{width}}" for k in _SPLIT_FIGURES)
+    print(
+        f"  {'workload':<14}{'runs':>6}{'split':>6}  {figures_header}  {figures_header}  "
+        + "".join(f"{k:>{width}}" for k in _TOTAL_FIGURES)
+    )
+
+    def cells(figures: dict[str, float], keys: tuple[str, ...]) -> str:
+        return "".join(f"{figures[k]:>{width}.1f}" if figures["count"] else f"{'-':>{width}}" for k in keys)
+
+    for name, columns in report["latency_ms"].items():
+        print(
+            f"  {name:<14}{columns['total']['count']:>6}{columns['execution']['count']:>6}  "
+            f"{cells(columns['queue_wait'], _SPLIT_FIGURES)}  {cells(columns['execution'], _SPLIT_FIGURES)}  "
+            f"{cells(columns['total'], _TOTAL_FIGURES)}"
+        )
+    for column, meaning in report["latency_columns"].items():
+        print(f"  {column + ':':<12}{meaning}")
+
+
+def print_resources(resources: dict[str, dict[str, int]], config: dict[str, Any]) -> None:
     print("\nsupervisor process")
     print(f"  {'moment':<34}{'RSS MiB':>9}{'fds':>6}{'procs':>7}{'zombies':>9}{'host dirs':>11}")
     labels = {
@@ -918,18 +990,18 @@ def print_resources(resources: dict[str, dict[str, int]], config: dict) -> None:
     print(f"  processes left behind: {left['processes'] + left['zombies']}")
 
 
-def print_close(close: dict[str, object]) -> None:
+def print_close(close: dict[str, Any]) -> None:
     state = "returned" if close["finished"] else "had NOT returned"
     print(
-        f"Sandbox.close() {state} after {close['seconds']:.2f} s; worker scratch directories that appeared "
-        f"during the run and remain (any Sandbox on this host): {len(close['host_dirs_left'])}"
+        f"Sandbox.close() {state} after {close['seconds']:.2f} s; worker scratch directories "
+        f"left on the host: {len(close['host_dirs_left'])}"
     )
 
 
 # --- the plot -------------------------------------------------------------------------------------
 
 
-def plot(report: dict, path: Path) -> str:
+def plot(report: dict[str, Any], path: Path) -> str:
     """Draw latency over time, per-workload histograms and the supervisor's RSS; return what was done."""
     try:
         import matplotlib
@@ -938,21 +1010,37 @@ def plot(report: dict, path: Path) -> str:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    timeline = report["latency_timeline"]
-    panels = 3 if timeline else 2
-    figure, axes = plt.subplots(panels, 1, figsize=(11, 4 * panels), squeeze=False)
-    axes = [row[0] for row in axes]
-    if timeline:
-        draw_latency_over_time(axes[0], timeline)
-    draw_histograms(axes[-2], report["latency_histograms"])
-    draw_resources(axes[-1], report["resource_timeline"])
-    figure.tight_layout()
+    figure = draw(report)
     figure.savefig(path, dpi=110)
     plt.close(figure)
     return f"plot written to {path}"
 
 
-def draw_latency_over_time(axis, timeline: list[tuple[float, float, str]]) -> None:
+def draw(report: dict[str, Any]) -> Figure:
+    """The figure the PNG shows."""
+    import matplotlib.pyplot as plt
+
+    timeline = report["latency_timeline"]
+    panels = 3 if timeline else 2
+    # Constrained layout makes room for the legends, which sit outside the axes so as to cover no data.
+    figure, grid = plt.subplots(panels, 1, figsize=(12, 4 * panels), squeeze=False, layout="constrained")
+    axes = [row[0] for row in grid]
+    if timeline:
+        draw_latency_over_time(axes[0], timeline)
+    draw_histograms(axes[-2], report["latency_histograms"])
+    draw_resources(axes[-1], report["resource_timeline"])
+    return figure
+
+
+_LEGEND_OUTSIDE: dict[str, Any] = {
+    "loc": "upper left",
+    "bbox_to_anchor": (1.08, 1),
+    "borderaxespad": 0,
+    "fontsize": "small",
+}
+
+
+def draw_latency_over_time(axis: Axes, timeline: list[tuple[float, float, str]]) -> None:
     by_workload: dict[str, tuple[list[float], list[float]]] = {}
     for t, latency, name in timeline:
         xs, ys = by_workload.setdefault(name, ([], []))
@@ -960,27 +1048,39 @@ def draw_latency_over_time(axis, timeline: list[tuple[float, float, str]]) -> No
         ys.append(latency * 1000)
     for name, (xs, ys) in sorted(by_workload.items()):
         axis.scatter(xs, ys, s=4, alpha=0.5, label=name)
-    axis.set(yscale="log", xlabel="submitted at (s)", ylabel="latency (ms)", title="latency over time")
-    axis.legend(markerscale=3, fontsize="small")
+    axis.set(yscale="log", xlabel="submitted at (s)", ylabel="total latency (ms)", title="latency over time")
+    axis.legend(markerscale=3, **_LEGEND_OUTSIDE)
 
 
-def draw_histograms(axis, histograms: dict[str, dict[str, list]]) -> None:
+def draw_histograms(axis: Axes, histograms: dict[str, dict[str, list[Any]]]) -> None:
+    from matplotlib.ticker import MaxNLocator
+
     for name, bins in histograms.items():
         if bins["counts"]:
             axis.stairs(bins["counts"], bins["edges_ms"], label=name)
-    axis.set(xscale="log", xlabel="latency (ms)", ylabel="runs", title="latency per workload")
-    axis.legend(fontsize="small")
+    axis.set(xscale="log", xlabel="total latency (ms)", ylabel="runs", title="latency per workload")
+    axis.yaxis.set_major_locator(MaxNLocator(integer=True))  # run counts
+    axis.legend(**_LEGEND_OUTSIDE)
 
 
-def draw_resources(axis, timeline: list[dict[str, float]]) -> None:
-    axis.set(xlabel="runs ended", ylabel="RSS (MiB)", title="supervisor RSS (blue) and open fds (orange)")
+def draw_resources(axis: Axes, timeline: list[dict[str, float]]) -> None:
+    """Both axes start at 0, so that a swing of a few MiB looks as small as it is next to the whole RSS."""
+    from matplotlib.ticker import MaxNLocator
+
+    axis.set(xlabel="runs ended", ylabel="RSS (MiB)", title="supervisor RSS and open fds")
     if not timeline:
         return
     runs = [s["runs"] for s in timeline]
-    axis.plot(runs, [s["rss_bytes"] / MiB for s in timeline], "o-", markersize=3, color="tab:blue")
+    rss = [s["rss_bytes"] / MiB for s in timeline]
+    (rss_line,) = axis.plot(runs, rss, "o-", markersize=3, color="tab:blue", label="RSS (MiB, left)")
+    axis.set_ylim(0, max(rss) * 1.2)
     fds = axis.twinx()
-    fds.plot(runs, [s["fds"] for s in timeline], "o-", markersize=3, color="tab:orange")
+    fd_counts = [s["fds"] for s in timeline]
+    (fd_line,) = fds.plot(runs, fd_counts, "o-", markersize=3, color="tab:orange", label="open fds (right)")
+    fds.set_ylim(0, max(fd_counts) * 1.2 + 1)
+    fds.yaxis.set_major_locator(MaxNLocator(integer=True))  # a count: no fractional ticks
     fds.set_ylabel("open fds")
+    axis.legend(handles=[rss_line, fd_line], **_LEGEND_OUTSIDE)
 
 
 # --- entry point ----------------------------------------------------------------------------------
@@ -990,9 +1090,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     options = parse_args(argv)
     report = uvloop.run(stress(options))
     print_report(report)
+    options.json.parent.mkdir(parents=True, exist_ok=True)
     options.json.write_text(json.dumps(report, indent=1))
     print(f"report written to {options.json}")
     if not options.no_plot:
+        options.plot.parent.mkdir(parents=True, exist_ok=True)
         print(plot(report, options.plot))
     return 0 if report["passed"] else 1
 

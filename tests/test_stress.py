@@ -1,4 +1,6 @@
-"""A small stress run of ``scripts/stress.py``: no run lost, nothing leaked.
+"""A small stress run of ``scripts/stress.py``: no run lost, nothing leaked,
+the report where ``--out`` says, latency split into queue wait and execution,
+and a plot whose axes and legends show the data as it is.
 
 The script runs as users run it, in a subprocess, inside a throwaway PID
 namespace (its hostile workloads fork, crash, flood and exhaust memory), and
@@ -8,11 +10,14 @@ latency, loop lag) are the script's business and are not asserted here.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import shutil
 import subprocess
 import sys
+from pathlib import Path
+from types import ModuleType
 
 import pytest
 
@@ -30,9 +35,10 @@ STRESS_ARGS = [
     "trivial=12,sleep=3,cpu=2,memory=1",
     "--hostile-fraction",
     "0.1",
-    # Short hostile limits and a modest memory bomb keep the run well under a minute.
+    # Short hostile limits and a modest memory bomb keep the run well under a minute; the
+    # CPU limit ends the infinite loops, and the wall limit is loose enough for a loaded host.
     "--hostile-wall-s",
-    "0.5",
+    "2",
     "--hostile-cpu-s",
     "0.3",
     "--hostile-memory-mb",
@@ -40,8 +46,6 @@ STRESS_ARGS = [
     "--stall-timeout-s",
     "20",
     "--no-plot",
-    # Exact here: no other Sandbox of this test session runs while the script does.
-    "--check-host-dirs",
 ]
 HOSTILE_WORKLOADS = {"infinite_loop", "memory_bomb", "crash", "output_flood", "fork"}
 
@@ -56,19 +60,37 @@ def _throwaway_pid_namespace() -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def report(tmp_path_factory: pytest.TempPathFactory) -> dict:
-    path = tmp_path_factory.mktemp("stress") / "report.json"
+def stress_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
+    """The --out directory of one stress run, and what it printed."""
+    out = tmp_path_factory.mktemp("stress") / "out"
     command = [
         *_throwaway_pid_namespace(),
         sys.executable,
         str(REPO / "scripts" / "stress.py"),
         *STRESS_ARGS,
-        "--json",
-        str(path),
+        "--out",
+        str(out),
     ]
     finished = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=180)
+    path = out / "stress-report.json"
     assert path.exists(), f"no report; exit {finished.returncode}\n{finished.stdout}\n{finished.stderr}"
-    return json.loads(path.read_text())
+    return out, finished.stdout
+
+
+@pytest.fixture(scope="module")
+def report(stress_run: tuple[Path, str]) -> dict:
+    return json.loads((stress_run[0] / "stress-report.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def stress() -> ModuleType:
+    """scripts/stress.py as a module, for its option parsing and its plot."""
+    spec = importlib.util.spec_from_file_location("stress_script", REPO / "scripts" / "stress.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
 
 
 @pytest.mark.timeout(240)
@@ -91,3 +113,70 @@ def test_nothing_is_left_behind_once_the_sandbox_closed(report: dict) -> None:
     assert after["zombies"] == 0
     assert after["fds"] <= before["fds"]
     assert report["close"]["host_dirs_left"] == []
+    assert report["resources"]["drained"]["host_dirs"] == 2, "each of the 2 workers has a scratch directory"
+
+
+@pytest.mark.timeout(240)
+def test_the_report_goes_to_the_out_directory_only(stress_run: tuple[Path, str], report: dict) -> None:
+    out, printed = stress_run
+    assert sorted(p.name for p in out.iterdir()) == ["stress-report.json"]  # --no-plot: no PNG
+    assert f"report written to {out / 'stress-report.json'}" in printed
+    assert report["config"]["out"] == str(out)
+
+
+def test_reports_go_outside_the_source_tree_by_default(stress: ModuleType, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("XDG_CACHE_HOME", "/var/cache/someone")
+    options = stress.parse_args([])
+    assert options.json == Path("/var/cache/someone/sandbox-stress/stress-report.json")
+    assert options.plot == Path("/var/cache/someone/sandbox-stress/stress-plot.png")
+    monkeypatch.delenv("XDG_CACHE_HOME")
+    assert stress.parse_args([]).out == Path.home() / ".cache" / "sandbox-stress"
+    assert not stress.parse_args([]).out.resolve().is_relative_to(REPO)
+
+
+@pytest.mark.timeout(240)
+def test_latency_is_split_into_queue_wait_and_execution(stress_run: tuple[Path, str], report: dict) -> None:
+    for name, columns in report["latency_ms"].items():
+        total, queue, execution = columns["total"], columns["queue_wait"], columns["execution"]
+        if name in HOSTILE_WORKLOADS:
+            # They end in errors, which carry no run statistics: total only.
+            assert queue["count"] == execution["count"] == 0, name
+            continue
+        assert queue["count"] == execution["count"] == total["count"] > 0, name
+        # Each run's queue wait and execution add up to its total, so neither part exceeds the largest total.
+        assert execution["max"] <= total["max"] and queue["max"] <= total["max"], (name, columns)
+    printed = stress_run[1]
+    assert "queue wait" in printed and "execution" in printed
+    for column, meaning in report["latency_columns"].items():
+        assert f"{column}:" in printed and meaning in printed
+
+
+def test_the_plot_shows_counts_as_integers_from_zero_and_keeps_legends_off_the_data(
+    stress: ModuleType, report: dict
+) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    report = {**report, "latency_timeline": [(0.1 * i, 0.002, "trivial") for i in range(50)]}
+    # A constant fd count and an RSS that moves 2 MiB: the cases that used to mislead.
+    report["resource_timeline"] = [
+        {"t_s": i, "runs": 100 * i, "rss_bytes": (50 + 2 * (i > 5)) * 2**20, "fds": 26} for i in range(10)
+    ]
+    figure = stress.draw(report)
+    try:
+        figure.canvas.draw()
+        axes = [a for a in figure.axes if a.get_legend() is not None]
+        assert len(axes) == 3
+        for axis in axes:
+            legend = axis.get_legend().get_window_extent()
+            assert not legend.overlaps(axis.get_window_extent()), axis.get_title()
+        resources = axes[-1]
+        assert resources.get_ylim()[0] == 0, "the RSS axis starts at 0"
+        (fds,) = [a for a in figure.axes if a.get_ylabel() == "open fds"]
+        assert fds.get_ylim()[0] == 0
+        ticks = [t for t in fds.get_yticks() if fds.get_ylim()[0] <= t <= fds.get_ylim()[1]]
+        assert ticks and all(float(t).is_integer() for t in ticks), ticks
+    finally:
+        plt.close(figure)

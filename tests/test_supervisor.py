@@ -6,7 +6,6 @@ import asyncio
 import glob
 import hashlib
 import os
-import tempfile
 import textwrap
 import time
 
@@ -21,6 +20,7 @@ from sandbox import (
     SandboxError,
     TimeLimitExceeded,
     WorkerCrashed,
+    leftovers,
     run_sync,
 )
 from tests.conftest import descendants, quick_policy
@@ -205,7 +205,7 @@ async def test_leaving_the_sandbox_fails_waiting_runs_and_leaves_no_process():
 async def test_close_returns_once_every_host_scratch_directory_is_gone():
     """The zygote removes what its workers owned on the host before close() returns,
     even when a worker exit is still being reported as the supervisor hangs up."""
-    pattern = os.path.join(tempfile.gettempdir(), "sandbox-w*")
+    pattern = os.path.join(leftovers.HOST_TMP, f"sandbox-w*-{leftovers.owner_tag()}-*")  # ours, not other tests'
     before = set(glob.glob(pattern))
     for _ in range(4):
         async with Sandbox(quick_policy(), workers=2) as sb:

@@ -26,8 +26,7 @@ import pyarrow as pa
 import pytest
 import pytest_asyncio
 
-from sandbox import Opaque, PolicyViolation, Sandbox
-from sandbox import values as host_values
+from sandbox import Opaque, PolicyViolation, Sandbox, values as host_values
 from sandbox.inputs import encode_inputs
 from sandbox.runtime import values as tagged
 from sandbox.snapshot import Allowance, Budget, decode_value

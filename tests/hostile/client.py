@@ -247,6 +247,12 @@ class HarnessProcess:
     def alive(self) -> bool:
         return self._process is not None and self._process.poll() is None
 
+    @property
+    def pid(self) -> int:
+        """The harness's outermost process (``unshare``), once started."""
+        assert self._process is not None, "the harness starts with its first request"
+        return self._process.pid
+
     def stop(self) -> None:
         """Close the harness (its Sandbox shuts down), or kill its namespace if it hangs."""
         if self._process is not None:

@@ -38,7 +38,7 @@ if __name__ == "__main__":
 import psutil
 import uvloop
 
-from sandbox import Opaque, Result, Sandbox, SandboxError
+from sandbox import Opaque, Result, Sandbox, SandboxError, leftovers
 from sandbox.policies import Policy
 from sandbox.profile import UID_BASE
 from sandbox.worker import State
@@ -214,7 +214,7 @@ class Harness:
             if pid in pool_limits_after and pool_limits_after[pid] != text
         )
         answer["rss_growth_bytes"] = _own_rss() - rss_before
-        answer["stray_files"] = _stray_files(started_wall)
+        answer["stray_files"] = _stray_files(started_wall, exclude=leftovers.lock_path(leftovers.owner_tag()))
         answer["secret_found_in"] = self._secret_places(answer, opaque_data)
         answer["probe"] = probe
         answer["host_can_fork"] = await _can_fork()
@@ -335,8 +335,9 @@ class Harness:
         return places
 
 
-def _stray_files(since: float) -> list[dict]:
-    """Regular files owned by a worker identity that appeared on the host since ``since``.
+def _stray_files(since: float, exclude: str) -> list[dict]:
+    """Regular files owned by a worker identity that appeared on the host since ``since``,
+    but ``exclude``: the supervisor's own lock (its uid is the workers' when unprivileged).
 
     Looks where a worker that escaped its mount namespace would land: the
     host's /tmp, /var/tmp and /dev/shm, and the zygote's per-worker host
@@ -364,7 +365,7 @@ def _stray_files(since: float) -> list[dict]:
             st = os.lstat(path)
         except OSError:
             continue
-        if stat.S_ISREG(st.st_mode) and st.st_mtime >= since - 1 and is_worker(st.st_uid):
+        if stat.S_ISREG(st.st_mode) and st.st_mtime >= since - 1 and is_worker(st.st_uid) and path != exclude:
             found.append({"path": path, "size": st.st_size, "uid": st.st_uid})
     return found
 
