@@ -38,6 +38,7 @@ if TYPE_CHECKING:
     from sandbox.opaque import Opaque
     from sandbox.policies import Policy, PolicyFileError, load_policies
     from sandbox.result import Result, RunStats
+    from sandbox.stats import SandboxStats, TenantStats
     from sandbox.supervisor import Sandbox, run_sync
     from sandbox.workflow import Workflow, WorkflowBuilder, WorkflowDefinitionError, WorkflowError
 
@@ -58,6 +59,7 @@ _HOMES = {
     "sandbox.opaque": ["Opaque"],
     "sandbox.policies": ["Policy", "load_policies", "PolicyFileError"],
     "sandbox.result": ["Result", "RunStats"],
+    "sandbox.stats": ["SandboxStats", "TenantStats"],
     "sandbox.supervisor": ["Sandbox", "run_sync"],
     "sandbox.workflow": ["WorkflowBuilder", "Workflow", "WorkflowError", "WorkflowDefinitionError"],
 }

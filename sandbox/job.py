@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+from collections.abc import Callable
 
 _sequence = itertools.count()
 
@@ -25,6 +26,7 @@ class Job:
         "filename",
         "future",
         "inputs",
+        "on_start",
         "seq",
         "started_at",
         "tenant",
@@ -50,6 +52,7 @@ class Job:
         self.future = future
         self.seq = next(_sequence)  # FIFO order across tenants, for fair-share ties
         self.started_at: float | None = None
+        self.on_start: Callable[[], object] | None = None  # called once, when a worker takes the run
 
     def resolve(self, value: object) -> None:
         if not self.future.done():

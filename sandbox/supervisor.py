@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 import psutil
 
@@ -42,6 +42,7 @@ from sandbox.profile import HostSupport, TenantProfile, build_profile
 from sandbox.result import Result
 from sandbox.runtime import linux
 from sandbox.scheduler import Scheduler, TenantQueue
+from sandbox.stats import SandboxStats, TenantStats
 from sandbox.worker import State, WorkerProcess
 from sandbox.zygote import Zygote
 
@@ -198,8 +199,11 @@ class Sandbox:
         timeout: float | None = None,
         allow_await: bool = True,
         filename: str = "<code>",
+        on_start: Callable[[], object] | None = None,
     ) -> Result:
-        """``run`` with the knobs workflows need: sync-only code and a named filename."""
+        """``run`` with the knobs workflows and the HTTP service need: sync-only
+        code, a named filename, and ``on_start``, called once when a worker
+        takes the run (a polled run reports ``queued`` until then)."""
         if self._state != "open":
             raise SandboxClosed("the sandbox is not running (use it inside 'async with Sandbox(...)')")
         profile = self._profiles.get(tenant)
@@ -214,6 +218,7 @@ class Sandbox:
                 raise InputError(f"timeout must be a positive number of seconds, not {timeout!r}")
             wall = min(wall, timeout)
         job = Job(tenant, code, encode_inputs(inputs), allow_await, filename, wall, self._loop.create_future())
+        job.on_start = on_start
         self._scheduler.admit(job)
         job.future.add_done_callback(lambda _: self._job_done(job))
         self._pump()
@@ -232,6 +237,20 @@ class Sandbox:
         from sandbox.workflow import run_workflow
 
         return await run_workflow(self, workflow, parameters, tenant=tenant, timeout=timeout)
+
+    def stats(self) -> SandboxStats:
+        """A read-only snapshot of the pool and of every tenant's queue (for metrics and usage reports)."""
+        workers = {state.value: 0 for state in (State.STARTING, State.IDLE, State.BUSY)}
+        held: dict[str, int] = dict.fromkeys(self._scheduler.tenants, 0)
+        for worker in self._pool.workers if self._pool is not None else ():
+            if worker.state.value in workers:
+                workers[worker.state.value] += 1
+            held[worker.tenant] += 1
+        tenants = {
+            name: TenantStats(queued=len(queue.queue), running=queue.in_flight, workers=held[name])
+            for name, queue in self._scheduler.tenants.items()
+        }
+        return SandboxStats(capacity=self.capacity, workers=workers, tenants=tenants)
 
     def _job_done(self, job: Job) -> None:
         """Every run passes here exactly once, however it ended.
@@ -263,6 +282,8 @@ class Sandbox:
             job = scheduler.started(tenant)
             self._running[job] = worker
             worker.begin(job)
+            if job.on_start is not None:
+                job.on_start()
         self._keep_spares()
 
     def _can_serve(self, tenant: TenantQueue) -> bool:
