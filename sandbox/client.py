@@ -123,12 +123,12 @@ def _answer_body(data: dict[str, JSON]) -> dict[str, JSON]:
 
 
 async def _server_sent_events(response: httpx.Response) -> AsyncIterator[tuple[str, dict[str, JSON]]]:
-    name, data = "message", []
+    name, data = "message", list[str]()
     async for line in response.aiter_lines():
         if not line:
             if data:
                 yield name, json.loads("\n".join(data))
-            name, data = "message", []
+            name, data = "message", list[str]()
         elif line.startswith("event:"):
             name = line[6:].strip()
         elif line.startswith("data:"):

@@ -81,7 +81,7 @@ def encode(value: object) -> JSON:
     if kind is list:
         return [encode(item) for item in value]  # type: ignore[attr-defined]
     if kind is dict:
-        items: dict = value  # type: ignore[assignment]
+        items: dict[object, object] = value  # type: ignore[assignment]
         if all(type(key) is str for key in items) and TAG not in items:
             return {key: encode(item) for key, item in items.items()}
         return {TAG: "dict", "items": [[encode(key), encode(item)] for key, item in items.items()]}
@@ -127,19 +127,19 @@ def unbase64(text: object, path: str) -> bytes:
         raise JSONFormError(f"{path}: not valid base64") from None
 
 
-def _items(document: dict, path: str) -> list:
+def _items(document: dict[str, JSON], path: str) -> list[object]:
     items = document["items"]
     if not isinstance(items, list):
         raise JSONFormError(f"{path}.items: expected an array")
     return [decode(item, f"{path}.items[{index}]") for index, item in enumerate(items)]
 
 
-def _decode_dict(document: dict, path: str) -> dict:
+def _decode_dict(document: dict[str, JSON], path: str) -> dict[object, object]:
     pairs = document["items"]
     if not isinstance(pairs, list) or not all(isinstance(pair, list) and len(pair) == 2 for pair in pairs):
         raise JSONFormError(f"{path}.items: expected an array of [key, value] pairs")
     return {
-        decode(key, f"{path}.items[{i}][0]"): decode(item, f"{path}.items[{i}][1]")  # type: ignore[misc]
+        decode(key, f"{path}.items[{i}][0]"): decode(item, f"{path}.items[{i}][1]")
         for i, (key, item) in enumerate(pairs)
     }
 
@@ -147,7 +147,14 @@ def _decode_dict(document: dict, path: str) -> dict:
 def _float(text: object) -> float:
     if text not in ("nan", "inf", "-inf"):
         raise ValueError(f"{text!r} is not nan, inf or -inf")
-    return float(text)  # type: ignore[arg-type]
+    return float(str(text))
+
+
+def _number(document: JSON, path: str) -> float:
+    value = decode(document, path)
+    if type(value) not in (int, float):
+        raise TypeError(f"{path}: expected a number")
+    return float(value)  # type: ignore[arg-type]
 
 
 def _integer(value: object) -> int:
@@ -156,7 +163,7 @@ def _integer(value: object) -> int:
     return value
 
 
-def _iso(document: dict) -> str:
+def _iso(document: dict[str, JSON]) -> str:
     value = document["value"]
     if not isinstance(value, str):
         raise TypeError("value must be an ISO 8601 string")
@@ -185,7 +192,7 @@ _ENCODERS: dict[type, Callable[[Any], dict[str, JSON]]] = {
     Opaque: lambda value: {"type_name": value.type_name, "reason": value.reason, **_b64(value.data)},
 }
 _TAG_OF = {kind: kind.__name__.lower() for kind in _ENCODERS}
-_DECODERS: dict[str, Callable[[dict, str], object]] = {
+_DECODERS: dict[str, Callable[[dict[str, JSON], str], Any]] = {
     "bytes": lambda d, p: unbase64(d["base64"], f"{p}.base64"),
     "bytearray": lambda d, p: bytearray(unbase64(d["base64"], f"{p}.base64")),
     "tuple": lambda d, p: tuple(_items(d, p)),
@@ -193,7 +200,7 @@ _DECODERS: dict[str, Callable[[dict, str], object]] = {
     "frozenset": lambda d, p: frozenset(_items(d, p)),
     "dict": _decode_dict,
     "float": lambda d, p: _float(d["value"]),
-    "complex": lambda d, p: complex(decode(d["real"], f"{p}.real"), decode(d["imag"], f"{p}.imag")),  # type: ignore[arg-type]
+    "complex": lambda d, p: complex(_number(d["real"], f"{p}.real"), _number(d["imag"], f"{p}.imag")),
     "decimal": lambda d, p: decimal.Decimal(_iso(d)),
     "fraction": lambda d, p: fractions.Fraction(_integer(d["numerator"]), _integer(d["denominator"])),
     "uuid": lambda d, p: uuid.UUID(_iso(d)),
@@ -218,7 +225,10 @@ def decode_mapping(document: object, path: str) -> dict[str, object]:
         return {}
     if not isinstance(document, dict):
         raise JSONFormError(f"{path}: expected an object, got {type(document).__name__}")
-    return {name: decode(value, f"{path}.{name}") for name, value in document.items()}
+    try:
+        return {name: decode(value, f"{path}.{name}") for name, value in document.items()}
+    except RecursionError:
+        raise JSONFormError(f"{path}: nested too deeply") from None
 
 
 def encode_files(files: Mapping[str, bytes]) -> dict[str, str]:
@@ -258,7 +268,7 @@ def result_body(result: Result) -> dict[str, JSON]:
 
 def result_from_body(body: Mapping[str, JSON]) -> Result:
     """The ``Result`` whose body is ``body`` (the inverse of ``result_body``)."""
-    values = {}
+    values: dict[str, Any] = {}
     for item in dataclasses.fields(Result):
         decoder = _RESULT_FIELDS.get(item.name, (encode, decode))[1]
         values[item.name] = decoder(body[item.name], f"$.{item.name}")

@@ -250,7 +250,14 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "--plot", type=Path, default=Path("stress-plot.png"), help="PNG plot path (default stress-plot.png)"
     )
     parser.add_argument("--no-plot", action="store_true", help="do not draw the PNG")
+    remote = parser.add_argument_group("through HTTP (scripts/stress_http.py)")
+    remote.add_argument("--server", metavar="URL", help="send the runs to a `sandbox serve` at URL")
+    remote.add_argument("--server-keys", type=Path, metavar="FILE", help="JSON tenant -> API key, for --server")
+    remote.add_argument("--server-pid", type=int, metavar="PID", help="measure RSS and fds of this server process")
+    remote.add_argument("--server-setup", type=Path, metavar="DIR", help="write the server's files for this mix")
     options = parser.parse_args(argv)
+    if options.server and not options.server_keys:
+        parser.error("--server needs --server-keys (write them with --server-setup DIR)")
     if options.runs is None and options.duration is None:
         options.runs = 100_000 if options.soak else 2000
     if options.warmup is None:
@@ -548,9 +555,12 @@ def host_dir_names() -> frozenset[str]:
     return frozenset(glob.glob(HOST_DIRS))
 
 
+MEASURED_PID: int | None = None  # --server-pid: the server's figures instead of this process's
+
+
 def measure_resources() -> Resources:
     """Blocking /proc reads; call it through ``asyncio.to_thread``."""
-    me = psutil.Process()
+    me = psutil.Process(MEASURED_PID)
     alive = zombies = 0
     for child in me.children(recursive=True):
         try:
@@ -679,7 +689,12 @@ async def stress(options: argparse.Namespace) -> dict[str, object]:
     dirs_before = await asyncio.to_thread(host_dir_names)
     lag = new_distribution(options.soak)
     timeline: list[dict[str, float]] = []
-    sandbox = Sandbox(tenants=policies(options), workers=options.workers)
+    if options.server:
+        from stress_http import RemoteSandbox, load_keys
+
+        sandbox = RemoteSandbox(options.server, load_keys(options.server_keys), options.concurrency)
+    else:
+        sandbox = Sandbox(tenants=policies(options), workers=options.workers)
     await sandbox.start()
     try:
         resources["started"] = await asyncio.to_thread(measure_resources)
@@ -814,8 +829,11 @@ def judge(report: dict, options: argparse.Namespace) -> list[dict[str, str]]:
     if not report["close"]["finished"]:
         fail("close", f"Sandbox.close() had not returned after {report['close']['seconds']:g} s")
     res = report["resources"]
-    left = res["after_grace"]
-    if left["processes"] or left["zombies"]:
+    # Through HTTP the server outlives the run: its fds are compared from the
+    # warm baseline to the drained end, and its workers are still its own.
+    left = res["drained"] if options.server else res["after_grace"]
+    fds_before = res["baseline" if options.server else "before_sandbox"]["fds"]
+    if not options.server and (left["processes"] or left["zombies"]):
         fail(
             "processes",
             f"{left['processes']} live and {left['zombies']} zombie descendants remain "
@@ -828,8 +846,8 @@ def judge(report: dict, options: argparse.Namespace) -> list[dict[str, str]]:
             f"appeared during the run and remain after close: "
             f"{', '.join(report['close']['host_dirs_left'][:5])}",
         )
-    if left["fds"] > res["before_sandbox"]["fds"]:
-        fail("fds", f"{left['fds']} fds open after close, {res['before_sandbox']['fds']} before the Sandbox")
+    if left["fds"] > fds_before:
+        fail("fds", f"{left['fds']} fds open after close, {fds_before} before the Sandbox")
     if options.max_rss_growth_pct is not None:
         growth = rss_growth_pct(res)
         if growth > options.max_rss_growth_pct:
@@ -987,7 +1005,14 @@ def draw_resources(axis, timeline: list[dict[str, float]]) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    global MEASURED_PID
     options = parse_args(argv)
+    if options.server_setup:
+        from stress_http import write_setup
+
+        write_setup(options.server_setup, policies(options))
+        return 0
+    MEASURED_PID = options.server_pid
     report = uvloop.run(stress(options))
     print_report(report)
     options.json.write_text(json.dumps(report, indent=1))

@@ -151,7 +151,7 @@ class Service:
         self.metrics = Metrics()
         self.records = RunRecords(config.max_records, config.record_keep_s)
         self.sessions = Sessions(self.sandbox, config.max_sessions_per_tenant, config.session_idle_s)
-        self.background: set[asyncio.Task] = set()  # polled runs
+        self.background: set[asyncio.Future[tuple[int, dict[str, JSON]]]] = set()  # polled runs
         self.ready = False
         self.gate: Gate | None = None
 
