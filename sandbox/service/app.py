@@ -222,10 +222,10 @@ class Service:
     async def admitted(self, step: Awaitable[Any]) -> asyncio.Future[Any]:
         """Start ``step`` and let it run up to its first suspension.
 
-        The Sandbox admits a run (its quotas) synchronously, before the run's
-        first suspension. One turn of the loop therefore tells whether it was
-        refused, so that a refusal is answered 429 even when the answer does
-        not wait for the run (polled and streamed runs).
+        ``Sandbox.execute`` admits a run (its quotas) synchronously, before
+        its first suspension. One turn of the loop therefore tells whether a
+        polled run was refused, so that the refusal is answered 429 rather
+        than 202.
         """
         future = asyncio.ensure_future(step)
         await asyncio.sleep(0)
@@ -236,27 +236,45 @@ class Service:
     async def stream_response(
         self, tenant: str, open_stream: Callable[[], Any], on_end: Callable[[], None] | None = None
     ) -> Response:
-        """``text/event-stream``: ``stdout``/``stderr`` events as the run writes, then one ``result`` event."""
+        """``text/event-stream``: ``stdout``/``stderr`` events as the run writes, then one ``result`` event.
+
+        Why the status line waits for the run's first piece of output (or
+        its end): a quota refusal must be a 429, and the status goes out
+        before the first event. Waiting costs the client nothing (there is
+        nothing to send before that piece), and it needs no guess at when
+        the Sandbox has admitted the run. ``on_end`` runs once, however the
+        response ends (a session uses it to count its runs in flight).
+        """
         started = time.monotonic()
         stream = open_stream()
-        iterator = stream.__aiter__()
-        first = await self.admitted(iterator.__anext__())
-        if first.done() and isinstance(first.exception(), QuotaExceeded):
+        iterator = stream.__aiter__()  # held until the response ends: dropping it cancels the run
+        failure: SandboxError | None = None
+        try:
+            first = await iterator.__anext__()
+        except StopAsyncIteration:
+            first = None
+        except QuotaExceeded as error:
             if on_end is not None:
                 on_end()
-            status, body = self.failed(tenant, first.exception(), started)  # type: ignore[arg-type]
-            return self.respond(tenant, status, body)
+            return self.respond(tenant, *self.failed(tenant, error, started))
+        except SandboxError as error:
+            first, failure = None, error
+        except BaseException:
+            if on_end is not None:
+                on_end()
+            raise
 
         async def events() -> AsyncIterator[bytes]:
-            step: Awaitable[Any] = first
+            output = first
             try:
-                while True:
-                    try:
-                        output = await step
-                    except StopAsyncIteration:
-                        break
+                if failure is not None:
+                    raise failure
+                while output is not None:
                     yield _event(output.stream, {"text": output.text, "at": output.at})
-                    step = iterator.__anext__()
+                    try:
+                        output = await iterator.__anext__()
+                    except StopAsyncIteration:
+                        output = None
                 body = result_body(stream.result)
                 self.metrics.run_ended(tenant, "ok", time.monotonic() - started)
             except SandboxError as error:
