@@ -240,7 +240,7 @@ def test_sandbox_run_with_server_uses_the_key_from_the_environment(server: Serve
 
 @module_loop
 async def test_stream_yields_the_same_outputs_locally_and_remotely(local: Sandbox, remote: Client) -> None:
-    code = "print('one', flush=True)\nimport sys\nprint('two', file=sys.stderr)\nx = 1"
+    code = "print('one', flush=True)\nimport warnings\nwarnings.warn('two')\nx = 1"
 
     async def collect(stream: Any) -> tuple[list[tuple[str, str]], Result]:
         seen = [(output.stream, output.text) async for output in stream]
@@ -248,7 +248,9 @@ async def test_stream_yields_the_same_outputs_locally_and_remotely(local: Sandbo
 
     here, here_result = await collect(local.stream(code))
     there, there_result = await collect(remote.stream(code))
-    assert "".join(t for s, t in there if s == "stdout") == "".join(t for s, t in here if s == "stdout")
+    for name in ("stdout", "stderr"):
+        assert "".join(t for s, t in there if s == name) == "".join(t for s, t in here if s == name)
+    assert "two" in there_result.stderr
     assert comparable(there_result) == comparable(here_result)
 
 
