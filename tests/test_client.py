@@ -255,6 +255,15 @@ async def test_stream_yields_the_same_outputs_locally_and_remotely(local: Sandbo
 
 
 @module_loop
+async def test_files_go_in_and_come_back_the_same_locally_and_remotely(local: Sandbox, remote: Client) -> None:
+    code = "data = open('in.bin', 'rb').read()\nn = open('out/rev.bin', 'wb').write(data[::-1])"
+    files = {"in.bin": b"\x00\x01\xfe"}
+    here, there = await local.run(code, files=files), await remote.run(code, files=files)
+    assert there.files == here.files == {"rev.bin": b"\xfe\x01\x00"}
+    assert comparable(there) == comparable(here)
+
+
+@module_loop
 async def test_a_remote_session_keeps_state(remote: Client) -> None:
     async with remote.session() as session:
         await session.run("total = 1")

@@ -357,10 +357,11 @@ def test_sessions_keep_state_and_belong_to_their_tenant(http: httpx.Client, serv
 
 def test_files_go_in_and_come_back(http: httpx.Client) -> None:
     data = base64.b64encode(b"a,b\n1,2\n").decode()
-    code = "text = open('in.csv').read()\nopen('out.txt', 'w').write(text.upper())"
+    code = "text = open('in.csv').read()\nsize = open('out/upper.txt', 'w').write(text.upper())"
     body = http.post("/v1/runs", json={"code": code, "files": {"in.csv": data}}).json()
     assert body["ok"] is True and body["outputs"]["text"] == "a,b\n1,2\n"
-    assert base64.b64decode(body["files"]["out.txt"]) == b"A,B\n1,2\n"
+    assert {name: base64.b64decode(text) for name, text in body["files"].items()} == {"upper.txt": b"A,B\n1,2\n"}
+    assert body["skipped_files"] == {}
 
 
 # --- startup refusals and drain ------------------------------------------------------------------------------------
