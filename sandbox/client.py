@@ -42,6 +42,9 @@ if TYPE_CHECKING:
     from sandbox.workflow import Workflow
 
 
+_KEEPALIVE_EXPIRY_S = 5.0
+
+
 class ServiceError(SandboxError):
     """The server refused the request itself (401, 404, 413, 422, ...); ``status`` is the HTTP status."""
 
@@ -200,7 +203,14 @@ class Client:
         import httpx
 
         headers = {"Authorization": f"Bearer {self._api_key}"} if self._api_key else {}
-        limits = httpx.Limits(max_connections=self._connections, max_keepalive_connections=self._connections)
+        # Idle connections are dropped well before the server's keep-alive
+        # timeout (30 s), so that a request is never sent on a connection the
+        # server is closing (see sandbox.service.main.KEEP_ALIVE_S).
+        limits = httpx.Limits(
+            max_connections=self._connections,
+            max_keepalive_connections=self._connections,
+            keepalive_expiry=_KEEPALIVE_EXPIRY_S,
+        )
         self._http = httpx.AsyncClient(base_url=self.base_url, headers=headers, timeout=None, limits=limits)
         return self
 

@@ -27,6 +27,12 @@ import uvicorn
 
 from sandbox.service.app import Service, ServiceConfig, create_app
 
+# How long an idle keep-alive connection is kept open. Clients must drop idle
+# connections sooner (sandbox.client does after 5 s): when the server closes a
+# connection just as the client sends a request on it, the request is lost in
+# transit, and the client cannot know whether it may safely send it again.
+KEEP_ALIVE_S = 30
+
 
 def is_loopback(host: str) -> bool:
     if host == "localhost":
@@ -83,6 +89,7 @@ def serve(config: ServiceConfig, host: str, port: int, metrics_port: int | None 
         log_level="warning",
         access_log=False,
         timeout_graceful_shutdown=5,
+        timeout_keep_alive=KEEP_ALIVE_S,
         backlog=2048,
     )
     server = _DrainingServer(uv_config, service)
