@@ -95,8 +95,8 @@ class RemoteStream:
     output it wrote.
     """
 
-    def __init__(self, client: Client, path: str, body: dict[str, JSON]) -> None:
-        self._client, self._path, self._body = client, path, body
+    def __init__(self, client: Client, path: str, body: dict[str, JSON], tenant: str | None = None) -> None:
+        self._client, self._path, self._body, self._tenant = client, path, body, tenant
         self.result: Result | None = None
 
     def __aiter__(self) -> AsyncIterator[Any]:
@@ -105,6 +105,7 @@ class RemoteStream:
     async def _events(self) -> AsyncIterator[Any]:
         from sandbox import Output
 
+        await self._client.check_tenant(self._tenant)
         async with self._client.http.stream("POST", self._path, json=self._body, timeout=None) as response:
             if response.status_code != 200 or not response.headers.get("content-type", "").startswith(
                 "text/event-stream"
@@ -146,6 +147,7 @@ class RemoteSession:
         self.id: str | None = None
 
     async def __aenter__(self) -> RemoteSession:
+        await self._client.check_tenant(self._tenant)
         response = await self._client.http.post("/v1/sessions")
         if response.status_code != 201:
             _answer(response)
@@ -219,7 +221,7 @@ class Client:
             await self._http.aclose()
             self._http = None
 
-    async def _check_tenant(self, tenant: str | None) -> None:
+    async def check_tenant(self, tenant: str | None) -> None:
         """A named tenant must be the key's own: the server decides the tenant by the key."""
         if tenant is None:
             return
@@ -238,7 +240,7 @@ class Client:
         files: Mapping[str, bytes] | None = None,
     ) -> Result:
         """``Sandbox.run`` through the server."""
-        await self._check_tenant(tenant)
+        await self.check_tenant(tenant)
         response = await self.http.post("/v1/runs", json=_run_body(code, inputs, timeout, files))
         return result_from_body(_answer(response))
 
@@ -252,9 +254,7 @@ class Client:
         files: Mapping[str, bytes] | None = None,
     ) -> RemoteStream:
         """``Sandbox.stream`` through the server (Server-Sent Events)."""
-        if tenant is not None and self._tenant is not None and tenant != self._tenant:
-            raise ServiceError(f"this API key is tenant {self._tenant!r}'s, not {tenant!r}'s", status=403)
-        return RemoteStream(self, "/v1/runs/stream", _run_body(code, inputs, timeout, files))
+        return RemoteStream(self, "/v1/runs/stream", _run_body(code, inputs, timeout, files), tenant)
 
     def session(self, *, tenant: str | None = None) -> RemoteSession:
         """``Sandbox.session`` through the server."""
@@ -269,7 +269,7 @@ class Client:
         timeout: float | None = None,
     ) -> dict[str, dict[str, object]]:
         """``Sandbox.run_workflow`` through the server; each node's outputs by node id."""
-        await self._check_tenant(tenant)
+        await self.check_tenant(tenant)
         body: dict[str, JSON] = {
             "workflow": workflow.to_json(),
             "parameters": {node: encode_mapping(values) for node, values in (parameters or {}).items()},

@@ -207,6 +207,10 @@ async def test_service_refusals_raise_service_error(server: Server, remote: Clie
         await remote.run("x = 1", tenant="other")
     assert not_mine.value.status == 403 and "'default'" in str(not_mine.value)
     assert (await remote.run("x = 1", tenant="default")).outputs == {"x": 1}
+    with pytest.raises(ServiceError) as not_my_session:
+        async with remote.session(tenant="other"):
+            pass
+    assert not_my_session.value.status == 403
     with pytest.raises(ServiceError) as unknown:
         await remote.poll("no-such-run")
     assert unknown.value.status == 404
