@@ -272,3 +272,14 @@ async def test_a_remote_session_keeps_state(remote: Client) -> None:
     async with remote.session() as session:
         await session.run("total = 1")
         assert (await session.run("total += 1")).outputs == {"total": 2}
+
+
+def test_importing_sandbox_and_the_client_loads_no_http_stack() -> None:
+    check = (
+        "import sys, sandbox, sandbox.client, sandbox.jsonform\n"
+        "sandbox.Sandbox, sandbox.Result, sandbox.Workflow\n"
+        "loaded = sorted({'httpx', 'fastapi', 'starlette', 'uvicorn', 'prometheus_client'} & set(sys.modules))\n"
+        "assert not loaded, loaded"
+    )
+    done = subprocess.run([sys.executable, "-c", check], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
