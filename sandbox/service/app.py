@@ -290,10 +290,15 @@ class Service:
 _bearer = HTTPBearer(auto_error=False, description="an API key from `sandbox key new TENANT`")
 
 
-def _authenticate(
+async def _authenticate(
     request: Request, credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]
 ) -> str:
-    """The caller's tenant, from its API key (401 without a known one)."""
+    """The caller's tenant, from its API key (401 without a known one).
+
+    ``async`` although it never awaits: FastAPI runs a plain function
+    dependency in a thread pool, a thread hop per request for a hash and a
+    few comparisons.
+    """
     keys = request.app.state.service.config.keys
     if keys is None:
         return DEFAULT_TENANT
