@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import json
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -362,6 +363,21 @@ def test_files_go_in_and_come_back(http: httpx.Client) -> None:
     assert body["ok"] is True and body["outputs"]["text"] == "a,b\n1,2\n"
     assert {name: base64.b64decode(text) for name, text in body["files"].items()} == {"upper.txt": b"A,B\n1,2\n"}
     assert body["skipped_files"] == {}
+
+
+def test_metrics_move_to_a_port_of_their_own(tmp_path: Path) -> None:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    with running_server(tmp_path, "--metrics-port", str(port)) as moved:
+        assert httpx.get(f"{moved.url}/metrics").status_code == 404
+        assert httpx.post(f"{moved.url}/v1/runs", headers=moved.headers(), json={"code": "x = 1"}).json()["ok"]
+        deadline = time.monotonic() + 10
+        while "sandbox_runs_total{" not in (text := httpx.get(f"http://127.0.0.1:{port}/metrics").text):
+            assert time.monotonic() < deadline, text
+            time.sleep(0.1)
+        assert 'sandbox_runs_total{outcome="ok",tenant="default"} 1.0' in text
+        assert "/metrics" not in httpx.get(f"{moved.url}/openapi.json").json()["paths"]
 
 
 # --- startup refusals and drain ------------------------------------------------------------------------------------
