@@ -210,13 +210,15 @@ class Service:
         self.metrics.run_ended(tenant, type(error).__name__, time.monotonic() - started)
         return 200, error_body(error)
 
-    def retry_after(self, tenant: str) -> str:
-        """Seconds until the tenant's token bucket holds a run again (1 for a full queue)."""
+    def retry_after(self, tenant: str, quota: object) -> str:
+        """Seconds to wait: until the token bucket holds a run again for ``rate``, else 1 (a queue moves on)."""
         rate = self.sandbox.policies[tenant].rate_per_s
-        return str(max(1, math.ceil(1 / rate))) if rate else "1"
+        return str(max(1, math.ceil(1 / rate))) if quota == "rate" and rate else "1"
 
     def respond(self, tenant: str, status: int, body: dict[str, JSON]) -> JSONResponse:
-        headers = {"Retry-After": self.retry_after(tenant)} if status == 429 else None
+        headers = None
+        if status == 429:
+            headers = {"Retry-After": self.retry_after(tenant, body["error"]["details"].get("quota"))}
         return JSONResponse(body, status_code=status, headers=headers)
 
     async def admitted(self, step: Awaitable[Any]) -> asyncio.Future[Any]:
