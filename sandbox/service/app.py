@@ -329,6 +329,7 @@ def create_app(config: ServiceConfig) -> tuple[Gate, Service]:
         version=__version__,
         summary="Run untrusted Python code nodes in confined worker processes",
         lifespan=service.lifespan,
+        max_body_size=config.max_body_bytes,
     )
     app.state.service = service
     sb = service.sandbox
@@ -469,6 +470,6 @@ def create_app(config: ServiceConfig) -> tuple[Gate, Service]:
             service.refresh_metrics()
             return Response(service.metrics.exposition(), media_type=CONTENT_TYPE)
 
-    gate = Gate(app, config.max_body_bytes)
+    gate = Gate(app)
     service.gate = gate
     return gate, service
