@@ -15,6 +15,11 @@ keys files a server needs for the mix, and the tenant -> key file that
 
 A reply with a 5xx status, or no reply, is an outcome of its own (the
 ``ServiceError`` or ``internal:`` outcomes), which no workload expects.
+With ``--server-pid`` the RSS and fd figures are the server's; the loop lag
+stress.py reports is its own loop's (the client's), the server's is
+``sandbox_event_loop_lag_seconds`` in its ``/metrics``. The server outlives
+the run, so its fds are judged from the warm baseline to the drained end,
+and its workers are not counted as left behind.
 
 Must never: retry a request (a run is submitted once and counted once).
 """
