@@ -421,12 +421,17 @@ def test_sigterm_drains_in_flight_runs_then_stops_everything(tmp_path: Path) -> 
         outcome: dict = {}
 
         def slow_run() -> None:
+            long_run = "import asyncio\nawait asyncio.sleep(3)\ndone = True"
             outcome["response"] = httpx.post(
-                f"{server.url}/v1/runs", headers=server.headers(), json={"code": SLOW}, timeout=60
+                f"{server.url}/v1/runs", headers=server.headers(), json={"code": long_run}, timeout=60
             )
 
         caller = threading.Thread(target=slow_run)
         caller.start()
+        # The polled run ends well before the waiting one, which keeps the server up while the result is fetched.
+        short_run = "import asyncio\nawait asyncio.sleep(0.3)\ndone = True"
+        polled = httpx.post(f"{server.url}/v1/runs?wait=false", headers=server.headers(), json={"code": short_run})
+        polled_id = polled.json()["id"]
         deadline = time.monotonic() + 20
         while httpx.get(f"{server.url}/v1/tenant", headers=server.headers()).json()["usage"]["running"] == 0:
             assert time.monotonic() < deadline, "the slow run never started"
@@ -441,6 +446,9 @@ def test_sigterm_drains_in_flight_runs_then_stops_everything(tmp_path: Path) -> 
         assert ready.status_code == 503
         refused = httpx.post(f"{server.url}/v1/runs", headers=server.headers(), json={"code": "x = 1"})
         assert refused.status_code == 503
+        assert int(refused.headers["retry-after"]) > 0
+        with httpx.Client(base_url=server.url, headers=server.headers(), timeout=30) as reader:
+            assert wait_done(reader, polled_id)["outputs"] == {"done": True}  # GETs are still answered
         caller.join(timeout=30)
         assert outcome["response"].status_code == 200
         assert outcome["response"].json()["outputs"] == {"done": True}
