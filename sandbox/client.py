@@ -23,7 +23,7 @@ from __future__ import annotations
 import asyncio
 import json
 from collections.abc import AsyncIterator, Iterator, Mapping
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal, cast
 
 from sandbox.errors import SandboxClosed, SandboxError
 from sandbox.jsonform import (
@@ -43,6 +43,7 @@ if TYPE_CHECKING:
 
 
 _KEEPALIVE_EXPIRY_S = 5.0
+_OUTPUT_STREAMS = ("stdout", "stderr")
 
 
 class ServiceError(SandboxError):
@@ -103,7 +104,7 @@ class RemoteStream:
         return self._events()
 
     async def _events(self) -> AsyncIterator[Any]:
-        from sandbox import Output
+        from sandbox.stream import Output  # sandbox.Output, from its home module
 
         await self._client.check_tenant(self._tenant)
         async with self._client.http.stream("POST", self._path, json=self._body, timeout=None) as response:
@@ -116,7 +117,9 @@ class RemoteStream:
                 if name == "result":
                     self.result = result_from_body(_answer_body(data))
                     return
-                yield Output(name, data["text"], data["at"])
+                if name not in _OUTPUT_STREAMS:
+                    raise ServiceError(f"POST {self._path}: unknown event {name[:40]!r} in the stream", status=200)
+                yield Output(cast(Literal["stdout", "stderr"], name), data["text"], data["at"])
         raise ServiceError(f"POST {self._path}: the stream ended without a result event", status=200)
 
 
