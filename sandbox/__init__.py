@@ -41,6 +41,7 @@ if TYPE_CHECKING:
     from sandbox.policies import Policy as Policy, PolicyFileError as PolicyFileError, load_policies as load_policies
     from sandbox.result import Result as Result, RunStats as RunStats
     from sandbox.session import Session as Session
+    from sandbox.stats import SandboxStats as SandboxStats, TenantStats as TenantStats
     from sandbox.stream import Output as Output, RunStream as RunStream
     from sandbox.supervisor import Sandbox as Sandbox, run_sync as run_sync
     from sandbox.workflow import (
@@ -70,6 +71,7 @@ _HOMES = {
     "sandbox.result": ["Result", "RunStats"],
     "sandbox.session": ["Session"],
     "sandbox.stream": ["Output", "RunStream"],
+    "sandbox.stats": ["SandboxStats", "TenantStats"],
     "sandbox.supervisor": ["Sandbox", "run_sync"],
     "sandbox.workflow": ["WorkflowBuilder", "Workflow", "WorkflowError", "WorkflowDefinitionError"],
 }

@@ -1,9 +1,11 @@
 """The ``sandbox`` command line: run a file, check policies, report the host.
 
-Owns: argument parsing and presentation for ``sandbox run``, ``sandbox
-shell`` (the prompt itself is ``sandbox.shell``), ``sandbox doctor`` and
-``sandbox policy check``. Each command owns its own event loop
-(uvloop).
+Owns: argument parsing and presentation for ``sandbox run`` (local, or
+through a server with ``--server``), ``sandbox shell`` (the prompt itself is
+``sandbox.shell``), ``sandbox doctor``, ``sandbox policy check``, ``sandbox
+serve`` and ``sandbox key new``. Each command owns its own event loop
+(uvloop; ``serve``'s is uvicorn's). The HTTP stack is imported only by the
+commands that use it.
 
 Must never: print anything but JSON on stdout for ``run`` (the code's own
 output goes to stderr), or exit 0 when the run, the check or the probe failed.
@@ -71,14 +73,48 @@ def _parser() -> argparse.ArgumentParser:
         help="bind NAME to a JSON value before the code runs (repeatable)",
     )
     run.add_argument("--policy", type=Path, metavar="FILE", help="TOML policy file (see policies/default.toml)")
-    run.add_argument("--tenant", default=DEFAULT_TENANT, help="tenant of the policy file to run as")
+    run.add_argument("--tenant", help="tenant of the policy file to run as (default: default, or the key's)")
     run.add_argument("--timeout", type=float, help="shorten the policy's wall-clock limit (seconds)")
+    run.add_argument(
+        "--server", metavar="URL", help="run through a `sandbox serve` at URL, with the key in $SANDBOX_API_KEY"
+    )
     run.set_defaults(command=_run, usage=run)
 
     shell = commands.add_parser("shell", help="an interactive prompt over a session (Ctrl-D leaves)")
     shell.add_argument("--policy", type=Path, metavar="FILE", help="TOML policy file (see policies/default.toml)")
     shell.add_argument("--tenant", default=DEFAULT_TENANT, help="tenant of the policy file to run as")
     shell.set_defaults(command=_shell, usage=shell)
+
+    serve = commands.add_parser("serve", help="serve the sandbox over HTTP (needs the 'serve' extra)")
+    serve.add_argument("--policy", type=Path, metavar="FILE", help="TOML policy file with the tenants")
+    serve.add_argument("--keys", type=Path, metavar="FILE", help="TOML keys file ([keys] digest -> tenant)")
+    serve.add_argument("--host", help="address to listen on (default 127.0.0.1)")
+    serve.add_argument("--port", type=int, default=8000, help="port to listen on (default 8000; 0 picks one)")
+    serve.add_argument("--workers", type=int, help="worker processes shared by all tenants (default: CPUs)")
+    serve.add_argument(
+        "--insecure-no-auth",
+        action="store_true",
+        help="serve without API keys: every request is the default tenant, and only loopback is served",
+    )
+    serve.add_argument(
+        "--max-body-bytes", type=int, default=16 * 1024 * 1024, help="larger bodies get 413 (default 16 MiB)"
+    )
+    serve.add_argument(
+        "--drain-timeout", type=float, default=30.0, help="on SIGTERM, wait this long for runs in flight (s)"
+    )
+    metrics = serve.add_mutually_exclusive_group()
+    metrics.add_argument("--no-metrics", action="store_true", help="do not serve /metrics")
+    metrics.add_argument("--metrics-port", type=int, help="serve /metrics on this port instead of the API port")
+    serve.add_argument(
+        "--record-keep", type=float, default=600.0, help="keep a polled run's result this long (s, default 600)"
+    )
+    serve.set_defaults(command=_serve, usage=serve)
+
+    key = commands.add_parser("key", help="manage API keys of `sandbox serve`")
+    key_commands = key.add_subparsers(required=True, metavar="ACTION")
+    new_key = key_commands.add_parser("new", help="print a new key, then the line to add under [keys]")
+    new_key.add_argument("tenant")
+    new_key.set_defaults(command=_key_new, usage=new_key)
 
     doctor = commands.add_parser("doctor", help="report which isolation layers this host provides")
     doctor.add_argument("--json", action="store_true", help="print the report as JSON")
@@ -105,14 +141,14 @@ def _run(args: argparse.Namespace) -> int:
     except OSError as exc:
         raise _UsageError(f"cannot read {args.file}: {exc.strerror}") from None
     inputs = dict(_parse_input(item) for item in args.input)
-    tenants = _tenants(args)
-
-    async def execute() -> Result:
-        async with Sandbox(tenants=tenants, workers=1) as sandbox:
-            return await sandbox.run(code, inputs, tenant=args.tenant, timeout=args.timeout, filename=str(args.file))
-
+    if args.server is not None:
+        if args.policy is not None:
+            raise _UsageError("--policy applies to a local run; the server's own policy file governs --server")
+        execute = _remote_run(args.server, code, inputs, args.tenant, args.timeout)
+    else:
+        execute = _local_run(_tenants(args), code, inputs, args.tenant or DEFAULT_TENANT, args.timeout, str(args.file))
     try:
-        result = uvloop.run(execute())
+        result = uvloop.run(execute)
     except SandboxError as exc:
         sys.stderr.write(exc.stdout + exc.stderr)
         print(f"{type(exc).__name__}: {exc}", file=sys.stderr)
@@ -130,8 +166,9 @@ def _unknown_tenant(tenant: str, policy_file: Path | None, tenants: dict[str, Po
 
 def _tenants(args: argparse.Namespace) -> dict[str, Policy]:
     tenants = _load(args.policy) if args.policy else {}
-    if args.tenant != DEFAULT_TENANT and args.tenant not in tenants:
-        raise _UsageError(_unknown_tenant(args.tenant, args.policy, tenants))
+    tenant = args.tenant or DEFAULT_TENANT
+    if tenant != DEFAULT_TENANT and tenant not in tenants:
+        raise _UsageError(_unknown_tenant(tenant, args.policy, tenants))
     return tenants
 
 
@@ -142,6 +179,22 @@ def _shell(args: argparse.Namespace) -> int:
     from sandbox.shell import Shell
 
     return Shell(_tenants(args), args.tenant).interact()
+
+
+async def _local_run(
+    tenants: dict[str, Policy], code: str, inputs: dict[str, object], tenant: str, timeout: float | None, filename: str
+) -> Result:
+    async with Sandbox(tenants=tenants, workers=1) as sandbox:
+        return await sandbox.run(code, inputs, tenant=tenant, timeout=timeout, filename=filename)
+
+
+async def _remote_run(
+    server: str, code: str, inputs: dict[str, object], tenant: str | None, timeout: float | None
+) -> Result:
+    from sandbox.client import Client
+
+    async with Client(server, os.environ.get("SANDBOX_API_KEY")) as client:
+        return await client.run(code, inputs, tenant=tenant, timeout=timeout)
 
 
 def _parse_input(item: str) -> tuple[str, object]:
@@ -172,6 +225,56 @@ def _load(path: Path) -> dict[str, Policy]:
         return load_policies(path)
     except PolicyFileError as exc:
         raise _UsageError(str(exc)) from None
+
+
+# --- sandbox serve, sandbox key new ----------------------------------------------------
+
+
+def _serve(args: argparse.Namespace) -> int:
+    try:
+        from sandbox.service.app import ServiceConfig
+        from sandbox.service.keys import Keys, KeysFileError
+        from sandbox.service.main import is_loopback, serve
+    except ImportError as exc:
+        hint = "pip install 'pysandbox-nodes[serve]'"
+        raise _UsageError(f"sandbox serve needs the 'serve' extra: {hint} ({exc})") from None
+    tenants = _load(args.policy) if args.policy else {}
+    host = args.host or "127.0.0.1"
+    if args.insecure_no_auth:
+        if args.keys is not None:
+            raise _UsageError("--keys and --insecure-no-auth contradict each other; choose one")
+        if not is_loopback(host):
+            raise _UsageError(f"--insecure-no-auth serves loopback only; {host} is not a loopback address")
+        keys = None
+    elif args.keys is None:
+        raise _UsageError(
+            "sandbox serve needs --keys FILE (make keys with `sandbox key new TENANT`), or --insecure-no-auth "
+            "to serve loopback without authentication"
+        )
+    else:
+        try:
+            keys = Keys.load(args.keys, set(tenants) | {DEFAULT_TENANT})
+        except KeysFileError as exc:
+            raise _UsageError(str(exc)) from None
+    config = ServiceConfig(
+        tenants=tenants,
+        keys=keys,
+        workers=args.workers,
+        max_body_bytes=args.max_body_bytes,
+        drain_timeout_s=args.drain_timeout,
+        metrics=not args.no_metrics and args.metrics_port is None,
+        record_keep_s=args.record_keep,
+    )
+    return serve(config, host, args.port, metrics_port=args.metrics_port)
+
+
+def _key_new(args: argparse.Namespace) -> int:
+    from sandbox.service.keys import keys_line, new_key
+
+    key = new_key()
+    print(key)
+    print(keys_line(key, args.tenant))
+    return 0
 
 
 # --- sandbox policy check ------------------------------------------------------------

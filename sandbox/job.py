@@ -36,6 +36,7 @@ class Job:
         "future",
         "inputs",
         "observer",
+        "on_start",
         "seq",
         "started_at",
         "tenant",
@@ -63,6 +64,7 @@ class Job:
         self.observer = observer
         self.seq = next(_sequence)  # FIFO order across tenants, for fair-share ties
         self.started_at: float | None = None
+        self.on_start: Callable[[], object] | None = None  # called once, when a worker takes the run
 
     def resolve(self, value: Completed) -> None:
         if not self.future.done():

@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import asyncio
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING
 
 import psutil
@@ -46,6 +46,7 @@ from sandbox.result import Result
 from sandbox.runtime import linux
 from sandbox.scheduler import Scheduler, TenantQueue
 from sandbox.session import Session
+from sandbox.stats import SandboxStats, TenantStats
 from sandbox.stream import RunStream
 from sandbox.worker import State, WorkerProcess
 from sandbox.zygote import Zygote
@@ -247,10 +248,14 @@ class Sandbox:
         allow_await: bool = True,
         filename: str = "<code>",
         observer: OutputObserver | None = None,
+        on_start: Callable[[], object] | None = None,
     ) -> Result:
-        """``run`` with the knobs workflows and streams need: sync-only code, a
-        named filename, and an observer of the output as it is written."""
+        """``run`` with the knobs workflows, streams and the HTTP service need:
+        sync-only code, a named filename, an observer of the output as it is
+        written, and ``on_start``, called once when a worker takes the run (a
+        polled run reports ``queued`` until then)."""
         profile, job = self._new_job(code, inputs, tenant, timeout, allow_await, filename, observer)
+        job.on_start = on_start
         self._scheduler.admit(job)
         job.future.add_done_callback(lambda _: self._job_done(job))
         self._pump()
@@ -385,6 +390,20 @@ class Sandbox:
         if worker is not None and job.future.cancelled():
             worker.abandon(job)
 
+    def stats(self) -> SandboxStats:
+        """A read-only snapshot of the pool and of every tenant's queue (for metrics and usage reports)."""
+        workers = {state.value: 0 for state in (State.STARTING, State.IDLE, State.BUSY)}
+        held: dict[str, int] = dict.fromkeys(self._scheduler.tenants, 0)
+        for worker in self._pool.workers if self._pool is not None else ():
+            if worker.state.value in workers:
+                workers[worker.state.value] += 1
+            held[worker.tenant] += 1
+        tenants = {
+            name: TenantStats(queued=len(queue.queue), running=queue.in_flight, workers=held[name])
+            for name, queue in self._scheduler.tenants.items()
+        }
+        return SandboxStats(capacity=self.capacity, workers=workers, tenants=tenants)
+
     def _job_done(self, job: Job) -> None:
         """Every run passes here exactly once, however it ended.
 
@@ -421,6 +440,8 @@ class Sandbox:
             job = scheduler.started(tenant)
             self._running[job] = worker
             worker.begin(job)
+            if job.on_start is not None:
+                job.on_start()
         self._keep_spares()
 
     @property

@@ -198,6 +198,61 @@ class Workflow:
     def dependencies(self, node_id: str) -> set[str]:
         return {connection.source for connection in self.incoming[node_id]}
 
+    def to_json(self) -> dict[str, list[dict[str, object]]]:
+        """The JSON form of this workflow (what ``POST /v1/workflows`` takes)::
+
+            {"nodes": [{"id": "fetch", "kind": "AsyncPythonCodeNode",
+                        "parameters": {"code": "...", "user_id": "${uid}"}}],
+             "connections": [{"source": "fetch", "source_path": "result.data",
+                              "target": "report", "target_input": "rows"}]}
+
+        The fields are ``WorkflowBuilder.add_node`` and ``add_connection``'s
+        arguments. Parameter values are in the tagged form of
+        ``sandbox.jsonform`` (plain JSON stands for itself; a tuple, bytes or
+        a datetime is a ``{"$type": ...}`` object).
+        """
+        from sandbox.jsonform import encode
+
+        return {
+            "nodes": [
+                {"id": node.id, "kind": node.kind, "parameters": encode({CODE: node.code, **node.parameters})}
+                for node in self.nodes
+            ],
+            "connections": [
+                {"source": c.source, "source_path": ".".join(c.path), "target": c.target, "target_input": c.input}
+                for c in self.connections
+            ],
+        }
+
+    @classmethod
+    def from_json(cls, document: object) -> Workflow:
+        """The Workflow whose JSON form is ``document`` (see ``to_json``), validated as ``build()`` validates.
+
+        Raises WorkflowDefinitionError naming the field that is missing or malformed.
+        """
+        from sandbox.jsonform import JSONFormError, decode
+
+        def entries(key: str, fields: tuple[str, ...]) -> list[dict[str, object]]:
+            items = document.get(key, []) if isinstance(document, Mapping) else None
+            if not isinstance(items, list):
+                raise WorkflowDefinitionError(f"workflow.{key} must be a list")
+            for index, item in enumerate(items):
+                missing = [f for f in fields if not isinstance(item, Mapping) or f not in item]
+                if missing:
+                    raise WorkflowDefinitionError(f"workflow.{key}[{index}] needs the field {missing[0]!r}")
+            return items
+
+        builder = WorkflowBuilder()
+        for index, node in enumerate(entries("nodes", ("id", "kind", "parameters"))):
+            try:
+                parameters = decode(node["parameters"], f"workflow.nodes[{index}].parameters")
+            except JSONFormError as exc:
+                raise WorkflowDefinitionError(str(exc)) from None
+            builder.add_node(node["kind"], node["id"], parameters)  # type: ignore[arg-type]
+        for c in entries("connections", ("source", "source_path", "target", "target_input")):
+            builder.add_connection(c["source"], c["source_path"], c["target"], c["target_input"])  # type: ignore[arg-type]
+        return builder.build()
+
 
 class WorkflowBuilder:
     """Collects nodes and connections; ``build()`` checks them all at once.

@@ -253,7 +253,14 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--json", type=Path, help="JSON report path instead (default OUT/stress-report.json)")
     parser.add_argument("--plot", type=Path, help="PNG plot path instead (default OUT/stress-plot.png)")
     parser.add_argument("--no-plot", action="store_true", help="do not draw the PNG")
+    remote = parser.add_argument_group("through HTTP (scripts/stress_http.py)")
+    remote.add_argument("--server", metavar="URL", help="send the runs to a `sandbox serve` at URL")
+    remote.add_argument("--server-keys", type=Path, metavar="FILE", help="JSON tenant -> API key, for --server")
+    remote.add_argument("--server-pid", type=int, metavar="PID", help="measure RSS and fds of this server process")
+    remote.add_argument("--server-setup", type=Path, metavar="DIR", help="write the server's files for this mix")
     options = parser.parse_args(argv)
+    if options.server and not options.server_keys:
+        parser.error("--server needs --server-keys (write them with --server-setup DIR)")
     if options.runs is None and options.duration is None:
         options.runs = 100_000 if options.soak else 2000
     if options.warmup is None:
@@ -587,9 +594,12 @@ def host_dir_names() -> frozenset[str]:
     return frozenset(glob.glob(host_dirs_pattern()))
 
 
+MEASURED_PID: int | None = None  # --server-pid: the server's figures instead of this process's
+
+
 def measure_resources() -> Resources:
     """Blocking /proc reads; call it through ``asyncio.to_thread``."""
-    me = psutil.Process()
+    me = psutil.Process(MEASURED_PID)
     alive = zombies = 0
     for child in me.children(recursive=True):
         try:
@@ -720,7 +730,12 @@ async def stress(options: argparse.Namespace) -> dict[str, object]:
     resources: dict[str, Resources] = {"before_sandbox": await asyncio.to_thread(measure_resources)}
     lag = new_distribution(options.soak)
     timeline: list[dict[str, float]] = []
-    sandbox = Sandbox(tenants=policies(options), workers=options.workers)
+    if options.server:
+        from stress_http import RemoteSandbox, load_keys
+
+        sandbox = RemoteSandbox(options.server, load_keys(options.server_keys), options.concurrency)
+    else:
+        sandbox = Sandbox(tenants=policies(options), workers=options.workers)
     await sandbox.start()
     try:
         resources["started"] = await asyncio.to_thread(measure_resources)
@@ -863,8 +878,11 @@ def judge(report: dict[str, Any], options: argparse.Namespace) -> list[dict[str,
     if not report["close"]["finished"]:
         fail("close", f"Sandbox.close() had not returned after {report['close']['seconds']:g} s")
     res = report["resources"]
-    left = res["after_grace"]
-    if left["processes"] or left["zombies"]:
+    # Through HTTP the server outlives the run: its fds are compared from the
+    # warm baseline to the drained end, and its workers are still its own.
+    left = res["drained"] if options.server else res["after_grace"]
+    fds_before = res["baseline" if options.server else "before_sandbox"]["fds"]
+    if not options.server and (left["processes"] or left["zombies"]):
         fail(
             "processes",
             f"{left['processes']} live and {left['zombies']} zombie descendants remain "
@@ -877,8 +895,8 @@ def judge(report: dict[str, Any], options: argparse.Namespace) -> list[dict[str,
             f"appeared during the run and remain after close: "
             f"{', '.join(report['close']['host_dirs_left'][:5])}",
         )
-    if left["fds"] > res["before_sandbox"]["fds"]:
-        fail("fds", f"{left['fds']} fds open after close, {res['before_sandbox']['fds']} before the Sandbox")
+    if left["fds"] > fds_before:
+        fail("fds", f"{left['fds']} fds open after close, {fds_before} before the Sandbox")
     if options.max_rss_growth_pct is not None:
         growth = rss_growth_pct(res)
         if growth > options.max_rss_growth_pct:
@@ -1087,7 +1105,14 @@ def draw_resources(axis: Axes, timeline: list[dict[str, float]]) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    global MEASURED_PID
     options = parse_args(argv)
+    if options.server_setup:
+        from stress_http import write_setup
+
+        write_setup(options.server_setup, policies(options))
+        return 0
+    MEASURED_PID = options.server_pid
     report = uvloop.run(stress(options))
     print_report(report)
     options.json.parent.mkdir(parents=True, exist_ok=True)
