@@ -49,7 +49,7 @@ def main(argv: list[str] | None = None) -> int:
         command: Callable[[argparse.Namespace], int] = args.command
         return command(args)
     except _UsageError as exc:
-        args.usage.error(str(exc))  # the usage of the subcommand that was called, then exit 2
+        getattr(args, "usage", parser).error(str(exc))  # the called subcommand's usage, then exit 2
     except KeyboardInterrupt:
         # The run was cancelled and the sandbox closed on the way out; one
         # line says so instead of a traceback of the event loop.
