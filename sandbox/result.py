@@ -20,6 +20,9 @@ class RunStats:
     peak_memory_bytes: int
     worker_pid: int
     tenant: str
+    # Where the run ran: the host name for a local Sandbox, the Ray node id
+    # for a ClusterSandbox, so that code reads it the same way everywhere.
+    node: str = ""
 
     def __getitem__(self, name: str) -> object:
         if name not in self.__dataclass_fields__:

@@ -1,0 +1,359 @@
+"""``ClusterSandbox``: the ``Sandbox`` API over every node of a Ray cluster.
+
+Owns: the cluster's membership as this client sees it (one node agent per
+alive node, found when it joins, dropped when it dies), admission and
+quotas for the whole cluster, routing each run to a node, and turning a
+lost node into ``NodeLost`` for exactly the runs it had in flight.
+
+Must never: run a run twice. A run sent to a node that is then lost may
+have had side effects there, so it ends with ``NodeLost``; only runs that
+never left this client's queue go to other nodes. Nor may it send a tenant's
+run to a node that refused that tenant (fail closed per node), or let Ray
+queue without bound: each node gets at most its capacity of runs at a time,
+and its agent's ``max_pending_calls`` is a hard stop behind that.
+
+Why admission lives here: the quotas (``max_concurrency``, ``max_queued``,
+the rate limit) and the fair share hold for a tenant, not for a node, so
+the one place that sees every run of the cluster (this client) applies
+them, with the same ``Scheduler`` a local Sandbox uses. A node's own
+Sandbox never has more runs than workers, so it never queues or reorders.
+Several clients on one cluster each enforce their quotas separately.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import ray
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+from sandbox.cluster import protocol, routing
+from sandbox.cluster.agent import NodeAgent
+from sandbox.errors import ConfinementUnavailable, InputError, NodeLost, SandboxClosed, SandboxError
+from sandbox.job import Job
+from sandbox.policies.model import Policy
+from sandbox.result import Result
+from sandbox.scheduler import Scheduler, TenantQueue
+from sandbox.supervisor import DEFAULT_TENANT
+
+logger = logging.getLogger(__name__)
+
+_MEMBERSHIP_PERIOD_S = 1.0
+_AGENT_RESTARTS = 3
+_PENDING_HEADROOM = 4  # calls an agent accepts beyond its capacity (describe, streams ending)
+_RAY_FAILURES = (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError, ray.exceptions.RayTaskError)
+
+
+@dataclass(eq=False)
+class Node:
+    """One node as the client sees it. ``refused`` maps tenants to why this node cannot confine them."""
+
+    node_id: str
+    agent: Any
+    capacity: int
+    host: str = ""
+    layers: dict[str, str] = field(default_factory=dict)
+    refused: dict[str, str] = field(default_factory=dict)
+    supervisor_pid: int = 0
+    agent_pid: int = 0
+    in_flight: int = 0
+    up: bool = True
+
+
+class ClusterSandbox:
+    """Runs code nodes on the nodes of a Ray cluster, with the ``Sandbox`` API.
+
+    ``policy``/``tenants`` are as for ``Sandbox``; every node serves the
+    tenants it can confine. ``address`` is passed to ``ray.init`` (None
+    joins an initialised Ray or starts a local one). ``workers_per_node``
+    bounds each node's workers (default: the node's Ray CPUs).
+    """
+
+    def __init__(
+        self,
+        policy: Policy | None = None,
+        *,
+        tenants: Mapping[str, Policy] | None = None,
+        address: str | None = None,
+        workers_per_node: int | None = None,
+    ) -> None:
+        policies = dict(tenants or {})
+        if policy is not None and DEFAULT_TENANT in policies:
+            raise SandboxError("pass the default tenant's policy either as policy= or as tenants['default'], not both")
+        if policy is not None or DEFAULT_TENANT not in policies:
+            policies[DEFAULT_TENANT] = policy if policy is not None else Policy()
+        if workers_per_node is not None and workers_per_node < 1:
+            raise SandboxError("workers_per_node must be at least 1")
+        self.policies = policies
+        self._address = address
+        self._workers_per_node = workers_per_node
+        self._scheduler = Scheduler(policies)
+        self._nodes: dict[str, Node] = {}
+        self._joining: set[str] = set()
+        self._failed: dict[str, str] = {}  # node id -> why its agent could not start
+        self._running: dict[Job, Node] = {}
+        self._calls: set[asyncio.Task[None]] = set()
+        self._state = "new"
+        self._membership: asyncio.Task[None] | None = None
+
+    # --- lifecycle -------------------------------------------------------------------
+
+    async def __aenter__(self) -> ClusterSandbox:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.close()
+
+    async def start(self) -> None:
+        if self._state != "new":
+            raise SandboxError("a ClusterSandbox can be started only once")
+        self._loop = asyncio.get_running_loop()
+        if not ray.is_initialized():
+            await asyncio.to_thread(ray.init, address=self._address)
+        self._state = "open"
+        await self.refresh_nodes()
+        if not any(node.up for node in self._nodes.values()):
+            await self.close()
+            raise SandboxError(f"no node of the Ray cluster could start a node agent: {self._failed}")
+        self._membership = self._loop.create_task(self._watch_membership())
+
+    async def close(self) -> None:
+        """Fail queued runs with SandboxClosed, stop every node's agent and supervisor."""
+        if self._state == "closed":
+            return
+        self._state = "closed"
+        if self._membership is not None:
+            self._membership.cancel()
+        for job in self._scheduler.drain():
+            job.fail(SandboxClosed("the cluster sandbox was closed before this run started"))
+        for job in list(self._running):
+            job.fail(SandboxClosed("the cluster sandbox was closed while this run was in flight"))
+        for task in list(self._calls):
+            task.cancel()
+        for node in self._nodes.values():
+            ray.kill(node.agent, no_restart=True)
+        self._nodes.clear()
+
+    # --- membership ------------------------------------------------------------------
+
+    @property
+    def nodes(self) -> list[Node]:
+        """The nodes this client uses now, with what each refused and why."""
+        return list(self._nodes.values())
+
+    async def refresh_nodes(self) -> None:
+        """Start agents on nodes that joined, drop nodes that died, retry agents that failed."""
+        alive = {
+            entry["NodeID"]: entry
+            for entry in await asyncio.to_thread(ray.nodes)
+            if entry.get("Alive") or entry.get("alive")
+        }
+        for node_id in [n for n in self._nodes if n not in alive]:
+            self._lose(self._nodes.pop(node_id), "it left the Ray cluster")
+        joins = [self._join(node_id, entry) for node_id, entry in alive.items() if node_id not in self._nodes]
+        checks = [self._check(node) for node in self._nodes.values() if not node.up]
+        await asyncio.gather(*joins, *checks)
+        self._pump()
+
+    async def _watch_membership(self) -> None:
+        while True:
+            await asyncio.sleep(_MEMBERSHIP_PERIOD_S)
+            try:
+                await self.refresh_nodes()
+            except Exception:
+                logger.exception("could not refresh the cluster's nodes")
+
+    async def _join(self, node_id: str, entry: dict[str, Any]) -> None:
+        if node_id in self._joining or node_id in self._failed:
+            return
+        self._joining.add(node_id)
+        workers = self._workers_per_node or max(1, int(entry.get("Resources", {}).get("CPU", 1)))
+        tenants = {name: policy.model_dump(mode="json") for name, policy in self.policies.items()}
+        agent = (
+            ray.remote(NodeAgent)
+            .options(
+                scheduling_strategy=NodeAffinitySchedulingStrategy(node_id, soft=False),
+                num_cpus=0,
+                max_restarts=_AGENT_RESTARTS,
+                max_task_retries=0,
+                max_pending_calls=workers + _PENDING_HEADROOM,
+                max_concurrency=workers + _PENDING_HEADROOM,
+            )
+            .remote(tenants, workers, node_id)
+        )
+        try:
+            report = await agent.describe.remote()
+        except Exception as exc:
+            self._failed[node_id] = str(exc)
+            logger.warning("node %s gets no runs: its agent did not start: %s", node_id, exc)
+            ray.kill(agent, no_restart=True)
+            return
+        finally:
+            self._joining.discard(node_id)
+        if self._state != "open":
+            ray.kill(agent, no_restart=True)
+            return
+        node = Node(node_id, agent, int(report["capacity"]))
+        self._update(node, report)
+        self._nodes[node_id] = node
+        for tenant, why in node.refused.items():
+            logger.warning("node %s gets no runs of tenant %r: %s", node_id, tenant, why)
+
+    @staticmethod
+    def _update(node: Node, report: dict[str, Any]) -> None:
+        node.host = report["host"]
+        node.layers = report["layers"]
+        node.refused = report["refused"]
+        node.supervisor_pid = report["supervisor_pid"]
+        node.agent_pid = report["agent_pid"]
+        node.up = True
+
+    async def _check(self, node: Node) -> None:
+        """A node whose agent failed is used again once its agent (restarted by Ray) answers."""
+        try:
+            report = await asyncio.wait_for(node.agent.describe.remote(), timeout=5)
+        except (TimeoutError, *_RAY_FAILURES):
+            return
+        self._update(node, report)
+
+    def _lose(self, node: Node, why: str) -> None:
+        node.up = False
+        for job, where in list(self._running.items()):
+            if where is node:
+                job.fail(
+                    NodeLost(
+                        f"node {node.node_id} was lost while this run was in flight ({why}); "
+                        "it was not run again, since it may have had effects",
+                        node=node.node_id,
+                    )
+                )
+
+    # --- runs ------------------------------------------------------------------------
+
+    async def run(
+        self,
+        code: str,
+        inputs: Mapping[str, object] | None = None,
+        *,
+        tenant: str = DEFAULT_TENANT,
+        timeout: float | None = None,
+    ) -> Result:
+        """As ``Sandbox.run``, on some node of the cluster; ``stats.node`` says which."""
+        return await self.execute(code, inputs, tenant=tenant, timeout=timeout)
+
+    async def execute(
+        self,
+        code: str,
+        inputs: Mapping[str, object] | None = None,
+        *,
+        tenant: str = DEFAULT_TENANT,
+        timeout: float | None = None,
+        allow_await: bool = True,
+        filename: str = "<code>",
+    ) -> Result:
+        """``run`` with the knobs workflows need (see ``Sandbox.execute``)."""
+        if self._state != "open":
+            raise SandboxClosed("the cluster sandbox is not running (use it inside 'async with ClusterSandbox(...)')")
+        if tenant not in self.policies:
+            known = ", ".join(repr(name) for name in sorted(self.policies))
+            raise SandboxError(f"unknown tenant {tenant!r}; this sandbox serves {known}")
+        if not isinstance(code, str):
+            raise InputError(f"code must be a str, not {type(code).__name__}")
+        if timeout is not None and not timeout > 0:
+            raise InputError(f"timeout must be a positive number of seconds, not {timeout!r}")
+        self._refuse_if_unservable(tenant)
+        try:
+            request = protocol.encode_request(
+                "run",
+                code=code,
+                inputs=dict(inputs or {}),
+                tenant=tenant,
+                timeout=timeout,
+                allow_await=allow_await,
+                filename=filename,
+            )
+        except Exception as exc:
+            raise InputError(f"the run's inputs cannot be serialized: {type(exc).__name__}: {exc}") from exc
+        job = Job(tenant, code, {"request": request}, allow_await, filename, 0.0, self._loop.create_future())
+        self._scheduler.admit(job)
+        job.future.add_done_callback(lambda _: self._job_done(job))
+        self._pump()
+        result: Result = await job.future
+        return result
+
+    async def run_workflow(
+        self,
+        workflow: Any,
+        parameters: Mapping[str, Mapping[str, object]] | None = None,
+        *,
+        tenant: str = DEFAULT_TENANT,
+        timeout: float | None = None,
+    ) -> dict[str, Any]:
+        """Run a built workflow; each of its code nodes is routed like a run."""
+        from sandbox.workflow import run_workflow
+
+        return await run_workflow(self, workflow, parameters, tenant=tenant, timeout=timeout)  # type: ignore[arg-type]
+
+    def _refuse_if_unservable(self, tenant: str) -> None:
+        """Fail closed at once when every node refused the tenant."""
+        nodes = [node for node in self._nodes.values() if node.up]
+        if nodes and all(tenant in node.refused for node in nodes):
+            reasons = "; ".join(f"node {node.node_id} ({node.host}): {node.refused[tenant]}" for node in nodes)
+            raise ConfinementUnavailable(
+                f"no node of the cluster can confine tenant {tenant!r}: {reasons}",
+                layer="",
+                reason=reasons,
+            )
+
+    def _serving(self, tenant: TenantQueue) -> list[Node]:
+        return [node for node in self._nodes.values() if node.up and tenant.name not in node.refused]
+
+    def _can_serve(self, tenant: TenantQueue) -> bool:
+        return any(node.in_flight < node.capacity for node in self._serving(tenant))
+
+    def _pump(self) -> None:
+        """Send every run that can start now, in the scheduler's order, to its node."""
+        if self._state != "open":
+            return
+        while (tenant := self._scheduler.pick(self._can_serve)) is not None:
+            node = routing.choose(tenant.name, self._serving(tenant))
+            assert node is not None  # _can_serve said one has a free slot
+            job = self._scheduler.started(tenant)
+            node.in_flight += 1
+            self._running[job] = node
+            task = self._loop.create_task(self._call(job, node))
+            self._calls.add(task)
+            task.add_done_callback(self._calls.discard)
+
+    async def _call(self, job: Job, node: Node) -> None:
+        try:
+            reply = await node.agent.call.remote(job.inputs["request"])
+        except _RAY_FAILURES as exc:
+            self._lose(node, f"its agent failed: {type(exc).__name__}")
+            return
+        try:
+            outcome = protocol.decode_reply(reply)
+        except protocol.ProtocolError as exc:
+            job.fail(SandboxError(f"node {node.node_id} sent a malformed reply: {exc}"))
+            return
+        if isinstance(outcome, Result):
+            job.resolve(outcome)
+        elif isinstance(outcome, SandboxError):
+            job.fail(outcome)
+        else:
+            job.fail(SandboxError(f"node {node.node_id} answered a run with an event"))
+
+    def _job_done(self, job: Job) -> None:
+        """Every run passes here exactly once. A cancelled queued run is withdrawn."""
+        node = self._running.pop(job, None)
+        if node is not None:
+            node.in_flight -= 1
+            self._scheduler.finished(job)
+        elif job.future.cancelled():
+            self._scheduler.withdraw(job)
+        self._pump()
