@@ -44,6 +44,7 @@ logger = logging.getLogger(__name__)
 
 _MEMBERSHIP_PERIOD_S = 1.0
 _AGENT_RESTARTS = 3
+_DESCRIBE_TIMEOUT_S = 5.0
 _PENDING_HEADROOM = 4  # calls an agent accepts beyond its capacity (describe, streams ending)
 _RAY_FAILURES = (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError, ray.exceptions.RayTaskError)
 
@@ -97,6 +98,7 @@ class ClusterSandbox:
         self._failed: dict[str, str] = {}  # node id -> why its agent could not start
         self._running: dict[Job, Node] = {}
         self._calls: set[asyncio.Task[None]] = set()
+        self.dispatched = 0  # runs sent to a node: each run is sent at most once, ever
         self._state = "new"
         self._membership: asyncio.Task[None] | None = None
 
@@ -147,7 +149,12 @@ class ClusterSandbox:
         return list(self._nodes.values())
 
     async def refresh_nodes(self) -> None:
-        """Start agents on nodes that joined, drop nodes that died, retry agents that failed."""
+        """Start agents on nodes that joined, drop nodes that died, ask every agent how it is.
+
+        Asking each agent (one small call per node per refresh) is how a
+        restarted agent, and so a new supervisor, is noticed when no run was
+        in flight to notice it.
+        """
         alive = {
             entry["NodeID"]: entry
             for entry in await asyncio.to_thread(ray.nodes)
@@ -156,7 +163,7 @@ class ClusterSandbox:
         for node_id in [n for n in self._nodes if n not in alive]:
             self._lose(self._nodes.pop(node_id), "it left the Ray cluster")
         joins = [self._join(node_id, entry) for node_id, entry in alive.items() if node_id not in self._nodes]
-        checks = [self._check(node) for node in self._nodes.values() if not node.up]
+        checks = [self._check(node) for node in self._nodes.values()]
         await asyncio.gather(*joins, *checks)
         self._pump()
 
@@ -214,10 +221,17 @@ class ClusterSandbox:
         node.up = True
 
     async def _check(self, node: Node) -> None:
-        """A node whose agent failed is used again once its agent (restarted by Ray) answers."""
+        """Mark a node down if its agent died, up again once the agent (restarted by Ray) answers.
+
+        An agent that is only slow to answer keeps its state: being busy is
+        not being lost, and its runs in flight must not be failed for it.
+        """
         try:
-            report = await asyncio.wait_for(node.agent.describe.remote(), timeout=5)
-        except (TimeoutError, *_RAY_FAILURES):
+            report = await asyncio.wait_for(node.agent.describe.remote(), timeout=_DESCRIBE_TIMEOUT_S)
+        except TimeoutError:
+            return
+        except _RAY_FAILURES as exc:
+            self._lose(node, f"its agent failed: {type(exc).__name__}")
             return
         self._update(node, report)
 
@@ -325,6 +339,7 @@ class ClusterSandbox:
             assert node is not None  # _can_serve said one has a free slot
             job = self._scheduler.started(tenant)
             node.in_flight += 1
+            self.dispatched += 1
             self._running[job] = node
             task = self._loop.create_task(self._call(job, node))
             self._calls.add(task)

@@ -1,0 +1,160 @@
+"""ClusterSandbox on a real two-node Ray cluster (``ray.cluster_utils.Cluster``) on this machine.
+
+Runs inside a network namespace of its own (see conftest.py). The tests that
+damage the cluster (an agent killed, a node removed, a node added) come last
+and in this order.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import os
+import signal
+import time
+
+import psutil
+import pytest
+import pytest_asyncio
+
+from sandbox import CodeError, ConfinementUnavailable, NodeLost, Policy, QuotaExceeded, TimeLimitExceeded
+from sandbox.cluster import ClusterSandbox
+from tests.cluster.conftest import node_args
+
+pytestmark = pytest.mark.asyncio(loop_scope="module")
+
+SLEEP = "import time\nstarted = time.time()\ntime.sleep(seconds)\nended = time.time()\n"
+QUICK = Policy(wall_time_s=10.0, cpu_time_s=5.0)
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="module")
+async def sb(ray_cluster):
+    tenants = {
+        "default": QUICK,
+        "single": Policy(wall_time_s=10.0, cpu_time_s=5.0, max_concurrency=1, max_queued=2),
+        # No node can confine it: network is allowed, yet netns is required.
+        "impossible": Policy(network=True, required_layers=["netns"]),
+    }
+    async with ClusterSandbox(tenants=tenants, workers_per_node=2) as cluster_sandbox:
+        yield cluster_sandbox
+
+
+def node_ids(sb: ClusterSandbox) -> set[str]:
+    return {node.node_id for node in sb.nodes if node.up}
+
+
+async def eventually(predicate, within_s: float, what: str) -> None:
+    deadline = time.monotonic() + within_s
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"not within {within_s} s: {what}")
+        await asyncio.sleep(0.1)
+
+
+async def test_every_node_has_an_agent_and_the_outputs_come_back(sb: ClusterSandbox) -> None:
+    import ray
+
+    alive = {entry["NodeID"] for entry in ray.nodes() if entry["Alive"]}
+    assert node_ids(sb) == alive and len(alive) == 2
+    result = await sb.run("y = [x * 2, str(x)]\nprint('hi')", {"x": 21})
+    assert result.outputs == {"y": [42, "21"]}
+    assert result.stdout == "hi\n"
+    assert result.stats.node in alive and result.stats.tenant == "default"
+
+
+async def test_runs_land_on_both_nodes(sb: ClusterSandbox) -> None:
+    # Four slots in all (two per node): a burst of six fills the tenant's home and spills over.
+    results = await asyncio.gather(*[sb.run(SLEEP, {"seconds": 0.5}) for _ in range(6)])
+    assert {r.stats.node for r in results} == node_ids(sb)
+    assert all(r.outputs["ended"] - r.outputs["started"] >= 0.5 for r in results)
+
+
+async def test_errors_keep_their_type_and_details(sb: ClusterSandbox) -> None:
+    with pytest.raises(CodeError) as code_error:
+        await sb.run("print('before')\nraise KeyError('k')")
+    assert code_error.value.type_name == "KeyError" and code_error.value.stdout == "before\n"
+    assert "line 2" in code_error.value.traceback
+    with pytest.raises(TimeLimitExceeded) as timeout:
+        await sb.run("while True: pass", timeout=0.5)
+    assert timeout.value.kind == "wall" and timeout.value.limit_s == 0.5
+
+
+async def test_a_tenants_concurrency_cap_holds_across_nodes(sb: ClusterSandbox) -> None:
+    runs = [asyncio.ensure_future(sb.run(SLEEP, {"seconds": 0.3}, tenant="single")) for _ in range(3)]
+    await asyncio.sleep(0)  # all three admitted: one sent to a node, two queued in the client
+    with pytest.raises(QuotaExceeded) as refused:
+        await sb.run(SLEEP, {"seconds": 0.3}, tenant="single")  # one running and two queued already
+    assert refused.value.quota == "max_queued"
+    results = await asyncio.gather(*runs)
+    spans = sorted((r.outputs["started"], r.outputs["ended"]) for r in results)
+    assert all(earlier[1] <= later[0] for earlier, later in itertools.pairwise(spans)), spans
+
+
+async def test_a_workflow_runs_through_the_cluster(sb: ClusterSandbox) -> None:
+    from sandbox import WorkflowBuilder
+
+    wf = WorkflowBuilder()
+    wf.add_node("PythonCodeNode", "a", {"code": "value = n + 1"})
+    wf.add_node("PythonCodeNode", "b", {"code": "value = n * 10"})
+    wf.add_connection("a", "value", "b", "n")
+    results = await sb.run_workflow(wf.build(), parameters={"a": {"n": 1}})
+    assert results["b"]["value"] == 20
+
+
+async def test_a_tenant_no_node_can_confine_is_refused_naming_each_node(sb: ClusterSandbox) -> None:
+    for node in sb.nodes:
+        assert "netns" in node.refused["impossible"]
+    with pytest.raises(ConfinementUnavailable) as refused:
+        await sb.run("x = 1", tenant="impossible")
+    for node in sb.nodes:
+        assert node.node_id in str(refused.value)
+
+
+def process_tree(pid: int) -> list[psutil.Process]:
+    root = psutil.Process(pid)
+    return [root, *root.children(recursive=True)]
+
+
+async def test_killing_an_agent_leaves_no_worker_or_zygote_behind(sb: ClusterSandbox) -> None:
+    node = sb.nodes[0]
+    tree = process_tree(node.supervisor_pid)
+    assert len(tree) >= 3, tree  # the supervisor, its zygote and workers
+    old_supervisor = node.supervisor_pid
+    os.kill(node.agent_pid, signal.SIGKILL)
+    _gone, alive = psutil.wait_procs(tree, timeout=30)
+    assert not [p for p in alive if p.status() != psutil.STATUS_ZOMBIE], alive
+    # Ray restarts the agent, which starts a new supervisor; the node is used again.
+    await eventually(lambda: node.up and node.supervisor_pid != old_supervisor, 30, "the agent came back")
+    results = await asyncio.gather(*[sb.run(SLEEP, {"seconds": 0.5}) for _ in range(6)])
+    assert node.node_id in {r.stats.node for r in results}
+
+
+async def test_a_node_removed_under_load(sb: ClusterSandbox, ray_cluster) -> None:
+    await eventually(lambda: all(node.up for node in sb.nodes), 30, "both nodes up")
+    head_id = ray_cluster.head_node.node_id
+    lost_node = next(node for node in sb.nodes if node.node_id != head_id)
+    lost_tree = process_tree(lost_node.supervisor_pid)
+    before = sb.dispatched
+    runs = [asyncio.ensure_future(sb.run(SLEEP, {"seconds": 3.0})) for _ in range(8)]
+    await eventually(lambda: lost_node.in_flight == 2, 10, "runs in flight on the node to remove")
+    ray_cluster.remove_node(next(n for n in ray_cluster.worker_nodes))
+    outcomes = await asyncio.wait_for(asyncio.gather(*runs, return_exceptions=True), timeout=60)
+    lost = [o for o in outcomes if isinstance(o, NodeLost)]
+    done = [o for o in outcomes if not isinstance(o, BaseException)]
+    assert len(lost) + len(done) == len(runs), outcomes
+    assert len(lost) == 2 and all(o.node == lost_node.node_id for o in lost)
+    assert all(r.stats.node == head_id for r in done)
+    assert sb.dispatched - before == len(runs)  # none was sent twice
+    later = await sb.run("x = 2")
+    assert later.outputs == {"x": 2} and later.stats.node == head_id
+    _gone, alive = psutil.wait_procs(lost_tree, timeout=30)
+    assert not [p for p in alive if p.status() != psutil.STATUS_ZOMBIE], alive
+
+
+async def test_a_node_added_later_receives_runs(sb: ClusterSandbox, ray_cluster) -> None:
+    known = node_ids(sb)
+    ray_cluster.add_node(**node_args("c"))
+    await eventually(lambda: len(node_ids(sb)) == len(known) + 1, 60, "the new node was found")
+    (new_node,) = node_ids(sb) - known
+    results = await asyncio.gather(*[sb.run(SLEEP, {"seconds": 0.5}) for _ in range(4)])
+    assert new_node in {r.stats.node for r in results}
