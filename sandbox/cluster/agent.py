@@ -25,8 +25,9 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import uuid
 from collections.abc import AsyncIterator
-from typing import Any
+from typing import Any, NoReturn
 
 from sandbox.cluster import protocol
 from sandbox.errors import SandboxError
@@ -57,6 +58,7 @@ class NodeAgent:
             self._process.wait()
             shutil.rmtree(self._directory, ignore_errors=True)
             raise SandboxError(f"node {node}: the node supervisor did not start: {report['error']}")
+        self._sessions: dict[str, tuple[asyncio.StreamReader, asyncio.StreamWriter, asyncio.Lock]] = {}
         self._report = {**report, "node": node, "supervisor_pid": self._process.pid, "agent_pid": os.getpid()}
 
     async def describe(self) -> dict[str, Any]:
@@ -64,45 +66,110 @@ class NodeAgent:
         return self._report
 
     async def call(self, request: bytes) -> bytes:
-        """Forward one request (a run) and return its reply bytes."""
+        """Forward one run and return its outcome's bytes."""
         reader, writer = await self._connect()
         try:
-            protocol.write_frame(writer, request)
-            await writer.drain()
-            reply = await protocol.read_frame(reader, MAX_REPLY_BYTES)
-        except (ConnectionError, protocol.ProtocolError):
-            reply = None
+            return await self._exchange(reader, writer, request)
         finally:
             writer.close()
-        if reply is None:
-            self._supervisor_lost()
-        return reply  # type: ignore[return-value]  # _supervisor_lost does not return
 
     async def stream(self, request: bytes) -> AsyncIterator[bytes]:
-        """Forward a stream request; yield each event's bytes, then the outcome's."""
+        """Forward a streamed run; yield each event's bytes, then the outcome's.
+
+        Cancelled by the client (``ray.cancel``), it closes the connection,
+        which cancels the run on the node.
+        """
         reader, writer = await self._connect()
         try:
             protocol.write_frame(writer, request)
             await writer.drain()
-            while (reply := await protocol.read_frame(reader, MAX_REPLY_BYTES)) is not None:
+            while True:
+                reply = await self._next(reader)
                 yield reply
                 if not protocol.is_event(reply):
                     return
-        except (ConnectionError, protocol.ProtocolError):
-            pass
         finally:
             writer.close()
-        self._supervisor_lost()
+
+    # --- sessions: one connection each, kept open here for the session's life ------------
+
+    async def open_session(self, request: bytes) -> tuple[str, bytes]:
+        """Open a session on the node: its id (empty if it did not open) and the node's answer."""
+        reader, writer = await self._connect()
+        reply = await self._exchange(reader, writer, request, final=False)
+        if not protocol.is_event(reply):
+            writer.close()
+            return "", reply
+        session_id = uuid.uuid4().hex
+        self._sessions[session_id] = (reader, writer, asyncio.Lock())
+        return session_id, reply
+
+    async def session_call(self, session_id: str, request: bytes) -> bytes:
+        entry = self._sessions.get(session_id)
+        if entry is None:
+            return _session_gone()
+        reader, writer, turn = entry
+        async with turn:
+            return await self._exchange(reader, writer, request)
+
+    async def session_stream(self, session_id: str, request: bytes) -> AsyncIterator[bytes]:
+        entry = self._sessions.get(session_id)
+        if entry is None:
+            yield _session_gone()
+            return
+        reader, writer, turn = entry
+        async with turn:
+            protocol.write_frame(writer, request)
+            await writer.drain()
+            while True:
+                reply = await self._next(reader)
+                yield reply
+                if not protocol.is_event(reply):
+                    return
+
+    async def close_session(self, session_id: str) -> None:
+        entry = self._sessions.pop(session_id, None)
+        if entry is not None:
+            entry[1].close()
+
+    # --- plumbing ---------------------------------------------------------------------------
+
+    async def _exchange(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, request: bytes, final: bool = True
+    ) -> bytes:
+        protocol.write_frame(writer, request)
+        await writer.drain()
+        reply = await self._next(reader)
+        if final and protocol.is_event(reply):
+            self._supervisor_lost()
+        return reply
+
+    async def _next(self, reader: asyncio.StreamReader) -> bytes:
+        try:
+            reply = await protocol.read_frame(reader, MAX_REPLY_BYTES)
+        except (ConnectionError, protocol.ProtocolError):
+            reply = None
+        if reply is None:
+            self._supervisor_lost()
+        return reply
 
     async def _connect(self) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
         try:
             return await asyncio.open_unix_connection(self._socket)
         except OSError:
             self._supervisor_lost()
-            raise
 
-    def _supervisor_lost(self) -> None:
+    def _supervisor_lost(self) -> NoReturn:
         """The supervisor died: die too, so that Ray restarts this agent with a new one."""
         if self._process.poll() is None:
-            raise SandboxError("the node supervisor closed a connection without replying")
+            raise SandboxError("the node supervisor broke off a reply")
         os._exit(1)
+
+
+def _session_gone() -> bytes:
+    """The answer for a session this agent does not hold (it was restarted since, or it was closed)."""
+    from sandbox.errors import SessionLost
+
+    return protocol.encode_error(
+        SessionLost("this node agent holds no such session (it was restarted, or the session closed); open a new one")
+    )

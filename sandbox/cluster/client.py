@@ -23,24 +23,31 @@ Several clients on one cluster each enforce their quotas separately.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from sandbox.cluster import protocol, routing
 from sandbox.cluster.agent import NodeAgent
-from sandbox.errors import ConfinementUnavailable, InputError, NodeLost, SandboxClosed, SandboxError
+from sandbox.errors import ConfinementUnavailable, InputError, NodeLost, QuotaExceeded, SandboxClosed, SandboxError
 from sandbox.job import Job
 from sandbox.policies.model import Policy
 from sandbox.result import Result
 from sandbox.scheduler import Scheduler, TenantQueue
 from sandbox.supervisor import DEFAULT_TENANT
 
+if TYPE_CHECKING:
+    from sandbox.cluster.session import ClusterSession
+
 logger = logging.getLogger(__name__)
+# Called with (0 for stdout or 1 for stderr, text, seconds since the run began), as Sandbox.stream's observer is.
+OutputObserver = Callable[[int, str, float], None]
+_STREAMS = {"stdout": 0, "stderr": 1}
 
 _MEMBERSHIP_PERIOD_S = 1.0
 _AGENT_RESTARTS = 3
@@ -63,6 +70,17 @@ class Node:
     agent_pid: int = 0
     in_flight: int = 0
     up: bool = True
+
+
+class ClusterJob(Job):
+    """A run as the client queues it: the encoded request, and who hears its output as it comes."""
+
+    __slots__ = ("output_to", "request")
+
+    def __init__(self, tenant: str, request: bytes, output_to: OutputObserver | None, future: asyncio.Future) -> None:  # type: ignore[type-arg]
+        super().__init__(tenant, "", {}, True, "", 0.0, future)
+        self.request = request
+        self.output_to = output_to
 
 
 class ClusterSandbox:
@@ -97,7 +115,8 @@ class ClusterSandbox:
         self._joining: set[str] = set()
         self._failed: dict[str, str] = {}  # node id -> why its agent could not start
         self._running: dict[Job, Node] = {}
-        self._calls: set[asyncio.Task[None]] = set()
+        self._calls: dict[Job, asyncio.Task[None]] = {}
+        self.sessions: set[ClusterSession] = set()
         self.dispatched = 0  # runs sent to a node: each run is sent at most once, ever
         self._state = "new"
         self._membership: asyncio.Task[None] | None = None
@@ -135,8 +154,10 @@ class ClusterSandbox:
             job.fail(SandboxClosed("the cluster sandbox was closed before this run started"))
         for job in list(self._running):
             job.fail(SandboxClosed("the cluster sandbox was closed while this run was in flight"))
-        for task in list(self._calls):
+        for task in list(self._calls.values()):
             task.cancel()
+        for session in list(self.sessions):
+            session.lose("the cluster sandbox was closed")
         for node in self._nodes.values():
             ray.kill(node.agent, no_restart=True)
         self._nodes.clear()
@@ -161,7 +182,7 @@ class ClusterSandbox:
             if entry.get("Alive") or entry.get("alive")
         }
         for node_id in [n for n in self._nodes if n not in alive]:
-            self._lose(self._nodes.pop(node_id), "it left the Ray cluster")
+            self.lose(self._nodes.pop(node_id), "it left the Ray cluster")
         joins = [self._join(node_id, entry) for node_id, entry in alive.items() if node_id not in self._nodes]
         checks = [self._check(node) for node in self._nodes.values()]
         await asyncio.gather(*joins, *checks)
@@ -211,8 +232,10 @@ class ClusterSandbox:
         for tenant, why in node.refused.items():
             logger.warning("node %s gets no runs of tenant %r: %s", node_id, tenant, why)
 
-    @staticmethod
-    def _update(node: Node, report: dict[str, Any]) -> None:
+    def _update(self, node: Node, report: dict[str, Any]) -> None:
+        if node.agent_pid and report["agent_pid"] != node.agent_pid:
+            for session in [s for s in self.sessions if s.node is node]:
+                session.lose(f"the node agent on node {node.node_id} was restarted")
         node.host = report["host"]
         node.layers = report["layers"]
         node.refused = report["refused"]
@@ -231,21 +254,63 @@ class ClusterSandbox:
         except TimeoutError:
             return
         except _RAY_FAILURES as exc:
-            self._lose(node, f"its agent failed: {type(exc).__name__}")
+            self.lose(node, f"its agent failed: {type(exc).__name__}")
             return
         self._update(node, report)
 
-    def _lose(self, node: Node, why: str) -> None:
+    def lose(self, node: Node, why: str) -> None:
         node.up = False
         for job, where in list(self._running.items()):
             if where is node:
-                job.fail(
-                    NodeLost(
-                        f"node {node.node_id} was lost while this run was in flight ({why}); "
-                        "it was not run again, since it may have had effects",
-                        node=node.node_id,
-                    )
-                )
+                job.fail(lost(node, why))
+        for session in [s for s in self.sessions if s.node is node]:
+            session.lose(f"its node {node.node_id} was lost ({why})")
+
+    # --- sessions ----------------------------------------------------------------------
+
+    def take_session_slot(self, tenant: str) -> Node:
+        """A node slot for a new session of ``tenant``, or QuotaExceeded naming the limit.
+
+        As on a local Sandbox, a session never waits: it holds a worker (a
+        slot of its node) and a place under ``max_concurrency`` for its
+        life, and ``max_sessions`` counts the whole cluster's sessions.
+        """
+        self.check_open(tenant)
+        self._refuse_if_unservable(tenant)
+        queue = self._scheduler.tenants[tenant]
+        policy = queue.policy
+        if queue.sessions >= policy.max_sessions:
+            raise QuotaExceeded(
+                f"tenant {tenant!r} already has {queue.sessions} sessions open in the cluster, its max_sessions; "
+                "close one or raise the limit",
+                tenant=tenant,
+                quota="max_sessions",
+            )
+        cap = policy.max_concurrency
+        if cap is not None and queue.in_flight + queue.sessions >= cap:
+            raise QuotaExceeded(
+                f"tenant {tenant!r} has {queue.in_flight} runs in flight and {queue.sessions} sessions open "
+                f"in the cluster, its max_concurrency of {cap}; retry later",
+                tenant=tenant,
+                quota="max_concurrency",
+            )
+        node = routing.choose(tenant, self.serving(queue))
+        if node is None:
+            slots = sum(node.capacity for node in self.serving(queue))
+            raise QuotaExceeded(
+                f"all {slots} workers of the cluster's nodes are busy or held by sessions "
+                "(ClusterSandbox(workers_per_node=...)); retry later",
+                tenant=tenant,
+                quota="workers",
+            )
+        node.in_flight += 1
+        queue.sessions += 1
+        return node
+
+    def give_back_session_slot(self, node: Node, tenant: str) -> None:
+        node.in_flight -= 1
+        self._scheduler.tenants[tenant].sessions -= 1
+        self._pump()
 
     # --- runs ------------------------------------------------------------------------
 
@@ -269,36 +334,45 @@ class ClusterSandbox:
         timeout: float | None = None,
         allow_await: bool = True,
         filename: str = "<code>",
+        observer: OutputObserver | None = None,
     ) -> Result:
-        """``run`` with the knobs workflows need (see ``Sandbox.execute``)."""
-        if self._state != "open":
-            raise SandboxClosed("the cluster sandbox is not running (use it inside 'async with ClusterSandbox(...)')")
-        if tenant not in self.policies:
-            known = ", ".join(repr(name) for name in sorted(self.policies))
-            raise SandboxError(f"unknown tenant {tenant!r}; this sandbox serves {known}")
-        if not isinstance(code, str):
-            raise InputError(f"code must be a str, not {type(code).__name__}")
-        if timeout is not None and not timeout > 0:
-            raise InputError(f"timeout must be a positive number of seconds, not {timeout!r}")
+        """``run`` with the knobs workflows and streams need (see ``Sandbox.execute``)."""
+        self.check_open(tenant)
         self._refuse_if_unservable(tenant)
-        try:
-            request = protocol.encode_request(
-                "run",
-                code=code,
-                inputs=dict(inputs or {}),
-                tenant=tenant,
-                timeout=timeout,
-                allow_await=allow_await,
-                filename=filename,
-            )
-        except Exception as exc:
-            raise InputError(f"the run's inputs cannot be serialized: {type(exc).__name__}: {exc}") from exc
-        job = Job(tenant, code, {"request": request}, allow_await, filename, 0.0, self._loop.create_future())
+        op = "run" if observer is None else "stream"
+        request = encode_run(op, code, inputs, timeout, tenant=tenant, allow_await=allow_await, filename=filename)
+        job = ClusterJob(tenant, request, observer, self._loop.create_future())
         self._scheduler.admit(job)
         job.future.add_done_callback(lambda _: self._job_done(job))
         self._pump()
         result: Result = await job.future
         return result
+
+    def stream(
+        self,
+        code: str,
+        inputs: Mapping[str, object] | None = None,
+        *,
+        tenant: str = DEFAULT_TENANT,
+        timeout: float | None = None,
+    ) -> Any:
+        """As ``Sandbox.stream``: ``async for out in sb.stream(code)`` yields ``sandbox.Output`` as written."""
+        from sandbox.stream import RunStream
+
+        return RunStream(lambda observer: self.execute(code, inputs, tenant=tenant, timeout=timeout, observer=observer))
+
+    def session(self, tenant: str = DEFAULT_TENANT) -> ClusterSession:
+        """As ``Sandbox.session``: runs sharing one namespace, in one worker on one node."""
+        from sandbox.cluster.session import ClusterSession
+
+        return ClusterSession(self, tenant)
+
+    def check_open(self, tenant: str) -> None:
+        if self._state != "open":
+            raise SandboxClosed("the cluster sandbox is not running (use it inside 'async with ClusterSandbox(...)')")
+        if tenant not in self.policies:
+            known = ", ".join(repr(name) for name in sorted(self.policies))
+            raise SandboxError(f"unknown tenant {tenant!r}; this sandbox serves {known}")
 
     async def run_workflow(
         self,
@@ -324,44 +398,45 @@ class ClusterSandbox:
                 reason=reasons,
             )
 
-    def _serving(self, tenant: TenantQueue) -> list[Node]:
+    def serving(self, tenant: TenantQueue) -> list[Node]:
+        """The nodes up now that confine ``tenant``."""
         return [node for node in self._nodes.values() if node.up and tenant.name not in node.refused]
 
     def _can_serve(self, tenant: TenantQueue) -> bool:
-        return any(node.in_flight < node.capacity for node in self._serving(tenant))
+        return any(node.in_flight < node.capacity for node in self.serving(tenant))
 
     def _pump(self) -> None:
         """Send every run that can start now, in the scheduler's order, to its node."""
         if self._state != "open":
             return
         while (tenant := self._scheduler.pick(self._can_serve)) is not None:
-            node = routing.choose(tenant.name, self._serving(tenant))
+            node = routing.choose(tenant.name, self.serving(tenant))
             assert node is not None  # _can_serve said one has a free slot
             job = self._scheduler.started(tenant)
+            assert isinstance(job, ClusterJob)
             node.in_flight += 1
             self.dispatched += 1
             self._running[job] = node
             task = self._loop.create_task(self._call(job, node))
-            self._calls.add(task)
-            task.add_done_callback(self._calls.discard)
+            self._calls[job] = task
+            task.add_done_callback(functools.partial(self._forget_call, job))
 
-    async def _call(self, job: Job, node: Node) -> None:
+    def _forget_call(self, job: Job, _: asyncio.Task[None]) -> None:
+        self._calls.pop(job, None)
+
+    async def _call(self, job: ClusterJob, node: Node) -> None:
         try:
-            reply = await node.agent.call.remote(job.inputs["request"])
+            if job.output_to is None:
+                outcome = await call_agent(node.agent.call, node, job.request)
+            else:
+                outcome = await stream_from_agent(node.agent.stream, node, job.output_to, job.request)
         except _RAY_FAILURES as exc:
-            self._lose(node, f"its agent failed: {type(exc).__name__}")
-            return
-        try:
-            outcome = protocol.decode_reply(reply)
-        except protocol.ProtocolError as exc:
-            job.fail(SandboxError(f"node {node.node_id} sent a malformed reply: {exc}"))
+            self.lose(node, f"its agent failed: {type(exc).__name__}")
             return
         if isinstance(outcome, Result):
             job.resolve(outcome)
-        elif isinstance(outcome, SandboxError):
-            job.fail(outcome)
         else:
-            job.fail(SandboxError(f"node {node.node_id} answered a run with an event"))
+            job.fail(outcome)
 
     def _job_done(self, job: Job) -> None:
         """Every run passes here exactly once. A cancelled queued run is withdrawn."""
@@ -369,6 +444,72 @@ class ClusterSandbox:
         if node is not None:
             node.in_flight -= 1
             self._scheduler.finished(job)
+            if job.future.cancelled() and job in self._calls:
+                self._calls[job].cancel()  # which cancels the run on its node
         elif job.future.cancelled():
             self._scheduler.withdraw(job)
         self._pump()
+
+
+def lost(node: Node, why: str) -> NodeLost:
+    return NodeLost(
+        f"node {node.node_id} was lost while this run was in flight ({why}); "
+        "it was not run again, since it may have had effects",
+        node=node.node_id,
+    )
+
+
+def encode_run(
+    op: str, code: str, inputs: Mapping[str, object] | None, timeout: float | None, **fields: object
+) -> bytes:
+    """A run request, checked as ``Sandbox.run`` checks its arguments."""
+    if not isinstance(code, str):
+        raise InputError(f"code must be a str, not {type(code).__name__}")
+    if timeout is not None and not timeout > 0:
+        raise InputError(f"timeout must be a positive number of seconds, not {timeout!r}")
+    if inputs is not None and not isinstance(inputs, Mapping):
+        raise InputError(f"inputs must be a mapping of variable names to values, not {type(inputs).__name__}")
+    try:
+        return protocol.encode_request(op, code=code, inputs=dict(inputs or {}), timeout=timeout, **fields)
+    except Exception as exc:
+        raise InputError(f"the run's inputs cannot be serialized: {type(exc).__name__}: {exc}") from exc
+
+
+def _outcome(node: Node, reply: bytes) -> Result | SandboxError:
+    try:
+        outcome = protocol.decode_reply(reply)
+    except protocol.ProtocolError as exc:
+        return SandboxError(f"node {node.node_id} sent a malformed reply: {exc}")
+    if isinstance(outcome, dict):
+        return SandboxError(f"node {node.node_id} answered a run with an event")
+    return outcome
+
+
+async def call_agent(method: Any, node: Node, *arguments: object) -> Result | SandboxError:
+    """One agent call; a cancelled caller cancels the remote call too (and so the run)."""
+    ref = method.remote(*arguments)
+    try:
+        reply = await ref
+    except asyncio.CancelledError:
+        ray.cancel(ref)
+        raise
+    return _outcome(node, reply)
+
+
+async def stream_from_agent(
+    method: Any, node: Node, observer: OutputObserver, *arguments: object
+) -> Result | SandboxError:
+    """One streamed agent call: each event goes to ``observer``; returns the outcome."""
+    replies = method.options(num_returns="streaming").remote(*arguments)
+    try:
+        async for ref in replies:
+            reply = await ref
+            if not protocol.is_event(reply):
+                return _outcome(node, reply)
+            event = protocol.decode_reply(reply)
+            assert isinstance(event, dict)
+            observer(_STREAMS.get(event.get("stream", ""), 0), str(event.get("text", "")), float(event.get("at", 0.0)))
+    except asyncio.CancelledError:
+        ray.cancel(replies)
+        raise
+    return SandboxError(f"node {node.node_id} ended a stream without its outcome")

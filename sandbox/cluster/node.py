@@ -37,7 +37,8 @@ from sandbox.cluster import protocol
 from sandbox.errors import ConfinementUnavailable, SandboxError
 from sandbox.policies.model import Policy
 from sandbox.profile import build_profile
-from sandbox.supervisor import DEFAULT_TENANT, Sandbox
+from sandbox.result import Result
+from sandbox.supervisor import Sandbox
 
 
 async def serve(socket_path: str, config: dict[str, Any], announce: Callable[[dict[str, Any]], None]) -> None:
@@ -95,7 +96,12 @@ async def _agent_gone() -> None:
 
 
 class _Handler:
-    """One connection is one unit of work: a run, a stream, or a session's life."""
+    """One connection is one unit of work: a run, a stream, or a whole session.
+
+    The peer closing the connection while a request is answered means the
+    caller stopped waiting: the run is cancelled (its worker killed), as
+    when a task awaiting ``Sandbox.run`` is cancelled.
+    """
 
     def __init__(self, sandbox: Sandbox, node: str, refused: dict[str, str]) -> None:
         self.sandbox = sandbox
@@ -104,35 +110,106 @@ class _Handler:
 
     async def serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
-            while (payload := await protocol.read_frame(reader, protocol.MAX_REQUEST_BYTES)) is not None:
-                request = protocol.decode_request(payload)
-                protocol.write_frame(writer, await self._answer(request))
-                await writer.drain()
+            payload = await protocol.read_frame(reader, protocol.MAX_REQUEST_BYTES)
+            if payload is None:
+                return
+            request = protocol.decode_request(payload)
+            if request["op"] == "session":
+                await self._session(request, reader, writer)
+            else:
+                await self._answer_unless_gone(request, None, reader, writer)
         except (protocol.ProtocolError, ConnectionError):
             pass
         finally:
             writer.close()
 
-    async def _answer(self, request: dict[str, Any]) -> bytes:
-        tenant = request.get("tenant", DEFAULT_TENANT)
+    async def _session(
+        self, request: dict[str, Any], reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
+        """Open a session, then answer its runs on this connection until it closes."""
         try:
-            if tenant in self.refused:
-                raise ConfinementUnavailable(self.refused[tenant], layer="", reason=self.refused[tenant])
-            if request["op"] != "run":
-                raise SandboxError(f"unknown request {request['op']!r}")
-            result = await self.sandbox.execute(
-                request["code"],
-                request["inputs"],
-                tenant=tenant,
-                timeout=request["timeout"],
-                allow_await=request["allow_await"],
-                filename=request["filename"],
-            )
+            self._check_tenant(request["tenant"])
+            session = self.sandbox.session(tenant=request["tenant"])
+            await session.open()
         except SandboxError as exc:
-            return protocol.encode_error(exc)
+            protocol.write_frame(writer, protocol.encode_error(exc))
+            return
+        try:
+            protocol.write_frame(writer, protocol.encode_event(opened=True))
+            await writer.drain()
+            while (payload := await protocol.read_frame(reader, protocol.MAX_REQUEST_BYTES)) is not None:
+                if not await self._answer_unless_gone(protocol.decode_request(payload), session, reader, writer):
+                    return
+        finally:
+            await session.close()
+
+    async def _answer_unless_gone(
+        self, request: dict[str, Any], session: Any, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> bool:
+        """Answer one request; False (the run cancelled) if the peer left first."""
+        loop = asyncio.get_running_loop()
+        answer = loop.create_task(self._answer(request, session, writer))
+        peer_gone = loop.create_task(reader.read(1))  # nothing may arrive before the answer
+        await asyncio.wait({answer, peer_gone}, return_when=asyncio.FIRST_COMPLETED)
+        if answer.done():
+            peer_gone.cancel()
+            answer.result()
+            return True
+        answer.cancel()
+        await asyncio.gather(answer, return_exceptions=True)
+        return False
+
+    async def _answer(self, request: dict[str, Any], session: Any, writer: asyncio.StreamWriter) -> None:
+        op = request["op"]
+        try:
+            if session is None:
+                self._check_tenant(request["tenant"])
+            if op == "run":
+                result = await self._run(request, session)
+            elif op == "stream":
+                result = await self._stream(request, session, writer)
+            else:
+                raise SandboxError(f"unknown request {op!r}")
+        except SandboxError as exc:
+            reply = protocol.encode_error(exc)
+        except (ConnectionError, asyncio.CancelledError):
+            raise
         except Exception as exc:  # a bug here must still end the run with one outcome
-            return protocol.encode_error(SandboxError(f"node supervisor failed: {type(exc).__name__}: {exc}"))
-        return protocol.encode_result(result, self.node)
+            reply = protocol.encode_error(SandboxError(f"node supervisor failed: {type(exc).__name__}: {exc}"))
+        else:
+            reply = protocol.encode_result(result, self.node)
+        protocol.write_frame(writer, reply)
+        await writer.drain()
+
+    def _check_tenant(self, tenant: str) -> None:
+        if tenant in self.refused:
+            raise ConfinementUnavailable(self.refused[tenant], layer="", reason=self.refused[tenant])
+
+    async def _run(self, request: dict[str, Any], session: Any) -> Result:
+        if session is not None:
+            result: Result = await session.run(request["code"], request["inputs"], timeout=request["timeout"])
+            return result
+        return await self.sandbox.execute(
+            request["code"],
+            request["inputs"],
+            tenant=request["tenant"],
+            timeout=request["timeout"],
+            allow_await=request["allow_await"],
+            filename=request["filename"],
+        )
+
+    async def _stream(self, request: dict[str, Any], session: Any, writer: asyncio.StreamWriter) -> Result:
+        """Send each piece of output as an event as the run writes it; return its Result."""
+        code, inputs, timeout = request["code"], request["inputs"], request["timeout"]
+        if session is not None:
+            stream = session.stream(code, inputs, timeout=timeout)
+        else:
+            stream = self.sandbox.stream(code, inputs, tenant=request["tenant"], timeout=timeout)
+        async for piece in stream:
+            protocol.write_frame(writer, protocol.encode_event(stream=piece.stream, text=piece.text, at=piece.at))
+            await writer.drain()
+        result: Result = stream.result
+        return result
 
 
 def main() -> None:
