@@ -34,8 +34,8 @@ _DECODE_INLINE_BYTES = 64 * 1024  # larger outputs are decoded in a thread
 _BUDGET = Budget()
 
 
-async def to_result(completed, profile: TenantProfile, node: str = "") -> Result:
-    """Decode a reply into a Result, or raise the error it reports. ``node`` names where it ran."""
+async def to_result(completed, profile: TenantProfile) -> Result:
+    """Decode a reply into a Result, or raise the error it reports."""
     reply: wire.Reply = completed.reply
     captured = {"stdout": completed.stdout, "stderr": completed.stderr}
     if reply.status != wire.OK:
@@ -50,7 +50,6 @@ async def to_result(completed, profile: TenantProfile, node: str = "") -> Result
         peak_memory_bytes=reply.peak_rss,
         worker_pid=completed.worker_pid,
         tenant=profile.name,
-        node=node,
     )
     return Result(outputs, completed.stdout, completed.stderr, dict(reply.skipped), stats)
 

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import socket
 from collections.abc import Mapping
 
 import psutil
@@ -94,7 +93,6 @@ class Sandbox:
         self._pump_timer: asyncio.Handle | None = None
         self._pump_timer_when = 0.0
         self.host: HostSupport | None = None
-        self.node = socket.gethostname()  # Result.stats.node of every run
 
     # --- lifecycle -------------------------------------------------------------
 
@@ -220,7 +218,7 @@ class Sandbox:
         job.future.add_done_callback(lambda _: self._job_done(job))
         self._pump()
         completed = await job.future
-        return await outcome.to_result(completed, profile, self.node)
+        return await outcome.to_result(completed, profile)
 
     async def run_workflow(
         self,

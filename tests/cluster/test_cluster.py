@@ -17,11 +17,13 @@ import psutil
 import pytest
 import pytest_asyncio
 
-from sandbox import CodeError, ConfinementUnavailable, NodeLost, Policy, QuotaExceeded, TimeLimitExceeded
+import sandbox
+from sandbox import CodeError, ConfinementUnavailable, NodeLost, Policy, QuotaExceeded, Sandbox, TimeLimitExceeded
 from sandbox.cluster import ClusterSandbox
 from tests.cluster.conftest import node_args
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
+SessionLost = getattr(sandbox, "SessionLost", None)
 
 SLEEP = "import time\nstarted = time.time()\ntime.sleep(seconds)\nended = time.time()\n"
 QUICK = Policy(wall_time_s=10.0, cpu_time_s=5.0)
@@ -108,6 +110,43 @@ async def test_a_tenant_no_node_can_confine_is_refused_naming_each_node(sb: Clus
         await sb.run("x = 1", tenant="impossible")
     for node in sb.nodes:
         assert node.node_id in str(refused.value)
+
+
+needs_live = pytest.mark.skipif(
+    not hasattr(Sandbox, "stream"), reason="needs Sandbox.stream and Sandbox.session (issue 12) in this tree"
+)
+STREAMED = "import time\nprint('first', flush=True)\ntime.sleep(0.3)\nprint('second')\nvalue = 7\n"
+
+
+@needs_live
+async def test_a_stream_delivers_output_as_written_through_the_cluster(sb: ClusterSandbox) -> None:
+    stream = sb.stream(STREAMED)
+    pieces = [piece async for piece in stream]
+    assert "".join(piece.text for piece in pieces) == "first\nsecond\n"
+    assert pieces[0].text == "first\n" and pieces[0].stream == "stdout"  # before the run ended
+    assert pieces[-1].at >= pieces[0].at + 0.25
+    assert stream.result.outputs == {"value": 7} and stream.result.stdout == "first\nsecond\n"
+    assert stream.result.stats.node in node_ids(sb)
+    failing = sb.stream("print('partial')\nraise ValueError('late')")
+    seen = []
+    with pytest.raises(CodeError):
+        async for piece in failing:
+            seen.append(piece.text)
+    assert "".join(seen) == "partial\n"
+
+
+@needs_live
+async def test_a_session_keeps_its_state_on_one_node(sb: ClusterSandbox) -> None:
+    async with sb.session() as session:
+        first = await session.run("counter = 1")
+        second = await session.run("counter += step", {"step": 2})
+        streamed = session.stream("print(counter)")
+        pieces = [piece.text async for piece in streamed]
+    assert second.outputs == {"counter": 3} and pieces == ["3\n"]
+    assert first.stats.node == second.stats.node == streamed.result.stats.node
+    assert first.stats.worker_pid == second.stats.worker_pid
+    with pytest.raises(SessionLost):
+        await session.run("counter")
 
 
 def process_tree(pid: int) -> list[psutil.Process]:
