@@ -27,6 +27,7 @@ from __future__ import annotations
 import asyncio
 import json
 import signal
+import socket
 import sys
 from collections.abc import Callable
 from typing import Any
@@ -51,7 +52,7 @@ async def serve(socket_path: str, config: dict[str, Any], announce: Callable[[di
     try:
         handler = _Handler(sandbox, node, refused)
         server = await asyncio.start_unix_server(handler.serve, socket_path)
-        announce({"capacity": sandbox.capacity, "layers": layers, "refused": refused, "host": sandbox.node})
+        announce({"capacity": sandbox.capacity, "layers": layers, "refused": refused, "host": socket.gethostname()})
         await _agent_gone()
         server.close()
     finally:
