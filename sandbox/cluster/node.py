@@ -154,6 +154,7 @@ class _Handler:
         await asyncio.wait({answer, peer_gone}, return_when=asyncio.FIRST_COMPLETED)
         if answer.done():
             peer_gone.cancel()
+            await asyncio.gather(peer_gone, return_exceptions=True)  # the reader is free for the next request
             answer.result()
             return True
         answer.cancel()

@@ -113,11 +113,6 @@ class ClusterSession:
                 request = encode_run("stream", code, inputs, timeout)
                 outcome = await stream_from_agent(node.agent.session_stream, node, observer, self._session_id, request)
         except _RAY_FAILURES as exc:
-            if isinstance(exc.__cause__, SessionLost) or "SessionLost" in str(exc):
-                self.lose("its node agent no longer has it")
-                raise SessionLost(
-                    "this session's node agent was restarted; its state is gone, open a new session"
-                ) from None
             why = f"its agent failed: {type(exc).__name__}"
             self._cluster.lose(node, why)
             raise lost(node, why) from None
