@@ -26,6 +26,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import shutil
 import signal
 import socket
 import sys
@@ -57,6 +59,7 @@ async def serve(socket_path: str, config: dict[str, Any], announce: Callable[[di
         server.close()
     finally:
         await sandbox.close()
+        shutil.rmtree(os.path.dirname(socket_path), ignore_errors=True)  # the agent's private directory
 
 
 async def _probe(policies: dict[str, Policy]) -> tuple[dict[str, str], dict[str, str]]:

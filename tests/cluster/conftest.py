@@ -16,14 +16,14 @@ outer run shows real per-test results, and a test that never reported (the
 inner run crashed) fails with the inner run's output.
 
 To run them by hand, ``python -m pytest tests/cluster`` is enough (it does
-the same); the inner command is in :meth:`InnerRun.start`.
+the same); the inner command is in :meth:`InnerRun.start`. The same helpers start a
+local cluster for scripts (``sandbox.cluster.offline``).
 """
 
 from __future__ import annotations
 
 import json
 import os
-import shlex
 import subprocess
 import sys
 import tempfile
@@ -31,6 +31,8 @@ import time
 from pathlib import Path
 
 import pytest
+
+from sandbox.cluster.offline import loopback_only, only_loopback, start_local_cluster
 
 INSIDE = os.environ.get("SANDBOX_CLUSTER_NETNS") == "1"
 HERE = Path(__file__).resolve().parent
@@ -79,12 +81,10 @@ class InnerRun:
         pytest_command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *self.nodeids]
         if self.timeout:
             pytest_command.append(f"--timeout={self.timeout}")
-        inner = f"ip link set lo up && exec {shlex.join(pytest_command)}"
-        unshare = ["unshare", "--net"] if os.geteuid() == 0 else ["unshare", "--net", "--map-root-user"]
         env = {**os.environ, "SANDBOX_CLUSTER_NETNS": "1", _REPORTS: str(self.reports), "RAY_USAGE_STATS_ENABLED": "0"}
         with open(self.output, "wb") as output:
             self.process = subprocess.Popen(
-                [*unshare, "sh", "-c", inner], cwd=REPO, env=env, stdout=output, stderr=subprocess.STDOUT
+                loopback_only(pytest_command), cwd=REPO, env=env, stdout=output, stderr=subprocess.STDOUT
             )
 
     def wait_for(self, nodeid: str) -> list[dict[str, object]]:
@@ -181,45 +181,14 @@ def pytest_collection_modifyitems(session: pytest.Session, config: pytest.Config
 
 # --- fixtures of the inner run ---------------------------------------------------------------
 
-MiB = 1024 * 1024
-
-
-def only_loopback() -> bool:
-    import socket
-
-    return [name for _, name in socket.if_nameindex()] == ["lo"]
-
-
-def node_args(name: str) -> dict[str, object]:
-    """One simulated node: one CPU, a resource naming it, bound to loopback."""
-    return {
-        "num_cpus": 1,
-        "resources": {f"node_{name}": 1},
-        "node_ip_address": "127.0.0.1",
-        "object_store_memory": 80 * MiB,
-    }
-
 
 @pytest.fixture(scope="module")
 def ray_cluster():
     """A head node plus one added node on this machine, inside the namespace only."""
-    assert INSIDE and only_loopback(), "Ray may start only in a network namespace with nothing but loopback"
     import ray
-    import ray._private.services as services
-    from ray.cluster_utils import Cluster
 
-    services.get_node_ip_address = lambda *args, **kwargs: "127.0.0.1"
-    head = {
-        **node_args("head"),
-        "include_dashboard": False,
-        "temp_dir": tempfile.mkdtemp(prefix="ray-"),
-        # Notice a removed node within a couple of seconds, not the default half minute.
-        "_system_config": {"health_check_period_ms": 500, "health_check_failure_threshold": 4},
-    }
-    cluster = Cluster(initialize_head=True, head_node_args=head)
-    cluster.add_node(**node_args("b"))
-    cluster.wait_for_nodes()
-    ray.init(address=cluster.address, _node_ip_address="127.0.0.1")
+    assert INSIDE and only_loopback(), "Ray may start only in a network namespace with nothing but loopback"
+    cluster = start_local_cluster(nodes=2)
     try:
         yield cluster
     finally:

@@ -20,7 +20,7 @@ import pytest_asyncio
 import sandbox
 from sandbox import CodeError, ConfinementUnavailable, NodeLost, Policy, QuotaExceeded, Sandbox, TimeLimitExceeded
 from sandbox.cluster import ClusterSandbox
-from tests.cluster.conftest import node_args
+from sandbox.cluster.offline import node_args
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 SessionLost = getattr(sandbox, "SessionLost", None)
