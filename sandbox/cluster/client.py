@@ -52,6 +52,7 @@ _STREAMS = {"stdout": 0, "stderr": 1}
 _MEMBERSHIP_PERIOD_S = 1.0
 _AGENT_RESTARTS = 3
 _DESCRIBE_TIMEOUT_S = 5.0
+_ANSWER_GRACE_S = 30.0  # past a run's wall-clock limit, after which its node is deemed lost for it
 _PENDING_HEADROOM = 4  # calls an agent accepts beyond its capacity (describe, streams ending)
 _RAY_FAILURES = (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError, ray.exceptions.RayTaskError)
 
@@ -77,8 +78,15 @@ class ClusterJob(Job):
 
     __slots__ = ("output_to", "request")
 
-    def __init__(self, tenant: str, request: bytes, output_to: OutputObserver | None, future: asyncio.Future) -> None:  # type: ignore[type-arg]
-        super().__init__(tenant, "", {}, True, "", 0.0, future)
+    def __init__(
+        self,
+        tenant: str,
+        request: bytes,
+        wall_time_s: float,
+        output_to: OutputObserver | None,
+        future: asyncio.Future[Any],
+    ) -> None:
+        super().__init__(tenant, "", {}, True, "", wall_time_s, future)
         self.request = request
         self.output_to = output_to
 
@@ -341,7 +349,8 @@ class ClusterSandbox:
         self._refuse_if_unservable(tenant)
         op = "run" if observer is None else "stream"
         request = encode_run(op, code, inputs, timeout, tenant=tenant, allow_await=allow_await, filename=filename)
-        job = ClusterJob(tenant, request, observer, self._loop.create_future())
+        wall = self.policies[tenant].wall_time_s if timeout is None else min(timeout, self.policies[tenant].wall_time_s)
+        job = ClusterJob(tenant, request, wall, observer, self._loop.create_future())
         self._scheduler.admit(job)
         job.future.add_done_callback(lambda _: self._job_done(job))
         self._pump()
@@ -425,13 +434,28 @@ class ClusterSandbox:
         self._calls.pop(job, None)
 
     async def _call(self, job: ClusterJob, node: Node) -> None:
+        """Send one run to its node, and end it with the node's outcome or NodeLost.
+
+        A node that does not answer within ``_ANSWER_GRACE_S`` past the
+        run's wall-clock limit (which the node enforces) is treated as lost
+        for that run, so that a hung or cut-off node cannot leave a run
+        waiting for ever; it gets no more runs until its agent answers again.
+        """
+        answer_within = job.wall_time_s + _ANSWER_GRACE_S
         try:
-            if job.output_to is None:
-                outcome = await call_agent(node.agent.call, node, job.request)
-            else:
-                outcome = await stream_from_agent(node.agent.stream, node, job.output_to, job.request)
+            async with asyncio.timeout(answer_within):
+                if job.output_to is None:
+                    outcome = await call_agent(node.agent.call, node, job.request)
+                else:
+                    outcome = await stream_from_agent(node.agent.stream, node, job.output_to, job.request)
         except _RAY_FAILURES as exc:
             self.lose(node, f"its agent failed: {type(exc).__name__}")
+            return
+        except TimeoutError:
+            node.up = False
+            job.fail(
+                lost(node, f"no answer within {answer_within:g} s, {_ANSWER_GRACE_S:g} s past its wall-clock limit")
+            )
             return
         if isinstance(outcome, Result):
             job.resolve(outcome)
