@@ -110,8 +110,8 @@ class NodeLost(WorkerCrashed):
     another node; resubmit it if that is safe. ``node`` is the Ray node id.
     """
 
-    def __init__(self, message: str, *, node: str, **captured: str) -> None:
-        super().__init__(message, **captured)
+    def __init__(self, message: str, *, node: str, stdout: str = "", stderr: str = "") -> None:
+        super().__init__(message, stdout=stdout, stderr=stderr)
         self.node = node
 
 

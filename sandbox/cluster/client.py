@@ -76,7 +76,7 @@ class Node:
 class ClusterJob(Job):
     """A run as the client queues it: the encoded request, and who hears its output as it comes."""
 
-    __slots__ = ("output_to", "request")
+    __slots__ = ("answer", "output_to", "request")
 
     def __init__(
         self,
@@ -89,6 +89,7 @@ class ClusterJob(Job):
         super().__init__(tenant, "", {}, True, "", wall_time_s, future)
         self.request = request
         self.output_to = output_to
+        self.answer = future  # the same future as ``future``, which the base class types for a local run
 
 
 class ClusterSandbox:
@@ -210,7 +211,7 @@ class ClusterSandbox:
         self._joining.add(node_id)
         workers = self._workers_per_node or max(1, int(entry.get("Resources", {}).get("CPU", 1)))
         tenants = {name: policy.model_dump(mode="json") for name, policy in self.policies.items()}
-        agent = (
+        agent: Any = (
             ray.remote(NodeAgent)
             .options(
                 scheduling_strategy=NodeAffinitySchedulingStrategy(node_id, soft=False),
@@ -354,7 +355,7 @@ class ClusterSandbox:
         self._scheduler.admit(job)
         job.future.add_done_callback(lambda _: self._job_done(job))
         self._pump()
-        result: Result = await job.future
+        result: Result = await job.answer
         return result
 
     def stream(
@@ -458,7 +459,8 @@ class ClusterSandbox:
             )
             return
         if isinstance(outcome, Result):
-            job.resolve(outcome)
+            if not job.answer.done():
+                job.answer.set_result(outcome)
         else:
             job.fail(outcome)
 

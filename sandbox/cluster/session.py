@@ -13,6 +13,7 @@ elsewhere.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
@@ -34,6 +35,9 @@ class ClusterSession:
         self._cluster = cluster
         self._session_id = ""
         self._ended: SandboxError | None = None
+        # One call at a time to the agent, in submission order: a session's runs are sequential
+        # anyway, and this keeps its calls within the agent's max_pending_calls.
+        self._turn = asyncio.Lock()
 
     async def __aenter__(self) -> ClusterSession:
         await self.open()
@@ -99,6 +103,12 @@ class ClusterSession:
         return RunStream(lambda observer: self._call(code, inputs, timeout, observer))
 
     async def _call(
+        self, code: str, inputs: Mapping[str, object] | None, timeout: float | None, observer: OutputObserver | None
+    ) -> Result:
+        async with self._turn:
+            return await self._call_in_turn(code, inputs, timeout, observer)
+
+    async def _call_in_turn(
         self, code: str, inputs: Mapping[str, object] | None, timeout: float | None, observer: OutputObserver | None
     ) -> Result:
         if self._ended is not None:
