@@ -150,21 +150,28 @@ class _Handler:
     async def _answer_unless_gone(
         self, request: dict[str, Any], session: Any, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
     ) -> bool:
-        """Answer one request; False (the run cancelled) if the peer left first."""
+        """Answer one request; False (the run cancelled) if the peer left first.
+
+        The outcome is written only once the watch on the reader has
+        stopped: the peer may send its next request as soon as it has the
+        outcome, and the watch must not take that request's first byte.
+        """
         loop = asyncio.get_running_loop()
         answer = loop.create_task(self._answer(request, session, writer))
-        peer_gone = loop.create_task(reader.read(1))  # nothing may arrive before the answer
+        peer_gone = loop.create_task(reader.read(1))  # nothing may arrive before the outcome
         await asyncio.wait({answer, peer_gone}, return_when=asyncio.FIRST_COMPLETED)
         if answer.done():
             peer_gone.cancel()
-            await asyncio.gather(peer_gone, return_exceptions=True)  # the reader is free for the next request
-            answer.result()
+            await asyncio.gather(peer_gone, return_exceptions=True)
+            protocol.write_frame(writer, answer.result())
+            await writer.drain()
             return True
         answer.cancel()
         await asyncio.gather(answer, return_exceptions=True)
         return False
 
-    async def _answer(self, request: dict[str, Any], session: Any, writer: asyncio.StreamWriter) -> None:
+    async def _answer(self, request: dict[str, Any], session: Any, writer: asyncio.StreamWriter) -> bytes:
+        """The outcome's bytes (a stream's events are written on the way)."""
         op = request["op"]
         try:
             if session is None:
@@ -176,15 +183,12 @@ class _Handler:
             else:
                 raise SandboxError(f"unknown request {op!r}")
         except SandboxError as exc:
-            reply = protocol.encode_error(exc)
-        except (ConnectionError, asyncio.CancelledError):
+            return protocol.encode_error(exc)
+        except ConnectionError:
             raise
         except Exception as exc:  # a bug here must still end the run with one outcome
-            reply = protocol.encode_error(SandboxError(f"node supervisor failed: {type(exc).__name__}: {exc}"))
-        else:
-            reply = protocol.encode_result(result, self.node)
-        protocol.write_frame(writer, reply)
-        await writer.drain()
+            return protocol.encode_error(SandboxError(f"node supervisor failed: {type(exc).__name__}: {exc}"))
+        return protocol.encode_result(result, self.node)
 
     def _check_tenant(self, tenant: str) -> None:
         if tenant in self.refused:
