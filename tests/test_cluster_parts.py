@@ -7,13 +7,14 @@ from __future__ import annotations
 
 import os
 import pickle
+import socket
 import subprocess
 import sys
 from dataclasses import dataclass
 
 import pytest
 
-from sandbox import CodeError, Opaque, Result, RunStats, TimeLimitExceeded
+from sandbox import CodeError, Opaque, Result, RunStats, TimeLimitExceeded, run_sync
 from sandbox.cluster import protocol, routing
 
 
@@ -102,3 +103,7 @@ def test_a_full_home_spills_to_the_least_loaded_node() -> None:
 def test_neither_import_sandbox_nor_the_node_supervisor_imports_ray() -> None:
     code = "import sys, sandbox, sandbox.cluster, sandbox.cluster.node; sandbox.Sandbox; print('ray' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout == "False\n"
+
+
+def test_a_local_run_names_its_host_as_its_node() -> None:
+    assert run_sync("x = 1").stats.node == socket.gethostname()

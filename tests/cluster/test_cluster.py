@@ -197,3 +197,28 @@ async def test_a_node_added_later_receives_runs(sb: ClusterSandbox, ray_cluster)
     (new_node,) = node_ids(sb) - known
     results = await asyncio.gather(*[sb.run(SLEEP, {"seconds": 0.5}) for _ in range(4)])
     assert new_node in {r.stats.node for r in results}
+
+
+@needs_live
+async def test_a_session_on_a_lost_node_ends_and_the_others_go_on(sb: ClusterSandbox, ray_cluster) -> None:
+    head_id = ray_cluster.head_node.node_id
+    await eventually(lambda: len(node_ids(sb)) == 2, 30, "two nodes up")
+    # Two slots per node: three sessions fill one node and put at least one on the other.
+    sessions = [sb.session() for _ in range(3)]
+    for session in sessions:
+        await session.open()
+    try:
+        (doomed,) = [s for s in sessions if s.node.node_id != head_id][:1]
+        survivors = [s for s in sessions if s.node.node_id == head_id]
+        in_flight = asyncio.ensure_future(doomed.run("import time\ntime.sleep(5)"))
+        await asyncio.sleep(0.5)
+        ray_cluster.remove_node(next(n for n in ray_cluster.worker_nodes if n.node_id == doomed.node.node_id))
+        with pytest.raises(NodeLost):
+            await asyncio.wait_for(in_flight, timeout=30)
+        with pytest.raises(SessionLost):
+            await doomed.run("x = 1")
+        for session in survivors:
+            assert (await session.run("x = 1")).stats.node == head_id
+    finally:
+        for session in sessions:
+            await session.close()
