@@ -54,7 +54,9 @@ _AGENT_RESTARTS = 3
 _DESCRIBE_TIMEOUT_S = 5.0
 _ANSWER_GRACE_S = 30.0  # past a run's wall-clock limit, after which its node is deemed lost for it
 _PENDING_HEADROOM = 4  # calls an agent accepts beyond its capacity (describe, streams ending)
-_RAY_FAILURES = (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError, ray.exceptions.RayTaskError)
+# Any failure of the call itself (the agent died, its node is gone, the call could not be placed):
+# for a run in flight, that is the loss of its node.
+_RAY_FAILURES = (ray.exceptions.RayError,)
 
 
 @dataclass(eq=False)
