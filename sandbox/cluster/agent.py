@@ -81,13 +81,8 @@ class NodeAgent:
         """
         reader, writer = await self._connect()
         try:
-            protocol.write_frame(writer, request)
-            await writer.drain()
-            while True:
-                reply = await self._next(reader)
+            async for reply in self._relay(reader, writer, request):
                 yield reply
-                if not protocol.is_event(reply):
-                    return
         finally:
             writer.close()
 
@@ -119,13 +114,8 @@ class NodeAgent:
             return
         reader, writer, turn = entry
         async with turn:
-            protocol.write_frame(writer, request)
-            await writer.drain()
-            while True:
-                reply = await self._next(reader)
+            async for reply in self._relay(reader, writer, request):
                 yield reply
-                if not protocol.is_event(reply):
-                    return
 
     async def close_session(self, session_id: str) -> None:
         entry = self._sessions.pop(session_id, None)
@@ -143,6 +133,18 @@ class NodeAgent:
         if final and protocol.is_event(reply):
             self._supervisor_lost()
         return reply
+
+    async def _relay(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, request: bytes
+    ) -> AsyncIterator[bytes]:
+        """Send a stream request; yield every event, then the outcome."""
+        protocol.write_frame(writer, request)
+        await writer.drain()
+        while True:
+            reply = await self._next(reader)
+            yield reply
+            if not protocol.is_event(reply):
+                return
 
     async def _next(self, reader: asyncio.StreamReader) -> bytes:
         try:
