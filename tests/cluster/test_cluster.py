@@ -118,6 +118,20 @@ needs_live = pytest.mark.skipif(
 STREAMED = "import time\nprint('first', flush=True)\ntime.sleep(0.3)\nprint('second')\nvalue = 7\n"
 
 
+async def test_a_cancelled_run_is_stopped_on_its_node(sb: ClusterSandbox) -> None:
+    spinning = [asyncio.ensure_future(sb.run("while True: pass")) for _ in range(4)]  # every slot of both nodes
+    await eventually(lambda: sum(node.in_flight for node in sb.nodes) == 4, 10, "four runs in flight")
+    await asyncio.sleep(0.5)
+    for run in spinning:
+        run.cancel()
+    await asyncio.gather(*spinning, return_exceptions=True)
+    assert sum(node.in_flight for node in sb.nodes) == 0
+    # Had a spinning worker been left running, one of these would wait for its 10 s wall-clock limit.
+    started = time.monotonic()
+    results = await asyncio.gather(*[sb.run(SLEEP, {"seconds": 0.2}) for _ in range(4)])
+    assert len(results) == 4 and time.monotonic() - started < 6
+
+
 @needs_live
 async def test_a_stream_delivers_output_as_written_through_the_cluster(sb: ClusterSandbox) -> None:
     stream = sb.stream(STREAMED)
