@@ -124,7 +124,7 @@ class ClusterSandbox:
         self._scheduler = Scheduler(policies)
         self._nodes: dict[str, Node] = {}
         self._joining: set[str] = set()
-        self._failed: dict[str, str] = {}  # node id -> why its agent could not start
+        self.unusable: dict[str, str] = {}  # node id -> why its agent could not start (it gets no runs)
         self._running: dict[Job, Node] = {}
         self._calls: dict[Job, asyncio.Task[None]] = {}
         self.sessions: set[ClusterSession] = set()
@@ -151,7 +151,7 @@ class ClusterSandbox:
         await self.refresh_nodes()
         if not any(node.up for node in self._nodes.values()):
             await self.close()
-            raise SandboxError(f"no node of the Ray cluster could start a node agent: {self._failed}")
+            raise SandboxError(f"no node of the Ray cluster could start a node agent: {self.unusable}")
         self._membership = self._loop.create_task(self._watch_membership())
 
     async def close(self) -> None:
@@ -208,7 +208,7 @@ class ClusterSandbox:
                 logger.exception("could not refresh the cluster's nodes")
 
     async def _join(self, node_id: str, entry: dict[str, Any]) -> None:
-        if node_id in self._joining or node_id in self._failed:
+        if node_id in self._joining or node_id in self.unusable:
             return
         self._joining.add(node_id)
         workers = self._workers_per_node or max(1, int(entry.get("Resources", {}).get("CPU", 1)))
@@ -228,7 +228,7 @@ class ClusterSandbox:
         try:
             report = await agent.describe.remote()
         except Exception as exc:
-            self._failed[node_id] = str(exc)
+            self.unusable[node_id] = str(exc)
             logger.warning("node %s gets no runs: its agent did not start: %s", node_id, exc)
             ray.kill(agent, no_restart=True)
             return

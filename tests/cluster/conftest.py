@@ -163,6 +163,7 @@ class RelayedItem(pytest.Item):
         return self.path, None, self.name
 
 
+@pytest.hookimpl(trylast=True)  # after -k and -m have deselected: relay only what runs
 def pytest_collection_modifyitems(session: pytest.Session, config: pytest.Config, items: list[pytest.Item]) -> None:
     if INSIDE:
         return
