@@ -15,14 +15,18 @@ is started inside one (``unshare --net``), never moved there.
 
 from __future__ import annotations
 
+import fcntl
 import os
-import shlex
 import socket
+import struct
+import sys
 import tempfile
 from typing import Any
 
 MiB = 1024 * 1024
 _STORE_BYTES = 80 * MiB  # per node; Ray's minimum is about 75 MiB
+_SIOCSIFFLAGS = 0x8914
+_IFF_UP, _IFF_LOOPBACK, _IFF_RUNNING = 0x1, 0x8, 0x40
 
 
 def only_loopback() -> bool:
@@ -33,11 +37,20 @@ def only_loopback() -> bool:
 def loopback_only(command: list[str]) -> list[str]:
     """``command`` run in a new network namespace where only loopback is up.
 
-    Needs ``unshare`` (util-linux) and ``ip`` (iproute2); as a user other
-    than root, ``--map-root-user`` lends the rights to create the namespace.
+    Needs ``unshare`` (util-linux); as a user other than root,
+    ``--map-root-user`` lends the rights to create the namespace. This
+    module, run as a program, brings loopback up and then becomes
+    ``command``.
     """
     unshare = ["unshare", "--net"] if os.geteuid() == 0 else ["unshare", "--net", "--map-root-user"]
-    return [*unshare, "sh", "-c", f"ip link set lo up && exec {shlex.join(command)}"]
+    return [*unshare, sys.executable, "-m", "sandbox.cluster.offline", *command]
+
+
+def bring_loopback_up() -> None:
+    """``ip link set lo up``, without needing iproute2: one SIOCSIFFLAGS ioctl."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+        request = struct.pack("16sH", b"lo", _IFF_UP | _IFF_LOOPBACK | _IFF_RUNNING)
+        fcntl.ioctl(probe.fileno(), _SIOCSIFFLAGS, request)
 
 
 def node_args(name: str, cpus: int = 1) -> dict[str, Any]:
@@ -79,3 +92,10 @@ def start_local_cluster(nodes: int = 2, cpus: int = 1) -> Any:
     cluster.wait_for_nodes()
     ray.init(address=cluster.address, _node_ip_address="127.0.0.1")
     return cluster
+
+
+if __name__ == "__main__":
+    if not only_loopback():
+        raise SystemExit("sandbox.cluster.offline: not in a network namespace of its own; use loopback_only()")
+    bring_loopback_up()
+    os.execvp(sys.argv[1], sys.argv[1:])

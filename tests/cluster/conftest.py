@@ -2,8 +2,8 @@
 
 Ray probes the cloud metadata address and its usage-stats endpoint when it
 starts. So no Ray process may run in the test run's own namespace: these
-tests run in a child pytest started under ``unshare --net`` (then ``ip link
-set lo up``, so loopback is the only interface), where every Ray process is
+tests run in a child pytest started under ``unshare --net`` (which then
+brings loopback up, so loopback is the only interface), where every Ray process is
 bound to 127.0.0.1 and usage stats are off. A namespace is per thread in
 Linux, so entering one from this multi-threaded pytest would move one
 thread only; a child process moves everything it starts.
