@@ -38,7 +38,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from sandbox import Sandbox
-from sandbox.cluster.offline import loopback_only, node_args, only_loopback, start_local_cluster
+from sandbox.cluster.offline import loopback_only, node_args, only_loopback, start_local_cluster, stop_local_cluster
 
 TRIVIAL = "result = 1"
 
@@ -63,8 +63,6 @@ async def throughput(sb, runs: int) -> float:
 
 
 async def measure(args: argparse.Namespace) -> dict[str, object]:
-    import ray
-
     from sandbox.cluster import ClusterSandbox
 
     figures: dict[str, object] = {"cpus": os.cpu_count(), "workers_per_node": args.workers}
@@ -81,8 +79,7 @@ async def measure(args: argparse.Namespace) -> dict[str, object]:
                 await asyncio.sleep(0.2)
             figures["cluster_2_nodes"] = {"runs_per_s": await throughput(sb, args.runs)}
     finally:
-        ray.shutdown()
-        cluster.shutdown()
+        stop_local_cluster(cluster)
     return figures
 
 

@@ -29,17 +29,23 @@ import uuid
 from collections.abc import AsyncIterator
 from typing import Any, NoReturn
 
+import psutil
+
 from sandbox.cluster import protocol
 from sandbox.errors import SandboxError
 
 MAX_REPLY_BYTES = 1024 * 1024 * 1024
+_DIRECTORY_PREFIX = "sandbox-node-"
 
 
 class NodeAgent:
     """Made a Ray actor by ``ClusterSandbox`` (this module never imports ray)."""
 
     def __init__(self, tenants: dict[str, dict[str, Any]], workers: int | None, node: str) -> None:
-        self._directory = tempfile.mkdtemp(prefix="sandbox-node-")  # mode 0700: only this uid connects
+        _remove_stale_directories()
+        # Mode 0700: only this uid connects. Named by this process, so that a
+        # later agent can tell the directory of a dead one.
+        self._directory = tempfile.mkdtemp(prefix=f"{_DIRECTORY_PREFIX}{os.getpid()}-")
         self._socket = os.path.join(self._directory, "supervisor.sock")
         self._process = subprocess.Popen(
             [sys.executable, "-m", "sandbox.cluster.node", self._socket],
@@ -175,3 +181,24 @@ def _session_gone() -> bytes:
     return protocol.encode_error(
         SessionLost("this node agent holds no such session (it was restarted, or the session closed); open a new one")
     )
+
+
+def _remove_stale_directories() -> None:
+    """Remove the socket directories of agents of this uid that died.
+
+    An agent killed with its supervisor (Ray kills a dead worker's children)
+    cannot remove its own; the next agent on the node does. A directory
+    whose agent pid is alive (even reused by another process) is kept.
+    """
+    parent = tempfile.gettempdir()
+    for entry in os.scandir(parent):
+        name = entry.name
+        if not name.startswith(_DIRECTORY_PREFIX):
+            continue
+        pid = name[len(_DIRECTORY_PREFIX) :].split("-", 1)[0]
+        try:
+            stale = entry.is_dir(follow_symlinks=False) and entry.stat(follow_symlinks=False).st_uid == os.geteuid()
+        except OSError:
+            continue
+        if stale and pid.isdigit() and not psutil.pid_exists(int(pid)):
+            shutil.rmtree(entry.path, ignore_errors=True)

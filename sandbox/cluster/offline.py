@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import fcntl
 import os
+import shutil
 import socket
 import struct
 import sys
@@ -25,6 +26,7 @@ from typing import Any
 
 MiB = 1024 * 1024
 _STORE_BYTES = 80 * MiB  # per node; Ray's minimum is about 75 MiB
+_temp_dirs: dict[int, str] = {}  # a started cluster's Ray files, removed when it is stopped
 _SIOCSIFFLAGS = 0x8914
 _IFF_UP, _IFF_LOOPBACK, _IFF_RUNNING = 0x1, 0x8, 0x40
 
@@ -66,8 +68,8 @@ def node_args(name: str, cpus: int = 1) -> dict[str, Any]:
 def start_local_cluster(nodes: int = 2, cpus: int = 1) -> Any:
     """Start a head node plus ``nodes - 1`` nodes here and connect this process to them.
 
-    Stop it with ``ray.shutdown()`` then ``cluster.shutdown()``. A removed
-    node is noticed in about two seconds, not the default half minute.
+    Stop it with :func:`stop_local_cluster`. A removed node is noticed in
+    about two seconds, not the default half minute.
     """
     if not only_loopback():
         raise RuntimeError(
@@ -80,10 +82,11 @@ def start_local_cluster(nodes: int = 2, cpus: int = 1) -> Any:
     from ray.cluster_utils import Cluster
 
     services.get_node_ip_address = lambda *args, **kwargs: "127.0.0.1"  # the driver's own address
+    temp_dir = tempfile.mkdtemp(prefix="ray-")
     head = {
         **node_args("head", cpus),
         "include_dashboard": False,
-        "temp_dir": tempfile.mkdtemp(prefix="ray-"),
+        "temp_dir": temp_dir,
         "_system_config": {"health_check_period_ms": 500, "health_check_failure_threshold": 4},
     }
     cluster = Cluster(initialize_head=True, head_node_args=head)
@@ -91,7 +94,17 @@ def start_local_cluster(nodes: int = 2, cpus: int = 1) -> Any:
         cluster.add_node(**node_args(chr(ord("a") + index), cpus))
     cluster.wait_for_nodes()
     ray.init(address=cluster.address, _node_ip_address="127.0.0.1")
+    _temp_dirs[id(cluster)] = temp_dir
     return cluster
+
+
+def stop_local_cluster(cluster: Any) -> None:
+    """Disconnect, stop every node of ``cluster`` and remove its files."""
+    import ray
+
+    ray.shutdown()
+    cluster.shutdown()
+    shutil.rmtree(_temp_dirs.pop(id(cluster), ""), ignore_errors=True)
 
 
 if __name__ == "__main__":

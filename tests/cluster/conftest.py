@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -32,7 +33,7 @@ from pathlib import Path
 
 import pytest
 
-from sandbox.cluster.offline import loopback_only, only_loopback, start_local_cluster
+from sandbox.cluster.offline import loopback_only, only_loopback, start_local_cluster, stop_local_cluster
 
 INSIDE = os.environ.get("SANDBOX_CLUSTER_NETNS") == "1"
 HERE = Path(__file__).resolve().parent
@@ -126,6 +127,7 @@ class InnerRun:
         if self.process is not None and self.process.poll() is None:
             self.process.kill()
             self.process.wait()
+        shutil.rmtree(self.directory, ignore_errors=True)
 
 
 class RelayedFailure(Exception):
@@ -186,12 +188,9 @@ def pytest_collection_modifyitems(session: pytest.Session, config: pytest.Config
 @pytest.fixture(scope="module")
 def ray_cluster():
     """A head node plus one added node on this machine, inside the namespace only."""
-    import ray
-
     assert INSIDE and only_loopback(), "Ray may start only in a network namespace with nothing but loopback"
     cluster = start_local_cluster(nodes=2)
     try:
         yield cluster
     finally:
-        ray.shutdown()
-        cluster.shutdown()
+        stop_local_cluster(cluster)
