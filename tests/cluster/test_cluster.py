@@ -34,6 +34,8 @@ async def sb(ray_cluster):
     tenants = {
         "default": QUICK,
         "single": Policy(wall_time_s=10.0, cpu_time_s=5.0, max_concurrency=1, max_queued=2),
+        "rated": Policy(wall_time_s=10.0, cpu_time_s=5.0, rate_per_s=0.1, burst=2),
+        "other": QUICK,
         # No node can confine it: network is allowed, yet netns is required.
         "impossible": Policy(network=True, required_layers=["netns"]),
     }
@@ -90,6 +92,25 @@ async def test_a_tenants_concurrency_cap_holds_across_nodes(sb: ClusterSandbox) 
     results = await asyncio.gather(*runs)
     spans = sorted((r.outputs["started"], r.outputs["ended"]) for r in results)
     assert all(earlier[1] <= later[0] for earlier, later in itertools.pairwise(spans)), spans
+
+
+async def test_a_tenants_rate_limit_holds_across_nodes(sb: ClusterSandbox) -> None:
+    first, second = await asyncio.gather(sb.run("x = 1", tenant="rated"), sb.run("x = 2", tenant="rated"))
+    with pytest.raises(QuotaExceeded) as refused:
+        await sb.run("x = 3", tenant="rated")
+    assert refused.value.quota == "rate"
+    assert {first.stats.tenant, second.stats.tenant} == {"rated"}
+
+
+async def test_the_fair_share_holds_across_nodes(sb: ClusterSandbox) -> None:
+    # A flood of one tenant fills every slot of both nodes; another tenant's run waits
+    # for about one run of the flood, not for all of it.
+    flood = [asyncio.ensure_future(sb.run(SLEEP, {"seconds": 0.4})) for _ in range(16)]
+    await asyncio.sleep(0.1)
+    single = await sb.run(SLEEP, {"seconds": 0.0}, tenant="other")
+    flooded = await asyncio.gather(*flood)
+    still_running = [r for r in flooded if r.outputs["ended"] > single.outputs["ended"]]
+    assert len(still_running) >= 8, "the other tenant's run waited behind most of the flood"
 
 
 async def test_a_workflow_runs_through_the_cluster(sb: ClusterSandbox) -> None:
