@@ -52,6 +52,7 @@ _STREAMS = {"stdout": 0, "stderr": 1}
 _MEMBERSHIP_PERIOD_S = 1.0
 _AGENT_RESTARTS = 3
 _DESCRIBE_TIMEOUT_S = 5.0
+_JOIN_TIMEOUT_S = 120.0  # an agent starts its supervisor, which probes the node: seconds, not minutes
 _ANSWER_GRACE_S = 30.0  # past a run's wall-clock limit, after which its node is deemed lost for it
 _PENDING_HEADROOM = 4  # calls an agent accepts beyond its capacity (describe, streams ending)
 # Any failure of the call itself (the agent died, its node is gone, the call could not be placed):
@@ -226,9 +227,9 @@ class ClusterSandbox:
             .remote(tenants, workers, node_id)
         )
         try:
-            report = await agent.describe.remote()
-        except Exception as exc:
-            self.unusable[node_id] = str(exc)
+            report = await asyncio.wait_for(agent.describe.remote(), timeout=_JOIN_TIMEOUT_S)
+        except Exception as exc:  # its creation failed (the reason is in the error), or it hangs
+            self.unusable[node_id] = str(exc) or f"its agent did not start within {_JOIN_TIMEOUT_S:g} s"
             logger.warning("node %s gets no runs: its agent did not start: %s", node_id, exc)
             ray.kill(agent, no_restart=True)
             return
