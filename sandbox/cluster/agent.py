@@ -36,6 +36,7 @@ from sandbox.errors import SandboxError
 
 MAX_REPLY_BYTES = 1024 * 1024 * 1024
 _DIRECTORY_PREFIX = "sandbox-node-"
+_SUPERVISOR_EXIT_S = 2.0
 
 
 class NodeAgent:
@@ -68,7 +69,13 @@ class NodeAgent:
         self._report = {**report, "node": node, "supervisor_pid": self._process.pid, "agent_pid": os.getpid()}
 
     async def describe(self) -> dict[str, Any]:
-        """What this node serves: capacity, layers, refused tenants (with why), pids."""
+        """What this node serves: capacity, layers, refused tenants (with why), pids.
+
+        Asked about once a second by each client: an agent whose supervisor
+        has died goes down here, rather than with the next run sent to it.
+        """
+        if self._process.poll() is not None:
+            os._exit(1)
         return self._report
 
     async def call(self, request: bytes) -> bytes:
@@ -168,9 +175,15 @@ class NodeAgent:
             self._supervisor_lost()
 
     def _supervisor_lost(self) -> NoReturn:
-        """The supervisor died: die too, so that Ray restarts this agent with a new one."""
-        if self._process.poll() is None:
-            raise SandboxError("the node supervisor broke off a reply")
+        """The supervisor died: die too, so that Ray restarts this agent with a new one.
+
+        Its connections close a moment before it can be reaped, hence the
+        short wait (this agent is going away either way).
+        """
+        try:
+            self._process.wait(timeout=_SUPERVISOR_EXIT_S)
+        except subprocess.TimeoutExpired:
+            raise SandboxError("the node supervisor broke off a reply") from None
         os._exit(1)
 
 

@@ -203,6 +203,26 @@ async def test_killing_an_agent_leaves_no_worker_or_zygote_behind(sb: ClusterSan
     assert node.node_id in {r.stats.node for r in results}
 
 
+async def test_a_dead_supervisor_fails_its_runs_in_flight_and_is_replaced(sb: ClusterSandbox) -> None:
+    await eventually(lambda: all(node.up for node in sb.nodes), 30, "both nodes up")
+    node = sb.nodes[-1]
+    old_supervisor = node.supervisor_pid
+    tree = process_tree(old_supervisor)
+    runs = [asyncio.ensure_future(sb.run(SLEEP, {"seconds": 2.0})) for _ in range(4)]  # every slot of both nodes
+    await eventually(lambda: node.in_flight == 2, 10, "two runs in flight on the node")
+    await asyncio.sleep(0.3)
+    os.kill(old_supervisor, signal.SIGKILL)
+    outcomes = await asyncio.wait_for(asyncio.gather(*runs, return_exceptions=True), timeout=60)
+    lost = [o for o in outcomes if isinstance(o, NodeLost)]
+    assert len(lost) == 2 and all(o.node == node.node_id for o in lost), outcomes
+    assert all(r.stats.node != node.node_id for r in outcomes if not isinstance(r, BaseException))
+    _gone, alive = psutil.wait_procs(tree, timeout=30)  # its zygote and workers died with it
+    assert not [p for p in alive if p.status() != psutil.STATUS_ZOMBIE], alive
+    await eventually(lambda: node.up and node.supervisor_pid != old_supervisor, 30, "a new supervisor")
+    results = await asyncio.gather(*[sb.run(SLEEP, {"seconds": 0.5}) for _ in range(6)])
+    assert node.node_id in {r.stats.node for r in results}
+
+
 async def test_a_node_removed_under_load(sb: ClusterSandbox, ray_cluster) -> None:
     await eventually(lambda: all(node.up for node in sb.nodes), 30, "both nodes up")
     head_id = ray_cluster.head_node.node_id
