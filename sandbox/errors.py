@@ -103,6 +103,18 @@ class WorkerCrashed(SandboxError):
         self.protocol_violation = protocol_violation
 
 
+class NodeLost(WorkerCrashed):
+    """The cluster node (or its node agent) running this run was lost mid-run.
+
+    The run may have had side effects there, so it is never run again on
+    another node; resubmit it if that is safe. ``node`` is the Ray node id.
+    """
+
+    def __init__(self, message: str, *, node: str, stdout: str = "", stderr: str = "") -> None:
+        super().__init__(message, stdout=stdout, stderr=stderr)
+        self.node = node
+
+
 class QuotaExceeded(SandboxError):
     """The tenant is over a quota; retry later.
 

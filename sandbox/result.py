@@ -8,7 +8,11 @@ holds only decoded inert data and ``Opaque`` handles.
 
 from __future__ import annotations
 
+import socket
 from dataclasses import asdict, dataclass
+
+# Read once: a run's stats name the host it ran on without a system call per run.
+_HOST_NAME = socket.gethostname()
 
 
 @dataclass(frozen=True)
@@ -20,6 +24,9 @@ class RunStats:
     peak_memory_bytes: int
     worker_pid: int
     tenant: str
+    # Where the run ran: the host name for a local Sandbox, the Ray node id
+    # for a ClusterSandbox, so that code reads it the same way everywhere.
+    node: str = _HOST_NAME
 
     def __getitem__(self, name: str) -> object:
         if name not in self.__dataclass_fields__:
