@@ -26,6 +26,7 @@ cpu_time_s = 3
 [tenants.default]
 
 [tenants.other]
+max_sessions = 1
 
 [tenants.limited]
 rate_per_s = 0.01

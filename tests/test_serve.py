@@ -355,6 +355,20 @@ def test_sessions_keep_state_and_belong_to_their_tenant(http: httpx.Client, serv
     assert http.post(f"/v1/sessions/{session}/runs", json={"code": "x = 1"}).status_code == 404
 
 
+def test_sessions_past_the_policys_max_sessions_get_429_naming_it(server: Server) -> None:
+    with httpx.Client(base_url=server.url, headers=server.headers("other"), timeout=30) as other:
+        first = other.post("/v1/sessions")
+        assert first.status_code == 201
+        refused = other.post("/v1/sessions")
+        assert refused.status_code == 429 and "Retry-After" in refused.headers
+        assert refused.json()["error"]["type"] == "QuotaExceeded"
+        assert "max_sessions" in refused.json()["error"]["message"]
+        assert other.delete(f"/v1/sessions/{first.json()['id']}").status_code == 204
+        again = other.post("/v1/sessions")
+        assert again.status_code == 201
+        assert other.delete(f"/v1/sessions/{again.json()['id']}").status_code == 204
+
+
 def test_files_go_in_and_come_back(http: httpx.Client) -> None:
     data = base64.b64encode(b"a,b\n1,2\n").decode()
     code = "text = open('in.csv').read()\nsize = open('out/upper.txt', 'w').write(text.upper())"

@@ -53,13 +53,14 @@ from sandbox.service.gate import Gate
 from sandbox.service.keys import Keys
 from sandbox.service.metrics import CONTENT_TYPE, Metrics
 from sandbox.service.records import RecordsFull, RunRecords
-from sandbox.service.sessions import HeldSession, Sessions, TooManySessions
+from sandbox.service.sessions import HeldSession, Sessions
 from sandbox.supervisor import DEFAULT_TENANT, Sandbox
 from sandbox.workflow import Workflow, WorkflowDefinitionError
 
 MiB = 1024 * 1024
 _QUOTA_FIELDS = ("max_concurrency", "max_queued", "rate_per_s", "burst", "weight")
 _LAG_PROBE_S = 0.25
+_SESSION_PRUNE_S = 30.0  # how often records of sessions the Sandbox has ended are dropped
 
 
 @dataclass(frozen=True)
@@ -74,8 +75,6 @@ class ServiceConfig:
     metrics: bool = True  # /metrics on the API port (the CLI may move it to a port of its own)
     record_keep_s: float = 600.0
     max_records: int = 10_000
-    max_sessions_per_tenant: int = 16
-    session_idle_s: float = 300.0
 
 
 # --- request bodies ---------------------------------------------------------------------------------------
@@ -155,7 +154,7 @@ class Service:
         self.sandbox = Sandbox(tenants=config.tenants, workers=config.workers)
         self.metrics = Metrics()
         self.records = RunRecords(config.max_records, config.record_keep_s)
-        self.sessions = Sessions(self.sandbox, config.max_sessions_per_tenant, config.session_idle_s)
+        self.sessions = Sessions(self.sandbox)
         self.background: set[asyncio.Future[tuple[int, dict[str, JSON]]]] = set()  # polled runs
         self.ready = False
         self.gate: Gate | None = None
@@ -163,7 +162,7 @@ class Service:
     @contextlib.asynccontextmanager
     async def lifespan(self, app: FastAPI) -> AsyncIterator[None]:
         async with self.sandbox:
-            chores = [asyncio.create_task(self._probe()), asyncio.create_task(self._close_idle_sessions())]
+            chores = [asyncio.create_task(self._probe()), asyncio.create_task(self._prune_sessions())]
             self.ready = True
             try:
                 yield
@@ -177,10 +176,10 @@ class Service:
     async def _probe(self) -> None:
         await self.metrics.probe_loop_lag(_LAG_PROBE_S, self.refresh_metrics)
 
-    async def _close_idle_sessions(self) -> None:
+    async def _prune_sessions(self) -> None:
         while True:
-            await asyncio.sleep(min(self.config.session_idle_s / 4, 30.0))
-            await self.sessions.close_idle()
+            await asyncio.sleep(_SESSION_PRUNE_S)
+            await self.sessions.prune_ended()
 
     def refresh_metrics(self) -> None:
         self.metrics.refresh(self.sandbox.stats())
@@ -383,8 +382,6 @@ def create_app(config: ServiceConfig) -> tuple[Gate, Service]:
         """Open a session: runs that share one worker and its state, until DELETE."""
         try:
             held = await service.sessions.open(tenant)
-        except TooManySessions as exc:
-            return JSONResponse({"detail": str(exc)}, status_code=429, headers={"Retry-After": "1"})
         except SandboxError as error:
             return service.respond(tenant, *service.failed(tenant, error, time.monotonic()))
         return JSONResponse({"id": held.id}, status_code=201)

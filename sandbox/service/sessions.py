@@ -1,9 +1,11 @@
 """Sessions held open between requests, each owned by the tenant that made it.
 
 Owns: the ``Sandbox.session()`` contexts that ``POST /v1/sessions`` opened,
-their random ids, the per-tenant bound on how many are open, and closing
-those left idle past ``idle_s`` (a client that vanished must not hold a
-worker for ever).
+their random ids, and forgetting those that have ended. The limits are the
+tenant's policy, enforced by the Sandbox itself (``max_sessions``,
+``session_idle_s``, ``session_max_s``): a client that vanished holds a
+worker only until its session idles out, and its record goes at the next
+prune.
 
 Must never: hand a session to another tenant (another tenant's id is
 answered as an unknown one), or leave a session open after ``close_all``.
@@ -33,22 +35,13 @@ class HeldSession:
         self.used_at = time.monotonic()
 
 
-class TooManySessions(Exception):
-    """The tenant already holds its maximum of open sessions."""
-
-
 class Sessions:
-    def __init__(self, sandbox: Sandbox, max_per_tenant: int, idle_s: float) -> None:
+    def __init__(self, sandbox: Sandbox) -> None:
         self._sandbox = sandbox
-        self.max_per_tenant = max_per_tenant
-        self.idle_s = idle_s
         self._held: dict[str, HeldSession] = {}
 
     async def open(self, tenant: str) -> HeldSession:
-        if self.count(tenant) >= self.max_per_tenant:
-            raise TooManySessions(
-                f"tenant {tenant!r} already has {self.max_per_tenant} open sessions; DELETE one or let one idle out"
-            )
+        """A new session; QuotaExceeded (429) past the tenant's ``max_sessions``."""
         stack = contextlib.AsyncExitStack()
         session = await stack.enter_async_context(self._sandbox.session(tenant=tenant))
         held = HeldSession(secrets.token_urlsafe(16), tenant, session, stack)
@@ -66,9 +59,9 @@ class Sessions:
         if self._held.pop(held.id, None) is not None:
             await held.exit_stack.aclose()
 
-    async def close_idle(self) -> None:
-        deadline = time.monotonic() - self.idle_s
-        for held in [h for h in self._held.values() if h.busy == 0 and h.used_at < deadline]:
+    async def prune_ended(self) -> None:
+        """Forget sessions the Sandbox has ended (idle, lifetime, a lost worker)."""
+        for held in [h for h in self._held.values() if h.busy == 0 and h.session.ended is not None]:
             await self.close(held)
 
     async def close_all(self) -> None:
