@@ -128,7 +128,7 @@ async def pin(rules: list[EgressRule]) -> dict:
     answers = await asyncio.gather(*(_resolve(name) for name in names))
     pinned: dict[str, list[ipaddress.IPv4Address | ipaddress.IPv6Address]] = {}
     for name, addresses in zip(names, answers, strict=True):
-        kept = [a for a in addresses if not _is_private(a) or any(rule.covers(a) for rule in explicit)]
+        kept = [a for a in addresses if not is_private(a) or any(rule.covers(a) for rule in explicit)]
         if len(kept) < len(addresses):
             log.warning("egress: %s resolved to refused private addresses %s", name, sorted(set(addresses) - set(kept)))
         pinned[name] = kept
@@ -204,7 +204,7 @@ async def _resolve(name: str) -> list[ipaddress.IPv4Address | ipaddress.IPv6Addr
     return addresses
 
 
-def _is_private(address: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
+def is_private(address: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
     if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
         address = address.ipv4_mapped
     return any(address in network for network in PRIVATE_NETWORKS)
@@ -228,7 +228,8 @@ def remove_leftovers() -> list[int]:
     if isinstance(tools, str):
         return []
     own_pidns = str(os.stat("/proc/self/ns/pid").st_ino)
-    pasta = os.path.realpath(tools.pasta)
+    # pasta may re-exec itself as a build for this CPU (passt.avx2), from the same directory.
+    pasta_dir = os.path.dirname(os.path.realpath(tools.pasta))
     killed = []
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
@@ -239,7 +240,8 @@ def remove_leftovers() -> list[int]:
             match = _MARKER.match(argv0)
             if match is None or match[1] != own_pidns or os.path.exists(f"/proc/{match[2]}"):
                 continue
-            if os.path.realpath(f"/proc/{entry}/exe") != pasta:
+            exe = os.path.realpath(f"/proc/{entry}/exe")
+            if os.path.dirname(exe) != pasta_dir or not os.path.basename(exe).startswith(("pasta", "passt")):
                 continue
             os.kill(int(entry), signal.SIGKILL)
             killed.append(int(entry))
