@@ -181,7 +181,7 @@ async def _probe_here() -> dict:
     try:
         zygote = await Zygote.start(preload=[], cgroups=cgroups)
         try:
-            host = await probe(zygote, cgroups, cgroup_error)
+            host = await probe(zygote, cgroups, cgroup_error, egress=True)
         finally:
             await zygote.close()
     except Exception as exc:
@@ -193,6 +193,7 @@ async def _probe_here() -> dict:
     return {
         "identity": identity,
         "layers": host.layers,
+        "egress": host.egress,
         "default_policy": {layer: ("required" if layer in profile.required else "not used") for layer in LAYERS},
         "error": None,
     }
@@ -204,11 +205,12 @@ def _probe_unprivileged() -> dict:
     report.setdefault("identity", f"uid {_UNPRIVILEGED_UID}")
     report.setdefault("layers", {})
     report.setdefault("default_policy", {})
+    report.setdefault("egress", "?")
     return report
 
 
 def _print_doctor(columns: dict[str, dict], here: dict) -> None:
-    width = max(len(layer) for layer in LAYERS) + 2
+    width = max(len(layer) for layer in (*LAYERS, "egress")) + 2
     for title, report in columns.items():
         print(f"== {title}")
         if report.get("remounted_for_reachability"):
@@ -224,6 +226,7 @@ def _print_doctor(columns: dict[str, dict], here: dict) -> None:
                 f"   {layer:<{width}}{report['layers'].get(layer, '?'):<60} "
                 f"default policy: {report['default_policy'].get(layer, '?')}"
             )
+        print(f"   {'egress':<{width}}{report.get('egress', '?'):<60} used by policies with egress entries")
     if here["error"] is None:
         print("\nThe default policy requires every layer marked 'on' above (required_layers = \"auto\");")
         print("a policy listing a layer that is off is refused with ConfinementUnavailable.")

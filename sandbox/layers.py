@@ -24,7 +24,8 @@ from sandbox.seccomp import SeccompUnavailable, build_filter
 from sandbox.worker import WorkerProcess
 from sandbox.zygote import Zygote
 
-_probed: dict[tuple[int, bool], tuple[dict[str, str], str]] = {}
+_probed: dict[tuple[int, bool], dict[str, str]] = {}
+_probed_egress: dict[tuple[int, bool], str] = {}
 # Nothing is ever sent: the probe worker only has to be set up with a rule.
 _EGRESS_PROBE = "192.0.2.1:9"  # TEST-NET-1 (RFC 5737), discard port
 
@@ -37,16 +38,21 @@ class _Discard:
         pass
 
 
-async def probe(zygote: Zygote, cgroups: CgroupParents | None, cgroup_error: str | None) -> HostSupport:
+async def probe(
+    zygote: Zygote, cgroups: CgroupParents | None, cgroup_error: str | None, *, egress: bool = False
+) -> HostSupport:
+    """What this host provides; egress is tried (one more worker start) only when asked for."""
     root = os.geteuid() == 0
     namespaces = zygote.namespaces
     key = (os.geteuid(), cgroups is not None)
     if key not in _probed:
-        layers = await _try_layers(zygote, root, namespaces, cgroups, cgroup_error)
-        host = HostSupport(layers, root, bool(namespaces.get("pid_namespaces")), cgroups)
-        _probed[key] = layers, await _try_egress(zygote, host)
-    layers, egress_state = _probed[key]
-    return HostSupport(layers, root, bool(namespaces.get("pid_namespaces")), cgroups, egress_state)
+        _probed[key] = await _try_layers(zygote, root, namespaces, cgroups, cgroup_error)
+    host = HostSupport(_probed[key], root, bool(namespaces.get("pid_namespaces")), cgroups)
+    if not egress:
+        return replace(host, egress="off: not probed (no policy has egress entries)")
+    if key not in _probed_egress:
+        _probed_egress[key] = await _try_egress(zygote, host)
+    return replace(host, egress=_probed_egress[key])
 
 
 async def _try_egress(zygote: Zygote, host: HostSupport) -> str:

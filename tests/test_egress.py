@@ -26,7 +26,7 @@ from sandbox.profile import HostSupport, build_profile
 
 REPO = Path(__file__).resolve().parent.parent
 WORLD = REPO / "tests" / "egress" / "world.py"
-SANITY_BOUND_S = 1.0  # far above a refusal (well under a millisecond here), far below a hang (2 s timeout)
+SANITY_BOUND_S = 1.0  # far above a refusal (well under a millisecond here), far below a hang (5 s timeout)
 MISSING = [tool for tool in ("unshare", "pasta", "nft", "ip") if shutil.which(tool, path="/usr/sbin:/usr/bin") is None]
 
 needs_world = pytest.mark.skipif(

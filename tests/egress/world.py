@@ -59,7 +59,7 @@ HOSTS = f"""127.0.0.1 localhost
 {PRIVATE} private.egress.test
 {UPSTREAM} internal.egress.test
 """
-CONNECT_TIMEOUT_S = 2.0
+CONNECT_TIMEOUT_S = 5.0  # generous for a loaded machine; refusals take well under a millisecond
 
 # --- the network -------------------------------------------------------------------
 
