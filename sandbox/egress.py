@@ -40,7 +40,7 @@ import socket
 from dataclasses import dataclass
 
 from sandbox.errors import ConfinementUnavailable
-from sandbox.policies.egress import EgressRule, parse_egress
+from sandbox.policies.egress import EgressRule, IPNetwork, parse_egress
 
 log = logging.getLogger(__name__)
 
@@ -113,7 +113,7 @@ def marker() -> str:
     return f"{_MARKER_PREFIX}-{os.stat('/proc/self/ns/pid').st_ino}-{os.getpid()}-pasta"
 
 
-async def pin(rules: list[EgressRule]) -> dict:
+async def pin(rules: list[EgressRule]) -> dict[str, object]:
     """Resolve the names of ``rules`` now and render one worker's egress config.
 
     Called for each new worker: that is the re-resolution rule. A name that
@@ -134,9 +134,12 @@ async def pin(rules: list[EgressRule]) -> dict:
         pinned[name] = kept
     lines = ["127.0.0.1 localhost", "::1 localhost"]
     lines += [f"{address} {name}" for name, addresses in pinned.items() for address in addresses]
-    destinations = [
-        (rule, [ipaddress.ip_network(a) for a in pinned[rule.host]] if rule.host else [rule.network]) for rule in rules
-    ]
+    destinations: list[tuple[EgressRule, list[IPNetwork]]] = []
+    for rule in rules:
+        if rule.host is not None:
+            destinations.append((rule, [ipaddress.ip_network(a) for a in pinned[rule.host]]))
+        elif rule.network is not None:
+            destinations.append((rule, [rule.network]))
     return {
         "hosts": "\n".join(lines) + "\n",
         "nft": render_nft(destinations),
@@ -149,7 +152,7 @@ async def pin(rules: list[EgressRule]) -> dict:
     }
 
 
-def render_nft(destinations: list[tuple[EgressRule, list]]) -> str:
+def render_nft(destinations: list[tuple[EgressRule, list[IPNetwork]]]) -> str:
     """The worker namespace's table: allowed (network, protocol, ports) out, the rest rejected at once."""
     accepts = []
     for rule, networks in destinations:

@@ -42,6 +42,8 @@ import errno
 import functools
 import os
 import socket
+from collections.abc import Callable
+from typing import Any
 
 _ALWAYS_DENIED = (
     "ptrace",
@@ -191,7 +193,7 @@ def build_filter(
     return _export(flt)
 
 
-def _egress_sockets(rule, sc, protocols: tuple[str, ...]) -> None:
+def _egress_sockets(rule: Callable[..., None], sc: Any, protocols: tuple[str, ...]) -> None:
     """Families AF_UNIX, AF_INET, AF_INET6 only; IP sockets of the allowed types only; connect but no server calls."""
     unsupported = sc.ERRNO(errno.EAFNOSUPPORT)
     allowed_families = {socket.AF_UNIX, socket.AF_INET, socket.AF_INET6}
@@ -207,7 +209,7 @@ def _egress_sockets(rule, sc, protocols: tuple[str, ...]) -> None:
         rule(sc.ERRNO(errno.EPERM), name)
 
 
-def _export(flt) -> bytes:
+def _export(flt: Any) -> bytes:
     fd = os.memfd_create("seccomp-bpf")
     try:
         with os.fdopen(fd, "w+b", closefd=False) as sink:
