@@ -26,6 +26,7 @@ from __future__ import annotations
 import os
 import select
 import signal
+from typing import NamedTuple
 
 from sandbox.runtime import linux
 
@@ -40,10 +41,33 @@ class EgressFailed(OSError):
 _MAX_DIAGNOSTIC_BYTES = 4000
 
 
+class _Pasta(NamedTuple):
+    pid: int
+    ready: int  # read end of the pipe pasta writes its pid file to once it is set up
+    log: int
+
+
 def install(netns: int, spec: dict) -> int:
-    """Load ``spec['nft']`` into ``netns``, then start pasta on it; return pasta's pid."""
-    _load_rules(netns, spec["nft_path"], spec["nft"].encode())
-    return _start_pasta(netns, spec)
+    """Start pasta on ``netns`` and load ``spec['nft']`` into it; return pasta's pid.
+
+    Both at once, to halve the wait: nothing can send a packet in the
+    namespace before its worker joins it, and that happens only after this
+    returns, with the rules loaded and pasta ready.
+    """
+    pasta = _spawn_pasta(netns, spec)
+    try:
+        _load_rules(netns, spec["nft_path"], spec["nft"].encode())
+    except BaseException:
+        _kill(pasta.pid)
+        os.close(pasta.ready)
+        os.close(pasta.log)
+        raise
+    try:
+        _await_ready(pasta)
+    except BaseException:
+        _kill(pasta.pid)
+        raise
+    return pasta.pid
 
 
 def _load_rules(netns: int, nft_path: str, rules: bytes) -> None:
@@ -70,9 +94,7 @@ def _load_rules(netns: int, nft_path: str, rules: bytes) -> None:
     os.close(log)
 
 
-def _start_pasta(netns: int, spec: dict) -> int:
-    """Start pasta and wait until it has configured the namespace (it writes
-    its pid file, here a pipe, only then)."""
+def _spawn_pasta(netns: int, spec: dict) -> _Pasta:
     ready_r, ready_w = os.pipe2(os.O_CLOEXEC)
     log = _diagnostic_file()
     argv = [
@@ -115,17 +137,27 @@ def _start_pasta(netns: int, spec: dict) -> int:
         finally:
             os._exit(127)
     os.close(ready_w)
+    return _Pasta(pid, ready_r, log)
+
+
+def _await_ready(pasta: _Pasta) -> None:
+    """Wait until pasta has configured the namespace: it writes its pid file (our pipe) only then."""
     try:
-        ready, _, _ = select.select([ready_r], [], [], _PASTA_READY_TIMEOUT_S)
-        started = bool(ready) and bool(os.read(ready_r, 64))
+        ready, _, _ = select.select([pasta.ready], [], [], _PASTA_READY_TIMEOUT_S)
+        started = bool(ready) and bool(os.read(pasta.ready, 64))
     finally:
-        os.close(ready_r)
+        os.close(pasta.ready)
     if not started:
+        raise EgressFailed(1, f"pasta did not start: {_read_diagnostic(pasta.log) or 'no message'}")
+    os.close(pasta.log)
+
+
+def _kill(pid: int) -> None:
+    try:
         os.kill(pid, signal.SIGKILL)
         os.waitpid(pid, 0)
-        raise EgressFailed(1, f"pasta did not start: {_read_diagnostic(log) or 'no message'}")
-    os.close(log)
-    return pid
+    except ChildProcessError:
+        pass
 
 
 def _enter_with_capabilities(netns: int, caps: list[int]) -> None:
