@@ -158,7 +158,7 @@ def test_host_provides_egress(world):
 @needs_world
 def test_allowed_port_answers(world):
     allowed = world["probe_egress"]["results"]["allowed"]
-    assert allowed["stage"] == "connected" and allowed["answer"] == "upstream 10.203.0.2:8080"
+    assert allowed["stage"] == "connected" and allowed["answer"] == "upstream 10.203.0.2:8080", allowed
 
 
 @needs_world
@@ -197,6 +197,13 @@ def test_udp_only_where_a_udp_entry_allows(world):
 def test_raw_netlink_and_packet_sockets_are_refused(world, kind):
     outcome = world["probe_egress"]["results"][kind]
     assert (outcome["stage"], outcome["error"]) == ("socket", "EAFNOSUPPORT")
+
+
+@needs_world
+def test_worker_holds_no_capability_over_its_namespace(world):
+    capabilities = world["probe_egress"]["capabilities"]
+    assert capabilities["CapEff"] == capabilities["CapPrm"] == capabilities["CapAmb"] == 0
+    assert capabilities["CapBnd"] == 0  # not even after an exec
 
 
 @needs_world

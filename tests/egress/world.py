@@ -247,6 +247,8 @@ for name in NAMES:
     except OSError as exc:
         resolved[name] = type(exc).__name__
 hosts = open("/etc/hosts").read()
+with open("/proc/self/status") as status:
+    capabilities = {k: int(v, 16) for k, _, v in (line.partition(":") for line in status) if k.startswith("Cap")}
 """
 
 TCP_TARGETS = {
@@ -327,7 +329,7 @@ async def main_scenario(report: dict, hosts_path: str) -> None:
         report["network_during"] = network_state()
         for name in ("none", "egress"):
             result = await sandbox.run(probe_code(TCP_TARGETS, UDP_TARGETS), tenant=name)
-            report[f"probe_{name}"] = {k: result.outputs[k] for k in ("results", "resolved", "hosts")}
+            report[f"probe_{name}"] = {k: result.outputs[k] for k in ("results", "resolved", "hosts", "capabilities")}
             report[f"probe_{name}"]["worker_pid"] = result.stats.worker_pid
         for label, url in (
             ("aiohttp", "http://api.egress.test:8080/"),
