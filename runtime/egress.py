@@ -104,12 +104,13 @@ def _spawn_pasta(netns: int, spec: dict) -> _Pasta:
         "--config-net",
         "--no-map-gw",
         "--no-netns-quit",
-        "--no-icmp",
         "--no-dhcp",
         "--no-dhcpv6",
         "--no-ra",
         *("-t", "none", "-u", "none", "-T", "none", "-U", "none"),
         *([] if spec["udp"] else ["--no-udp"]),
+        # pasta's ICMPv6 handler also answers neighbour discovery, which IPv6 needs.
+        *(["--no-icmp"] if not spec["ipv6"] else []),
         *([] if spec["ipv6"] else ["--ipv4-only", "--no-ndp"]),
         # pasta as root would switch to nobody and lose what it needs to join
         # the namespace; it drops every other capability itself.

@@ -162,6 +162,12 @@ def test_allowed_port_answers(world):
 
 
 @needs_world
+def test_allowed_ipv6_address_answers(world):
+    allowed = world["probe_egress"]["results"]["ipv6_allowed"]
+    assert allowed["stage"] == "connected" and allowed["answer"] == "upstream fd00:203::2:8080", allowed
+
+
+@needs_world
 def test_aiohttp_get_pattern(world):
     assert world["aiohttp"] == {"status": 200, "body": "upstream 198.51.100.10:8080"}
     assert "Cannot connect to host 10.203.0.2:8081" in world["aiohttp_other_port"]["error"]
@@ -176,7 +182,8 @@ def test_asyncpg_against_postgresql(world):
 
 @needs_world
 @pytest.mark.parametrize(
-    "target", ["other_port", "loopback", "world", "metadata", "private", "public_b", "ipv6_loopback", "ipv6"]
+    "target",
+    ["other_port", "loopback", "world", "metadata", "private", "public_b", "ipv6_loopback", "ipv6", "ipv6_other_port"],
 )
 def test_everything_else_is_refused_at_once(world, target):
     outcome = world["probe_egress"]["results"][target]
@@ -277,6 +284,7 @@ def test_unprivileged_with_a_usable_tun_device_is_the_same(world):
         pytest.skip("cannot create a tun device node in the throwaway mount namespace")
     results = world["unprivileged_open_tun"]["results"]
     assert results["allowed"]["answer"] == "upstream 10.203.0.2:8080"
-    for target in ("other_port", "loopback", "world", "metadata", "private", "ipv6"):
+    assert results["ipv6_allowed"]["answer"] == "upstream fd00:203::2:8080"
+    for target in ("other_port", "loopback", "world", "metadata", "private", "ipv6", "ipv6_other_port"):
         assert results[target]["stage"] == "connect" and results[target]["s"] < SANITY_BOUND_S
     assert {results[kind]["error"] for kind in ("raw", "netlink", "packet")} == {"EAFNOSUPPORT"}

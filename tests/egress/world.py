@@ -49,6 +49,7 @@ if __name__ == "__main__":
 
 UPSTREAM = "10.203.0.2"
 WORLD = "10.203.0.1"
+UPSTREAM6, WORLD6 = "fd00:203::2", "fd00:203::1"
 PUBLIC_A, PUBLIC_B = "198.51.100.10", "198.51.100.11"
 METADATA, PRIVATE = "169.254.169.254", "10.99.0.1"
 HTTP_PORTS = (80, 8080, 8081)
@@ -77,8 +78,12 @@ class _Answer(BaseHTTPRequestHandler):
         pass
 
 
+class _Server6(ThreadingHTTPServer):
+    address_family = socket.AF_INET6
+
+
 def _serve_http(address: str, port: int, label: str) -> None:
-    server = ThreadingHTTPServer((address, port), _Answer)
+    server = (_Server6 if ":" in address else ThreadingHTTPServer)((address, port), _Answer)
     server.label = label  # type: ignore[attr-defined]
     threading.Thread(target=server.serve_forever, daemon=True).start()
 
@@ -116,9 +121,10 @@ def _start_upstream() -> int:
             _sh("ip link set lo up", f"ip addr add {UPSTREAM}/24 dev eg-u")
             for address in (PUBLIC_A, PUBLIC_B, METADATA, PRIVATE):
                 _sh(f"ip addr add {address}/32 dev eg-u")
-            _sh("ip link set eg-u up")
+            _sh(f"ip -6 addr add {UPSTREAM6}/64 dev eg-u nodad", "ip link set eg-u up")
             for port in HTTP_PORTS:
                 _serve_http("0.0.0.0", port, "upstream")
+                _serve_http(UPSTREAM6, port, "upstream")
             for port in UDP_PORTS:
                 _serve_udp_echo(port)
             postgres = _start_postgres()
@@ -128,7 +134,8 @@ def _start_upstream() -> int:
             os._exit(0)
     os.read(ready_r, 1)
     _sh("ip link set lo up", "ip link add eg-t type veth peer name eg-u", f"ip link set eg-u netns {pid}")
-    _sh(f"ip addr add {WORLD}/24 dev eg-t", "ip link set eg-t up", f"ip route add default via {UPSTREAM}")
+    _sh(f"ip addr add {WORLD}/24 dev eg-t", f"ip -6 addr add {WORLD6}/64 dev eg-t nodad", "ip link set eg-t up")
+    _sh(f"ip route add default via {UPSTREAM}", f"ip -6 route add default via {UPSTREAM6}")
     os.write(wired_w, b"x")
     return pid if os.read(ready_r, 1) == b"p" else -pid
 
@@ -222,7 +229,10 @@ def attempt(family, kind, address, proto=0, payload=None):
             answer = sock.recv(100).decode()
         else:
             sock.sendall(b"GET / HTTP/1.0\\r\\nHost: x\\r\\n\\r\\n")
-            answer = sock.recv(4096).decode(errors="replace").rpartition("\\r\\n\\r\\n")[2]
+            received = b""
+            while chunk := sock.recv(4096):  # HTTP/1.0: the server closes after the body
+                received += chunk
+            answer = received.decode(errors="replace").partition("\\r\\n\\r\\n")[2]
         return {"stage": "connected", "error": None, "answer": answer, "s": time.monotonic() - started}
     except OSError as exc:
         code = errno.errorcode.get(exc.errno, type(exc).__name__) if exc.errno else type(exc).__name__
@@ -261,6 +271,8 @@ TCP_TARGETS = {
     "public_b": (PUBLIC_B, 8080),
     "ipv6_loopback": ("::1", 8080),
     "ipv6": ("fd00::2", 8080),
+    "ipv6_allowed": (UPSTREAM6, 8080),
+    "ipv6_other_port": (UPSTREAM6, 8081),
 }
 UDP_TARGETS = {"udp_allowed": (UPSTREAM, 7777), "udp_other_port": (UPSTREAM, 7778)}
 NAMES = ["api.egress.test", "private.egress.test", "internal.egress.test"]
@@ -284,6 +296,7 @@ await connection.close()
 
 EGRESS = [
     f"{UPSTREAM}:8080",
+    f"[{UPSTREAM6}]:8080",
     "api.egress.test:8080",
     "private.egress.test:8080",
     "internal.egress.test:8080",
