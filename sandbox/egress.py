@@ -145,7 +145,7 @@ async def pin(rules: list[EgressRule]) -> dict[str, object]:
         "nft": render_nft(destinations),
         "pinned": {name: [str(a) for a in addresses] for name, addresses in pinned.items()},
         "udp": any(rule.protocol == "udp" for rule in rules),
-        "ipv6": any(net is not None and net.version == 6 for _, nets in destinations for net in nets),
+        "ipv6": any(net.version == 6 for _, nets in destinations for net in nets),
         "pasta_path": tools.pasta,
         "nft_path": tools.nft,
         "marker": marker(),
@@ -220,7 +220,9 @@ def remove_leftovers() -> list[int]:
     """Kill pasta processes whose supervisor is dead; return their pids.
 
     A supervisor's pasta processes die with its zygote's PID namespace, so
-    this finds something only if that failed. Only processes marked with this
+    this finds something only if that failed. A Sandbox with egress tenants
+    calls it as it starts; it takes no arguments and is safe to call from any
+    process, so a general registry of crash cleanups can call it too. Only processes marked with this
     process's own PID namespace are considered (a pid means nothing across
     namespaces), only when no process of that pid exists at all, and only if
     they really run pasta. Nothing else of egress lives on the host: the

@@ -30,7 +30,7 @@ from collections.abc import Mapping
 
 import psutil
 
-from sandbox import outcome
+from sandbox import egress, outcome
 from sandbox.cgroups import CgroupParents
 from sandbox.errors import InputError, SandboxClosed, SandboxError
 from sandbox.inputs import encode_inputs
@@ -120,6 +120,8 @@ class Sandbox:
             zygote = await self._new_zygote()
             try:
                 wants_egress = any(policy.egress for policy in self.policies.values())
+                if wants_egress:
+                    await asyncio.to_thread(egress.remove_leftovers)
                 self.host = await probe(zygote, self._cgroups, cgroup_error, egress=wants_egress)
                 self._profiles = {
                     name: build_profile(name, policy, self.host) for name, policy in self.policies.items()
