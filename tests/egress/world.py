@@ -334,7 +334,7 @@ async def main_scenario(report: dict, hosts_path: str) -> None:
 
     tenants = {"egress": tenant(egress=EGRESS), "none": tenant()}
     started = time.monotonic()
-    # One worker: the egress runs below follow each other on the same worker,
+    # One worker: the two egress probes follow each other on the same worker,
     # which is what shows that its names stay pinned.
     async with Sandbox(tenants=tenants, workers=1) as sandbox:
         report["start_s"] = time.monotonic() - started
@@ -344,6 +344,17 @@ async def main_scenario(report: dict, hosts_path: str) -> None:
             result = await sandbox.run(probe_code(TCP_TARGETS, UDP_TARGETS), tenant=name)
             report[f"probe_{name}"] = {k: result.outputs[k] for k in ("results", "resolved", "hosts", "capabilities")}
             report[f"probe_{name}"]["worker_pid"] = result.stats.worker_pid
+        # Re-point the name on the host: the running worker keeps what was pinned for it.
+        with open(hosts_path, "w") as f:
+            f.write(HOSTS.replace(PUBLIC_A, PUBLIC_B))
+        result = await sandbox.run(probe_code({"api": ("api.egress.test", 8080)}, {}), tenant="egress")
+        report["after_repoint"] = {
+            "api": result.outputs["results"]["api"],
+            "resolved": result.outputs["resolved"]["api.egress.test"],
+            "worker_pid": result.stats.worker_pid,
+        }
+        with open(hosts_path, "w") as f:
+            f.write(HOSTS)
         for label, url in (
             ("aiohttp", "http://api.egress.test:8080/"),
             ("aiohttp_other_port", f"http://{UPSTREAM}:8081/"),
@@ -358,17 +369,10 @@ async def main_scenario(report: dict, hosts_path: str) -> None:
             report["asyncpg"] = {"answer": result.outputs["answer"]}
         except SandboxError as exc:
             report["asyncpg"] = {"error": f"{type(exc).__name__}: {exc}"}
-        # Re-point the name on the host: the running worker keeps what was pinned for it.
-        with open(hosts_path, "w") as f:
-            f.write(HOSTS.replace(PUBLIC_A, PUBLIC_B))
-        result = await sandbox.run(probe_code({"api": ("api.egress.test", 8080)}, {}), tenant="egress")
-        report["after_repoint"] = {
-            "api": result.outputs["results"]["api"],
-            "resolved": result.outputs["resolved"]["api.egress.test"],
-            "worker_pid": result.stats.worker_pid,
-        }
     report["network_after_close"] = network_state()
     # A new worker (here, of a new Sandbox) resolves again.
+    with open(hosts_path, "w") as f:
+        f.write(HOSTS.replace(PUBLIC_A, PUBLIC_B))
     async with Sandbox(tenants={"egress": tenant(egress=EGRESS)}, workers=1) as sandbox:
         result = await sandbox.run(probe_code({"api": ("api.egress.test", 8080)}, {}), tenant="egress")
         report["new_worker"] = {
