@@ -156,6 +156,11 @@ def test_host_provides_egress(world):
 
 
 @needs_world
+def test_doctor_reports_the_egress_mechanism(world):
+    assert world["doctor"]["egress"] == world["host_egress"]
+
+
+@needs_world
 def test_allowed_port_answers(world):
     allowed = world["probe_egress"]["results"]["allowed"]
     assert allowed["stage"] == "connected" and allowed["answer"] == "upstream 10.203.0.2:8080", allowed

@@ -502,6 +502,10 @@ def main() -> None:
         import uvloop
 
         uvloop.run(main_scenario(report, hosts_path))
+        doctor = subprocess.run(
+            [sys.executable, "-m", "sandbox", "doctor", "--json"], capture_output=True, text=True, cwd=sys.argv[1]
+        )
+        report["doctor"] = json.loads(doctor.stdout or "{}")
         killed_supervisor_scenario(report)
         leftover_scenario(report)
         unprivileged_scenario(report, "unprivileged_host_tun")
