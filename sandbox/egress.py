@@ -3,7 +3,7 @@
 Owns: whether this host can enforce egress (:func:`host_support`), resolving
 and pinning names for one worker (:func:`pin`), rendering the nftables rules
 loaded into that worker's network namespace, and removing pasta processes a
-dead supervisor left behind (:func:`remove_leftovers`). The zygote does the
+dead supervisor left behind (registered with ``sandbox.leftovers``). The zygote does the
 installing (``runtime.egress``).
 
 How a worker with egress is wired: its own network namespace holds a tap
@@ -39,6 +39,7 @@ import signal
 import socket
 from dataclasses import dataclass
 
+from sandbox import leftovers
 from sandbox.errors import ConfinementUnavailable
 from sandbox.policies.egress import EgressRule, IPNetwork, parse_egress
 
@@ -107,10 +108,10 @@ def rules_of(entries: list[str]) -> list[EgressRule]:
 
 
 def marker() -> str:
-    """argv[0] of this supervisor's pasta processes: its PID namespace and pid,
+    """argv[0] of this supervisor's pasta processes: its owner tag (``sandbox.leftovers``),
     so that a later supervisor can tell a dead owner's leftovers from a live one's."""
     # pasta picks its mode from argv[0], which must contain "pasta".
-    return f"{_MARKER_PREFIX}-{os.stat('/proc/self/ns/pid').st_ino}-{os.getpid()}-pasta"
+    return f"{_MARKER_PREFIX}-{leftovers.owner_tag()}-pasta"
 
 
 async def pin(rules: list[EgressRule]) -> dict[str, object]:
@@ -213,29 +214,23 @@ def is_private(address: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
     return any(address in network for network in PRIVATE_NETWORKS)
 
 
-_MARKER = re.compile(rf"^{_MARKER_PREFIX}-(\d+)-(\d+)-pasta$")
+_MARKER = re.compile(rf"^{_MARKER_PREFIX}-([0-9a-f]+)-pasta$")
 
 
-def remove_leftovers() -> list[int]:
-    """Kill pasta processes whose supervisor is dead; return their pids.
+def _remove_dead_pasta(dead: frozenset[str]) -> bool:
+    """Kill pasta processes whose supervisor is dead (``sandbox.leftovers`` calls this).
 
     A supervisor's pasta processes die with its zygote's PID namespace, so
-    this finds something only if that failed. A Sandbox with egress tenants
-    calls it as it starts; it takes no arguments and is safe to call from any
-    process, so a general registry of crash cleanups can call it too. Only processes marked with this
-    process's own PID namespace are considered (a pid means nothing across
-    namespaces), only when no process of that pid exists at all, and only if
-    they really run pasta. Nothing else of egress lives on the host: the
-    interfaces and rules are inside namespaces that vanish with their last
-    process.
+    this finds something only if that failed. Only processes that really run
+    pasta and carry a dead owner's tag are killed. Nothing else of egress
+    lives on the host: the interfaces and rules are inside namespaces that
+    vanish with their last process.
     """
     tools = find_tools()
     if isinstance(tools, str):
-        return []
-    own_pidns = str(os.stat("/proc/self/ns/pid").st_ino)
+        return True
     # pasta may re-exec itself as a build for this CPU (passt.avx2), from the same directory.
     pasta_dir = os.path.dirname(os.path.realpath(tools.pasta))
-    killed = []
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
             continue
@@ -243,13 +238,15 @@ def remove_leftovers() -> list[int]:
             with open(f"/proc/{entry}/cmdline", "rb") as f:
                 argv0 = f.read().split(b"\0", 1)[0].decode(errors="replace")
             match = _MARKER.match(argv0)
-            if match is None or match[1] != own_pidns or os.path.exists(f"/proc/{match[2]}"):
+            if match is None or match[1] not in dead:
                 continue
             exe = os.path.realpath(f"/proc/{entry}/exe")
             if os.path.dirname(exe) != pasta_dir or not os.path.basename(exe).startswith(("pasta", "passt")):
                 continue
             os.kill(int(entry), signal.SIGKILL)
-            killed.append(int(entry))
         except OSError:
             continue  # gone meanwhile, or not ours to look at
-    return killed
+    return True  # SIGKILL is final; a process still exiting holds nothing of the owner's
+
+
+leftovers.register("pasta processes", _remove_dead_pasta)

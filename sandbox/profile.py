@@ -149,6 +149,7 @@ def build_profile(name: str, policy: Policy, host: HostSupport) -> TenantProfile
             "max_error_text_bytes": MAX_ERROR_TEXT_BYTES // 2,
             "allow_processes": policy.allow_processes,
             "network": policy.network,
+            "egress": bool(egress),
             "session": False,
         },
     }

@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING
 
 import psutil
 
-from sandbox import egress, leftovers, outcome, values
+from sandbox import leftovers, outcome, values
 from sandbox.cgroups import CgroupParents
 from sandbox.errors import InputError, QuotaExceeded, SandboxClosed, SandboxError
 from sandbox.inputs import encode_inputs
@@ -131,8 +131,6 @@ class Sandbox:
             zygote = await self._new_zygote()
             try:
                 wants_egress = any(policy.egress for policy in self.policies.values())
-                if wants_egress:
-                    await asyncio.to_thread(egress.remove_leftovers)
                 self.host = await probe(zygote, self._cgroups, cgroup_error, egress=wants_egress)
                 self._profiles = {
                     name: build_profile(name, policy, self.host) for name, policy in self.policies.items()

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 import shutil
 import signal
 import socket
@@ -168,6 +169,20 @@ def _start_postgres() -> bool:
         except OSError:
             time.sleep(0.1)
     return False
+
+
+def _private_tmp() -> None:
+    """A /tmp of this world's own, so that owner locks, scratch directories and
+    this world's files stay in it; a checkout that lives under /tmp is bound back."""
+    from sandbox.runtime import linux
+
+    source = os.path.realpath(sys.argv[1])
+    keep = os.open(source, os.O_PATH) if source.startswith("/tmp/") else None
+    linux.mount("tmpfs", "/tmp", "tmpfs", 0, "mode=1777")
+    if keep is not None:
+        os.makedirs(source, mode=0o755)
+        linux.mount(f"/proc/self/fd/{keep}", source, None, linux.MS_BIND | linux.MS_REC)
+        os.close(keep)
 
 
 def _private_hosts_file() -> str:
@@ -419,32 +434,32 @@ def killed_supervisor_scenario(report: dict) -> None:
 
 
 def leftover_scenario(report: dict) -> None:
-    """A pasta marked with a dead supervisor's pid (as if its PID namespace had not ended it)
-    is removed by remove_leftovers; one marked with a live pid is kept."""
-    from sandbox.egress import remove_leftovers
+    """A pasta carrying a dead owner's tag (as if its PID namespace had not ended
+    it) is removed by the leftovers sweep; one carrying a live owner's tag is kept."""
+    from sandbox import egress, leftovers
 
-    own_pidns = os.stat("/proc/self/ns/pid").st_ino
-    dead = subprocess.Popen(["true"])
-    dead.wait()
+    dead_owner = secrets.token_hex(4)
+    open(leftovers.lock_path(dead_owner), "w").close()  # a lock file nobody holds: its owner is gone
     holders = [subprocess.Popen(["unshare", "--net", "sleep", "60"]) for _ in range(2)]
     time.sleep(0.2)
     strays = {}
-    for owner, holder in zip((dead.pid, os.getpid()), holders, strict=True):
-        marker = f"sandbox-egress-{own_pidns}-{owner}-pasta"
+    for owner, holder in zip((dead_owner, leftovers.owner_tag()), holders, strict=True):
         strays[owner] = subprocess.Popen(
             [
                 "bash",
                 "-c",
-                f"exec -a {marker} pasta --foreground --quiet --runas 0 --no-map-gw -t none -u none -T none -U none "
-                f"--netns /proc/self/fd/7 7</proc/{holder.pid}/ns/net",
+                f"exec -a sandbox-egress-{owner}-pasta pasta --foreground --quiet --runas 0 --no-map-gw "
+                f"-t none -u none -T none -U none --netns /proc/self/fd/7 7</proc/{holder.pid}/ns/net",
             ]
         )
     time.sleep(0.5)
-    report["leftovers_running"] = {str(owner): process.poll() is None for owner, process in strays.items()}
-    killed = remove_leftovers()
+    report["leftovers_running"] = {owner: process.poll() is None for owner, process in strays.items()}
+    assert egress.marker().startswith(f"sandbox-egress-{leftovers.owner_tag()}-")
+    leftovers.sweep()
+    time.sleep(0.2)
     report["leftovers_killed"] = {
-        "dead_owner": strays[dead.pid].pid in killed,
-        "live_owner": strays[os.getpid()].pid in killed,
+        "dead_owner": strays[dead_owner].poll() is not None,
+        "live_owner": strays[leftovers.owner_tag()].poll() is not None,
     }
     for process in (*strays.values(), *holders):
         process.kill()
@@ -494,6 +509,7 @@ def open_tun_device() -> bool:
 def main() -> None:
     report: dict = {}
     try:
+        _private_tmp()
         hosts_path = _private_hosts_file()
         upstream = _start_upstream()
         report["postgres"] = upstream > 0
