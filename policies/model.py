@@ -17,8 +17,14 @@ from typing import Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from sandbox.policies.egress import parse_egress
+
 Layer = Literal["rlimits", "identity", "pidns", "mountns", "netns", "ipcns", "landlock", "seccomp", "cgroup"]
 LAYERS: tuple[str, ...] = get_args(Layer)
+# Egress rests on these: the worker's own namespace holds the rules, its mount
+# namespace the pinned /etc/hosts; seccomp keeps netlink away; the zygote's PID
+# namespace ends pasta with it. A tenant with egress requires them all.
+EGRESS_LAYERS: tuple[Layer, ...] = ("netns", "mountns", "pidns", "seccomp")
 
 DEFAULT_ALLOWED_MODULES = [
     "asyncio",
@@ -144,6 +150,11 @@ class Policy(BaseModel):
 
     # --- isolation ---------------------------------------------------------------
     network: bool = Field(False, description="Keep the host network namespace and allow IP sockets.")
+    egress: list[str] = Field(
+        default_factory=list,
+        description="With network = false, the only destinations the code may reach: 'HOST:PORT', 'IP:PORT', "
+        "'[IPv6]:PORT', 'CIDR:PORT' (PORT: number, range 'A-B' or '*'); TCP, or UDP with a 'udp:' prefix.",
+    )
     filesystem: Literal["scratch", "readonly"] = Field(
         "scratch", description="'scratch': /work, /tmp, /dev/shm writable; 'readonly': nothing writable."
     )
@@ -204,6 +215,19 @@ class Policy(BaseModel):
             raise ValueError(f"not environment variable names: {', '.join(map(repr, bad))}")
         return names
 
+    @field_validator("egress")
+    @classmethod
+    def _egress_entries(cls, entries: list[str]) -> list[str]:
+        problems = []
+        for entry in entries:
+            try:
+                parse_egress(entry)
+            except ValueError as exc:
+                problems.append(f"{entry!r}: {exc}")
+        if problems:
+            raise ValueError(f"invalid egress entries: {'; '.join(problems)}")
+        return entries
+
     @field_validator("readonly_paths")
     @classmethod
     def _absolute_paths(cls, paths: list[str]) -> list[str]:
@@ -218,4 +242,9 @@ class Policy(BaseModel):
             raise ValueError("max_reply_bytes must be at least max_result_bytes")
         if self.required_layers != "auto" and set(self.required_layers) & set(self.skip_layers):
             raise ValueError("a layer cannot be both in required_layers and in skip_layers")
+        if self.network and self.egress:
+            raise ValueError("egress applies only when network = false (network = true is the whole network)")
+        skipped = sorted(set(self.skip_layers) & set(EGRESS_LAYERS))
+        if self.egress and skipped:
+            raise ValueError(f"egress is enforced by layers {', '.join(skipped)}: they cannot be skipped with egress")
         return self

@@ -120,7 +120,7 @@ class CodeNode:
     def __init__(self, settings: dict) -> None:
         self.policy = ImportPolicy(settings["allowed_modules"], settings["denied_modules"], settings["tenant"])
         self.guard = Guard(self.policy, settings["removed_builtins"])
-        if not settings["network"]:
+        if not settings["network"] and not settings.get("egress"):  # with egress, refusals name no policy fix
             explain_refused_sockets(settings["tenant"])
         self.max_value_bytes: int = settings["max_result_bytes"]
         self.max_total_bytes: int = settings["max_reply_bytes"]

@@ -17,8 +17,10 @@ Order matters, and each step is placed where it is for a reason:
 1. cgroups: joined earlier, by the standby worker (see ``runtime.zygote``),
    while the host's ``/sys/fs/cgroup`` was still visible; here only the
    outcome is recorded.
-2. network namespace (setns into the zygote's shared empty one), then new
-   IPC and UTS namespaces for this worker alone.
+2. network namespace (setns into the zygote's shared empty one, or, with
+   egress, into the worker's own, whose rules the zygote loaded before the
+   worker was assigned; see ``runtime.egress``), then new IPC and UTS
+   namespaces for this worker alone.
 3. the file-system view: a copy of the zygote's template mount namespace
    (a tmpfs root with read-only binds of the interpreter and libraries and a
    minimal ``/dev``, see :func:`build_template`), plus the worker's own
@@ -114,7 +116,7 @@ class Scratch:
         return cls(cwd, [ScratchDir.of(path) for path in paths], st.f_files - st.f_ffree)
 
 
-def confine(config: dict, empty_netns_fd: int | None, template_fd: int | None) -> tuple[dict[str, str], Scratch]:
+def confine(config: dict, netns_fd: int | None, template_fd: int | None) -> tuple[dict[str, str], Scratch]:
     """Apply every layer named in ``config['layers']``.
 
     Returns layer -> outcome ("on" or "off: <reason>") and the worker's
@@ -144,7 +146,7 @@ def confine(config: dict, empty_netns_fd: int | None, template_fd: int | None) -
     _raise_oom_score()
     _yield_cpu_to_the_supervisor()
     attempt("cgroup", _cgroup_outcome, config.get("cgroup_error"))
-    attempt("netns", _enter_netns, empty_netns_fd, config["network"])
+    attempt("netns", _enter_netns, netns_fd, config["network"])
     attempt("ipcns", linux.unshare, linux.CLONE_NEWIPC | linux.CLONE_NEWUTS)
     attempt("mountns", _enter_template, template_fd, config)
     scratch = _private_scratch() if report["mountns"] == "on" else _host_scratch(config["host_scratch"])
@@ -225,12 +227,12 @@ def _cgroup_outcome(error: str | None) -> None:
         raise OSError(95, error)
 
 
-def _enter_netns(empty_netns_fd: int | None, network: bool) -> None:
+def _enter_netns(netns_fd: int | None, network: bool) -> None:
     if network:
         raise OSError(1, "the policy allows network, so the host network namespace is kept")
-    if empty_netns_fd is None:
+    if netns_fd is None:
         raise OSError(95, "the zygote could not create an empty network namespace")
-    linux.setns(empty_netns_fd, linux.CLONE_NEWNET)
+    linux.setns(netns_fd, linux.CLONE_NEWNET)
 
 
 def build_template(readonly_paths: list[str], etc_files: list[str]) -> None:
@@ -313,13 +315,13 @@ def _add_own_mounts(config: dict) -> None:
         f.write(f"sandbox:x:{uid}:{gid}:sandbox:{SCRATCH_DIR}:/nonexistent\n")
     with open(f"{_STAGING}/group", "w") as f:
         f.write(f"sandbox:x:{gid}:\n")
-    for source, target in (
-        ("work", SCRATCH_DIR),
-        ("tmp", "/tmp"),
-        ("shm", "/dev/shm"),
-        ("passwd", "/etc/passwd"),
-        ("group", "/etc/group"),
-    ):
+    own_files = [("passwd", "/etc/passwd"), ("group", "/etc/group")]
+    if config.get("egress") is not None:
+        # The names the supervisor resolved and pinned for this worker alone.
+        with open(f"{_STAGING}/hosts", "w") as f:
+            f.write(config["egress"]["hosts"])
+        own_files.append(("hosts", "/etc/hosts"))
+    for source, target in (("work", SCRATCH_DIR), ("tmp", "/tmp"), ("shm", "/dev/shm"), *own_files):
         linux.mount(f"{_STAGING}/{source}", target, None, linux.MS_BIND)
     for index, path in enumerate(_shadowed(config["readonly_paths"])):
         source = f"{_SOURCES}/{index}"

@@ -44,7 +44,10 @@ PR_SET_DUMPABLE = 4
 PR_CAPBSET_DROP = 24
 PR_SET_NO_NEW_PRIVS = 38
 PR_CAP_AMBIENT = 47
+PR_CAP_AMBIENT_RAISE = 2
 PR_CAP_AMBIENT_CLEAR_ALL = 4
+CAP_NET_ADMIN = 12
+CAP_SYS_ADMIN = 21
 PR_SET_SECCOMP = 22
 SECCOMP_MODE_FILTER = 2
 
@@ -52,6 +55,7 @@ _SYSCALLS = {
     # name: (x86_64, aarch64); landlock numbers are the same everywhere.
     "pivot_root": (155, 41),
     "capset": (126, 91),
+    "capget": (125, 90),
 }
 _ARCH_INDEX = {"x86_64": 0, "aarch64": 1}.get(platform.machine())
 
@@ -141,6 +145,21 @@ def clear_capabilities() -> None:
     header = _CapHeader(0x20080522, 0)  # _LINUX_CAPABILITY_VERSION_3
     data = (_CapData * 2)()
     _check(_libc.syscall(_syscall_number("capset"), ctypes.byref(header), ctypes.byref(data)), "capset")
+
+
+def keep_capabilities_across_exec(caps: list[int]) -> None:
+    """Raise ``caps`` (already permitted) into the inheritable and ambient sets,
+    so that the next execve keeps them although this uid is not 0: how a
+    zygote in a user namespace hands a helper program exactly the
+    capabilities it needs over the namespaces the zygote owns."""
+    header = _CapHeader(0x20080522, 0)
+    data = (_CapData * 2)()
+    _check(_libc.syscall(_syscall_number("capget"), ctypes.byref(header), ctypes.byref(data)), "capget")
+    for cap in caps:
+        data[cap // 32].inheritable |= 1 << (cap % 32)
+    _check(_libc.syscall(_syscall_number("capset"), ctypes.byref(header), ctypes.byref(data)), "capset")
+    for cap in caps:
+        prctl(PR_CAP_AMBIENT, PR_CAP_AMBIENT_RAISE, cap)
 
 
 class _SockFprog(ctypes.Structure):

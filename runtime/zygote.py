@@ -50,7 +50,7 @@ import time
 from collections.abc import Callable, Sequence
 from typing import NamedTuple
 
-from sandbox.runtime import confine, linux, proctitle, wire
+from sandbox.runtime import confine, egress, linux, proctitle, wire
 
 _MAX_CONTROL_MESSAGE = 1 << 20
 _MAX_TITLE_BYTES = 256
@@ -175,7 +175,8 @@ class _Zygote:
     def _handle(self, request: dict, fds: list[int]) -> None:
         worker_id = request["worker_id"]
         config = request["config"]
-        record = {"id": worker_id, "cgroups": [], "scratch": None}
+        record = {"id": worker_id, "cgroups": [], "scratch": None, "pasta": None}
+        egress_netns = None
         try:
             record["scratch"] = _make_host_scratch(
                 self.scratch_root, f"{SCRATCH_PREFIX}{worker_id}-{self.owner}-", config.get("uid"), config.get("gid")
@@ -186,14 +187,20 @@ class _Zygote:
                 readonly_paths=_outermost(self.interpreter_paths + config["extra_readonly_paths"]),
             )
             template, config["template_error"] = self._template(config["readonly_paths"], config["etc_files"])
-            standby = self._assign(config, fds if template is None else [*fds, template])
+            if config.get("egress") is not None:
+                egress_netns, record["pasta"] = self._egress_netns(config["egress"])
+            namespaces = [fd for fd in (template, egress_netns) if fd is not None]
+            standby = self._assign(config, [*fds, *namespaces])
         except OSError as exc:
-            self._send({"op": "spawn_failed", "worker_id": worker_id, "reason": str(exc)})
+            layer = egress.LAYER if isinstance(exc, egress.EgressFailed) else None
+            self._send({"op": "spawn_failed", "worker_id": worker_id, "reason": str(exc), "layer": layer})
             self._release(record)
             return
         finally:
             for fd in fds:
                 os.close(fd)
+            if egress_netns is not None:
+                os.close(egress_netns)
         init_pid, worker_pid = standby.init_pid, standby.worker_pid
         record["cgroups"] = standby.cgroups
         self.workers[worker_pid] = record
@@ -212,6 +219,21 @@ class _Zygote:
                 lambda: confine.build_template(readonly_paths, etc_files), "mnt"
             )
         return self.templates[key]
+
+    def _egress_netns(self, spec: dict) -> tuple[int, int]:
+        """A network namespace of the worker's own, with its egress rules loaded
+        and pasta attached; its fd and pasta's pid. Raises OSError, never
+        returns a namespace without rules."""
+        if not self.pid_namespaces:
+            raise egress.EgressFailed(95, "egress needs PID namespaces, which keep pasta from outliving the zygote")
+        netns, error = _namespace_from_child(lambda: linux.unshare(linux.CLONE_NEWNET), "net")
+        if netns is None:
+            raise egress.EgressFailed(95, f"cannot create a network namespace: {error}")
+        try:
+            return netns, egress.install(netns, spec)
+        except OSError:
+            os.close(netns)
+            raise
 
     def _assign(self, config: dict, fds: list[int]) -> _Standby:
         """Give a config and its fds to a standby pair (fork one if none is left)."""
@@ -295,7 +317,7 @@ class _Zygote:
                 if fd not in keep:
                     os.close(fd)
             joined = confine.join_cgroups(cgroups)
-            message, fds, _, _ = socket.recv_fds(assignment, _MAX_CONTROL_MESSAGE, 4)
+            message, fds, _, _ = socket.recv_fds(assignment, _MAX_CONTROL_MESSAGE, 5)
             if not message or len(fds) < 3:
                 os._exit(0)  # the zygote is gone or dropped us
             assignment.close()
@@ -312,7 +334,10 @@ class _Zygote:
             # Lift every fd we keep above the low numbers first, so that
             # placing the channel and stdio on 0-3 can never overwrite one.
             channel, stdout, stderr, *template = (_lift(fd) for fd in fds)
-            netns = None if self.empty_netns is None else _lift(self.empty_netns)
+            if config.get("egress") is not None:
+                netns: int | None = template.pop()  # the worker's own, sent last
+            else:
+                netns = None if self.empty_netns is None else _lift(self.empty_netns)
             devnull = os.open("/dev/null", os.O_RDONLY)
             for src, dst in ((devnull, 0), (stdout, _STDOUT_FD), (stderr, _STDERR_FD), (channel, _CHANNEL_FD)):
                 os.dup2(src, dst)
@@ -389,6 +414,12 @@ class _Zygote:
         # rmtree never follows a symlink, so a worker cannot point it elsewhere.
         if record["scratch"] is not None:
             shutil.rmtree(record["scratch"], ignore_errors=True)
+        if record["pasta"] is not None:
+            try:
+                os.kill(record["pasta"], signal.SIGKILL)  # reaped by _reap like any child
+            except ProcessLookupError:
+                pass
+            record["pasta"] = None
         self.stale_cgroups.extend(record["cgroups"])
 
     def _send(self, event: dict, fds: Sequence[int] = ()) -> None:

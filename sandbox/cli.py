@@ -322,7 +322,7 @@ async def _probe_here() -> dict[str, Any]:
     try:
         zygote = await Zygote.start(preload=[], cgroups=cgroups)
         try:
-            host = await probe(zygote, cgroups, cgroup_error)
+            host = await probe(zygote, cgroups, cgroup_error, egress=True)
         finally:
             await zygote.close()
     except Exception as exc:
@@ -334,6 +334,7 @@ async def _probe_here() -> dict[str, Any]:
     return {
         "identity": identity,
         "layers": host.layers,
+        "egress": host.egress,
         "default_policy": {layer: ("required" if layer in profile.required else "not used") for layer in LAYERS},
         "error": None,
     }
@@ -345,11 +346,12 @@ def _probe_unprivileged() -> dict[str, Any]:
     report.setdefault("identity", f"uid {_UNPRIVILEGED_UID}")
     report.setdefault("layers", {})
     report.setdefault("default_policy", {})
+    report.setdefault("egress", "?")
     return report
 
 
 def _print_doctor(columns: dict[str, dict[str, Any]], here: dict[str, Any]) -> None:
-    width = max(len(layer) for layer in LAYERS) + 2
+    width = max(len(layer) for layer in (*LAYERS, "egress")) + 2
     for title, report in columns.items():
         print(f"== {title}")
         if report.get("remounted_for_reachability"):
@@ -365,6 +367,7 @@ def _print_doctor(columns: dict[str, dict[str, Any]], here: dict[str, Any]) -> N
                 f"   {layer:<{width}}{report['layers'].get(layer, '?'):<60} "
                 f"default policy: {report['default_policy'].get(layer, '?')}"
             )
+        print(f"   {'egress':<{width}}{report.get('egress', '?'):<60} used by policies with egress entries")
     if here["error"] is None:
         print("\nThe default policy requires every layer marked 'on' above (required_layers = \"auto\");")
         print("a policy listing a layer that is off is refused with ConfinementUnavailable.")

@@ -12,17 +12,23 @@ applied it says "on".
 from __future__ import annotations
 
 import os
+from dataclasses import replace
 from typing import Any
 
+from sandbox import egress
 from sandbox.cgroups import CgroupParents
+from sandbox.errors import ConfinementUnavailable
 from sandbox.policies.model import LAYERS, Policy
-from sandbox.profile import HostSupport, build_profile
+from sandbox.profile import HostSupport, TenantProfile, build_profile
 from sandbox.runtime import linux
 from sandbox.seccomp import SeccompUnavailable, build_filter
 from sandbox.worker import WorkerProcess
 from sandbox.zygote import Zygote
 
 _probed: dict[tuple[int, bool], dict[str, str]] = {}
+_probed_egress: dict[tuple[int, bool], str] = {}
+# Nothing is ever sent: the probe worker only has to be set up with a rule.
+_EGRESS_PROBE = "192.0.2.1:9"  # TEST-NET-1 (RFC 5737), discard port
 
 
 class _Discard:
@@ -33,13 +39,44 @@ class _Discard:
         pass
 
 
-async def probe(zygote: Zygote, cgroups: CgroupParents | None, cgroup_error: str | None) -> HostSupport:
+async def probe(
+    zygote: Zygote, cgroups: CgroupParents | None, cgroup_error: str | None, *, egress: bool = False
+) -> HostSupport:
+    """What this host provides; egress is tried (one more worker start) only when asked for."""
     root = os.geteuid() == 0
     namespaces = zygote.namespaces
     key = (os.geteuid(), cgroups is not None)
     if key not in _probed:
         _probed[key] = await _try_layers(zygote, root, namespaces, cgroups, cgroup_error)
-    return HostSupport(_probed[key], root, bool(namespaces.get("pid_namespaces")), cgroups)
+    host = HostSupport(_probed[key], root, bool(namespaces.get("pid_namespaces")), cgroups)
+    if not egress:
+        return replace(host, egress="off: not probed (no policy has egress entries)")
+    if key not in _probed_egress:
+        _probed_egress[key] = await _try_egress(zygote, host)
+    return replace(host, egress=_probed_egress[key])
+
+
+async def _try_egress(zygote: Zygote, host: HostSupport) -> str:
+    """Settle egress by starting a worker with a rule: "on: ..." only if it came up."""
+    state = egress.host_support()
+    if not state.startswith("on"):
+        return state
+    policy = Policy(required_layers=[], egress=[_EGRESS_PROBE])
+    try:
+        await _start_and_stop(zygote, build_profile("(probe)", policy, replace(host, egress=state)))
+    except ConfinementUnavailable as exc:
+        return f"off: {exc.reason}"
+    return state
+
+
+async def _start_and_stop(zygote: Zygote, profile: TenantProfile) -> dict[str, str]:
+    """The layers a real worker of ``profile`` reported applied."""
+    worker = WorkerProcess(0, profile, _Discard())
+    try:
+        await worker.start(zygote)
+        return worker.layers
+    finally:
+        worker.kill()
 
 
 async def _try_layers(
@@ -63,11 +100,5 @@ async def _try_layers(
 
     provisional = {layer: unavailable.get(layer, "on") for layer in LAYERS}
     host = HostSupport(provisional, root, bool(namespaces.get("pid_namespaces")), cgroups)
-    profile = build_profile("(probe)", Policy(required_layers=[]), host)
-    worker = WorkerProcess(0, profile, _Discard())
-    try:
-        await worker.start(zygote)
-        applied = worker.layers
-    finally:
-        worker.kill()
+    applied = await _start_and_stop(zygote, build_profile("(probe)", Policy(required_layers=[]), host))
     return {layer: unavailable.get(layer) or applied.get(layer, "off: not reported") for layer in LAYERS}

@@ -18,8 +18,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from sandbox.cgroups import CgroupParents
+from sandbox.egress import rules_of
 from sandbox.errors import ConfinementUnavailable
-from sandbox.policies.model import LAYERS, Policy
+from sandbox.policies.egress import EgressRule
+from sandbox.policies.model import EGRESS_LAYERS, LAYERS, Policy
 from sandbox.seccomp import build_filter
 from sandbox.zygote import NATIVE_THREAD_VARIABLES, USERNS_INSIDE_ID
 
@@ -27,6 +29,8 @@ MiB = 1024 * 1024
 BASE_ENV = {"PATH": "/usr/local/bin:/usr/bin:/bin", "HOME": "/work", "TMPDIR": "/tmp", "LANG": "C.UTF-8"}
 _ETC_FILES = ["ld.so.cache", "localtime", "nsswitch.conf", "hosts", "mime.types"]
 _NETWORK_ETC_FILES = ["resolv.conf", "ssl", "ca-certificates", "gai.conf", "services", "protocols"]
+# With egress: TLS trust and service names, but no resolv.conf: the worker resolves nothing itself.
+_EGRESS_ETC_FILES = ["ssl", "ca-certificates", "gai.conf", "services", "protocols"]
 # Root mode gives each worker its own uid and gid from this range.
 UID_BASE = 1_600_000_000
 UID_SPAN = 1_000_000
@@ -43,6 +47,7 @@ class HostSupport:
     root: bool
     pid_namespace: bool
     cgroups: CgroupParents | None = field(default=None, compare=False)
+    egress: str = "off: not probed"  # "on: <mechanism>" or "off: why" (see sandbox.egress)
 
     @property
     def supported(self) -> frozenset[str]:
@@ -57,6 +62,7 @@ class TenantProfile:
     template: dict[str, Any]
     env: dict[str, str]
     cgroups: CgroupParents | None = field(default=None, compare=False)
+    egress: tuple[EgressRule, ...] = ()
 
     @property
     def max_frame_bytes(self) -> int:
@@ -100,6 +106,10 @@ def build_profile(name: str, policy: Policy, host: HostSupport) -> TenantProfile
                 layer="netns",
                 reason="the policy allows network",
             )
+    egress = tuple(rules_of(policy.egress))
+    if egress:
+        _check_egress(name, host)
+        required |= frozenset(EGRESS_LAYERS)
     missing = sorted(required - host.supported, key=LAYERS.index)
     if missing:
         details = "; ".join(f"{layer}: {host.layers.get(layer, 'off: unknown layer')}" for layer in missing)
@@ -112,7 +122,10 @@ def build_profile(name: str, policy: Policy, host: HostSupport) -> TenantProfile
     seccomp = None
     if "seccomp" in applicable:
         seccomp = build_filter(
-            allow_processes=policy.allow_processes, allow_network=policy.network, pid_namespace=host.pid_namespace
+            allow_processes=policy.allow_processes,
+            allow_network=policy.network,
+            pid_namespace=host.pid_namespace,
+            egress=tuple(sorted({rule.protocol for rule in egress})),
         )
     template = {
         "layers": {layer: layer in required for layer in sorted(applicable, key=LAYERS.index)},
@@ -121,7 +134,7 @@ def build_profile(name: str, policy: Policy, host: HostSupport) -> TenantProfile
         "network": policy.network,
         "readonly": policy.filesystem == "readonly",
         "extra_readonly_paths": list(policy.readonly_paths),
-        "etc_files": _ETC_FILES + (_NETWORK_ETC_FILES if policy.network else []),
+        "etc_files": _ETC_FILES + (_NETWORK_ETC_FILES if policy.network else _EGRESS_ETC_FILES if egress else []),
         "scratch_bytes": scratch_bytes(policy),
         "rlimits": _rlimits(policy, host.root),
         "seccomp_bpf": seccomp,
@@ -136,6 +149,7 @@ def build_profile(name: str, policy: Policy, host: HostSupport) -> TenantProfile
             "max_error_text_bytes": MAX_ERROR_TEXT_BYTES // 2,
             "allow_processes": policy.allow_processes,
             "network": policy.network,
+            "egress": bool(egress),
             "session": False,
         },
     }
@@ -144,7 +158,16 @@ def build_profile(name: str, policy: Policy, host: HostSupport) -> TenantProfile
         **native_thread_env(policy.max_threads),
         **{key: os.environ[key] for key in policy.env if key in os.environ},
     }
-    return TenantProfile(name, policy, required, template, env, host.cgroups)
+    return TenantProfile(name, policy, required, template, env, host.cgroups, egress)
+
+
+def _check_egress(name: str, host: HostSupport) -> None:
+    if not host.egress.startswith("on"):
+        raise ConfinementUnavailable(
+            f"tenant {name!r} has egress rules, but this host cannot enforce them ({host.egress})",
+            layer="egress",
+            reason=host.egress,
+        )
 
 
 def native_thread_env(max_threads: int) -> dict[str, str]:

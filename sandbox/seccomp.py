@@ -20,7 +20,12 @@ sees an ordinary ``PermissionError`` it can handle:
 * memory outside the memory limit's sight: memfd, System V IPC and POSIX
   message queues;
 * sockets of any family but ``AF_UNIX``, and ``bind``/``connect``/``listen``/
-  ``accept``, unless the policy allows network;
+  ``accept``, unless the policy allows network. With egress, ``AF_INET`` and
+  ``AF_INET6`` stream sockets (datagram too with a ``udp:`` entry) and
+  ``connect`` are allowed, and nothing else: no ``AF_NETLINK`` (which could
+  talk to nftables), no ``AF_PACKET`` or raw sockets, no ``bind``,
+  ``listen`` or ``accept``. The destinations themselves are enforced by the
+  nftables rules of the worker's network namespace, not here;
 * ``kill`` and ``tgkill`` aimed at any pid above 2. Inside a worker's PID
   namespace pid 1 is its init and pid 2 the worker itself, so this leaves
   exactly "self" (and the init, which ignores signals);
@@ -37,6 +42,8 @@ import errno
 import functools
 import os
 import socket
+from collections.abc import Callable
+from typing import Any
 
 _ALWAYS_DENIED = (
     "ptrace",
@@ -121,6 +128,8 @@ _ALWAYS_DENIED = (
 )
 _PROCESS_CREATION = ("fork", "vfork", "execve", "execveat")
 _NETWORK = ("bind", "connect", "listen", "accept", "accept4")
+_SERVER_CALLS = ("bind", "listen", "accept", "accept4")
+_SOCKET_TYPE_MASK = 0xF  # the low bits of socket()'s type; the rest are SOCK_NONBLOCK and SOCK_CLOEXEC
 _CLONE_THREAD = 0x00010000
 _CLONE_NAMESPACES = (
     0x00020000,
@@ -140,7 +149,9 @@ class SeccompUnavailable(Exception):
 
 
 @functools.cache
-def build_filter(*, allow_processes: bool, allow_network: bool, pid_namespace: bool) -> bytes:
+def build_filter(
+    *, allow_processes: bool, allow_network: bool, pid_namespace: bool, egress: tuple[str, ...] = ()
+) -> bytes:
     """Return the BPF program (8 bytes per instruction) for this profile."""
     try:
         import pyseccomp as sc
@@ -172,11 +183,33 @@ def build_filter(*, allow_processes: bool, allow_network: bool, pid_namespace: b
     # (prlimit64 with no new limit) is all that is left.
     rule(deny, "setrlimit")
     rule(deny, "prlimit64", sc.Arg(2, sc.NE, 0))
-    if not allow_network:
+    if not allow_network and egress:
+        _egress_sockets(rule, sc, egress)
+    elif not allow_network:
         rule(sc.ERRNO(errno.EAFNOSUPPORT), "socket", sc.Arg(0, sc.NE, socket.AF_UNIX))
         rule(sc.ERRNO(errno.EAFNOSUPPORT), "socketpair", sc.Arg(0, sc.NE, socket.AF_UNIX))
         for name in _NETWORK:
             rule(deny, name)
+    return _export(flt)
+
+
+def _egress_sockets(rule: Callable[..., None], sc: Any, protocols: tuple[str, ...]) -> None:
+    """Families AF_UNIX, AF_INET, AF_INET6 only; IP sockets of the allowed types only; connect but no server calls."""
+    unsupported = sc.ERRNO(errno.EAFNOSUPPORT)
+    allowed_families = {socket.AF_UNIX, socket.AF_INET, socket.AF_INET6}
+    rule(unsupported, "socket", sc.Arg(0, sc.GT, max(allowed_families)))
+    for family in set(range(max(allowed_families))) - allowed_families:
+        rule(unsupported, "socket", sc.Arg(0, sc.EQ, family))
+    allowed_types = {socket.SOCK_STREAM} | ({socket.SOCK_DGRAM} if "udp" in protocols else set())
+    for family in (socket.AF_INET, socket.AF_INET6):
+        for kind in set(range(_SOCKET_TYPE_MASK + 1)) - allowed_types:
+            rule(unsupported, "socket", sc.Arg(0, sc.EQ, family), sc.Arg(1, sc.MASKED_EQ, _SOCKET_TYPE_MASK, kind))
+    rule(unsupported, "socketpair", sc.Arg(0, sc.NE, socket.AF_UNIX))
+    for name in _SERVER_CALLS:
+        rule(sc.ERRNO(errno.EPERM), name)
+
+
+def _export(flt: Any) -> bytes:
     fd = os.memfd_create("seccomp-bpf")
     try:
         with os.fdopen(fd, "w+b", closefd=False) as sink:

@@ -131,7 +131,8 @@ class Sandbox:
                 cgroup_error = exc.strerror or str(exc)
             zygote = await self._new_zygote()
             try:
-                self.host = await probe(zygote, self._cgroups, cgroup_error)
+                wants_egress = any(policy.egress for policy in self.policies.values())
+                self.host = await probe(zygote, self._cgroups, cgroup_error, egress=wants_egress)
                 self._profiles = {
                     name: build_profile(name, policy, self.host) for name, policy in self.policies.items()
                 }

@@ -40,12 +40,12 @@ import socket
 from collections.abc import Callable
 from typing import Protocol
 
-from sandbox import outcome
+from sandbox import egress, outcome
 from sandbox.errors import ConfinementUnavailable, SandboxError
 from sandbox.job import Job
 from sandbox.profile import MAX_ERROR_TEXT_BYTES, TenantProfile
 from sandbox.runtime import wire
-from sandbox.zygote import ExitInfo, Zygote
+from sandbox.zygote import ExitInfo, SpawnFailed, Zygote
 
 _PIPE_CHUNK = 64 * 1024
 _UTF8 = codecs.getincrementaldecoder("utf-8")
@@ -126,14 +126,19 @@ class WorkerProcess:
         err_r, err_w = os.pipe2(os.O_CLOEXEC)
         self._sock, self._pipes = ours, [out_r, err_r]
         try:
-            self._pidfds = list(
-                await zygote.spawn(
-                    self.id,
-                    self.profile.worker_config(self.id, session=self.dedicated),
-                    [theirs.fileno(), out_w, err_w],
-                    self._on_exit,
-                )
-            )
+            config = self.profile.worker_config(self.id, session=self.dedicated)
+            if self.profile.egress:
+                config["egress"] = await egress.pin(list(self.profile.egress))
+            self._pidfds = list(await zygote.spawn(self.id, config, [theirs.fileno(), out_w, err_w], self._on_exit))
+        except SpawnFailed as exc:
+            self._close_fds()
+            if exc.layer is None:
+                raise
+            raise ConfinementUnavailable(
+                f"a worker of tenant {self.tenant!r} could not apply layer {exc.layer!r}: {exc.reason}",
+                layer=exc.layer,
+                reason=exc.reason,
+            ) from None
         except BaseException:
             self._close_fds()
             raise
@@ -480,6 +485,7 @@ class WorkerProcess:
             if self._tx:
                 self._loop.remove_writer(self._sock.fileno())
             self._sock.close()
+            self._sock = None
             self._tx.clear()
         for fd in self._pipes:
             self._loop.remove_reader(fd)

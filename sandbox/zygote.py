@@ -50,7 +50,12 @@ _STANDBY_MEMORY_BYTES = 64 * 1024 * 1024
 
 
 class SpawnFailed(Exception):
-    """The zygote could not fork a worker."""
+    """The zygote could not fork a worker; ``layer`` names the layer it could not build, if that was why."""
+
+    def __init__(self, reason: str, layer: str | None = None) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.layer = layer
 
 
 @dataclass(frozen=True)
@@ -209,7 +214,7 @@ class Zygote:
             future = self._spawns.pop(worker_id, None)
             self._exit_watchers.pop(worker_id, None)
             if future is not None and not future.done():
-                future.set_exception(SpawnFailed(event["reason"]))
+                future.set_exception(SpawnFailed(event["reason"], event.get("layer")))
         elif op == "exited":
             watcher = self._exit_watchers.pop(worker_id, None)
             if watcher is not None:
