@@ -315,7 +315,9 @@ def _empty_scratch(scratch: Scratch) -> bool:
                     os.unlink(entry.path)
         except OSError:
             failed = True
-    return failed or _remake_out_dir(scratch)
+    if failed:
+        return True  # the worker retires; nothing is made where a check failed
+    return _remake_out_dir(scratch)
 
 
 def _remake_out_dir(scratch: Scratch) -> bool:
