@@ -356,6 +356,7 @@ def _decode_files(cursor: _Cursor, reply: Reply, max_files: int, max_files_bytes
     for _ in range(n_skipped):
         path = cursor.path()
         reason = cursor.text(MAX_LABEL_BYTES)
-        if path in reply.files or path in reply.skipped_files:
-            raise ProtocolError(f"reply names file {path!r} twice")
+        # A path may be both returned and skipped: an ./out/ file and a rewritten input of the same name.
+        if path in reply.skipped_files:
+            raise ProtocolError(f"reply names skipped file {path!r} twice")
         reply.skipped_files[path] = reason

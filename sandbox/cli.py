@@ -27,8 +27,8 @@ from sandbox import __version__
 from sandbox.cgroups import CgroupParents
 from sandbox.errors import SandboxError
 from sandbox.files import write_files
-from sandbox.mounts import mount_problems
 from sandbox.layers import probe
+from sandbox.mounts import mount_problems
 from sandbox.policies import LAYERS, Policy, PolicyFileError, load_policies
 from sandbox.profile import build_profile
 from sandbox.result import Result

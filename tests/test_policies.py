@@ -66,7 +66,8 @@ def test_mounts_read_from_toml_as_the_issue_writes_them(tmp_path):
     policy_file = tmp_path / "mounts.toml"
     policy_file.write_text(
         "[tenants.etl]\n"
-        'mounts = [{source = "/srv/data", target = "/data"}, {source = "/srv/out", target = "/output", writable = true}]\n'
+        'mounts = [{source = "/srv/data", target = "/data"}, '
+        '{source = "/srv/out", target = "/output", writable = true}]\n'
     )
     mounts = load_policies(policy_file)["etl"].mounts
     assert [(m.source, m.target, m.writable) for m in mounts] == [

@@ -148,7 +148,7 @@ def test_the_files_section_round_trips_within_its_limits():
         (_payload(files=((b"a//b", b""),)), "malformed"),
         (_payload(skipped_files=((b"./x", b"FIFO"),)), "malformed"),
         (_payload(files=((b"a", b""), (b"a", b""))), "reply names file 'a' twice"),
-        (_payload(files=((b"a", b""),), skipped_files=((b"a", b"FIFO"),)), "reply names file 'a' twice"),
+        (_payload(skipped_files=((b"a", b"FIFO"), (b"a", b"FIFO"))), "reply names skipped file 'a' twice"),
         (_payload(files=tuple((str(i).encode(), b"") for i in range(MAX_FILES + 1))), "file entries, over the limit"),
         (_payload(files=((b"a", b"x" * 40), (b"b", b"x" * 40))), "exceeds its limit"),
         (_payload(status=wire.CODE_ERROR, error=(b"E", b"m", b"", b""), files=((b"a", b""),)), "cannot carry files"),
