@@ -243,8 +243,10 @@ def test_sandbox_run_sends_files_and_writes_out_under_dir(tmp_path):
     source.write_text("text = open('in/a.txt').read()\nopen('out/b.txt', 'w').write(text.upper())\n")
     (tmp_path / "a.txt").write_text("hello")
     result = subprocess.run(
-        [sys.executable, "-m", "sandbox", "run", str(source), "--file", f"in/a.txt={tmp_path / 'a.txt'}"]
-        + ["--out", str(tmp_path / "results")],
+        [
+            *(sys.executable, "-m", "sandbox", "run", str(source)),
+            *("--file", f"in/a.txt={tmp_path / 'a.txt'}", "--out", str(tmp_path / "results")),
+        ],
         capture_output=True,
         text=True,
         timeout=60,

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import os
 import shutil
+import subprocess
+import sys
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -110,8 +112,15 @@ async def test_a_writable_mount_still_obeys_max_file_size_mb(host_dirs):
 
 @pytest.mark.parametrize(
     "target, clash",
-    [("/usr/lib/x", "/usr"), ("/proc", "/proc"), ("/dev/x", "/dev"), ("/tmp/x", "/tmp"), ("/work", "/work")]
-    + [("/etc", "/etc"), ("/usr", "/usr")],
+    [
+        ("/usr/lib/x", "/usr"),
+        ("/proc", "/proc"),
+        ("/dev/x", "/dev"),
+        ("/tmp/x", "/tmp"),
+        ("/work", "/work"),
+        ("/etc", "/etc"),
+        ("/usr", "/usr"),
+    ],
 )
 async def test_a_target_over_the_sandboxs_own_paths_is_refused_at_start(host_dirs, target, clash):
     data, _ = host_dirs
@@ -151,13 +160,11 @@ async def test_a_source_the_workers_cannot_read_is_refused_at_start_saying_how_t
 
 
 def test_doctor_reports_the_mounts_of_a_policy_file(host_dirs, tmp_path):
-    import subprocess
-    import sys
-
     data, _ = host_dirs
     policy_file = tmp_path / "p.toml"
     policy_file.write_text(
-        f'[tenants.etl]\nmounts = [{{source = "{data}", target = "/data"}}, {{source = "/nonexistent/x", target = "/x"}}]\n'
+        f'[tenants.etl]\nmounts = [{{source = "{data}", target = "/data"}}, '
+        '{source = "/nonexistent/x", target = "/x"}]\n'
     )
     report = subprocess.run(
         [sys.executable, "-m", "sandbox", "doctor", "--policy", str(policy_file)],
