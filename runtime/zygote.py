@@ -503,8 +503,8 @@ def _make_host_scratch(root: str, prefix: str, uid: int | None, gid: int | None)
     directory = tempfile.mkdtemp(prefix=prefix, dir=root)
     os.mkdir(os.path.join(directory, OUT_DIR), 0o700)
     if uid is not None and gid is not None:
-        os.chown(directory, uid, gid)
-        os.chown(os.path.join(directory, OUT_DIR), uid, gid)
+        for path in (directory, os.path.join(directory, OUT_DIR)):
+            os.chown(path, uid, gid)
     return directory
 
 
