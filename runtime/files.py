@@ -21,7 +21,10 @@ from __future__ import annotations
 import os
 import stat
 
+from sandbox.runtime.wire import MAX_PATH_BYTES
+
 OUT_DIR = "out"
+MAX_DEPTH = 32  # directory levels under ./out/ that are walked
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _READ_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
 _KINDS = (
@@ -82,15 +85,7 @@ class Collection:
     def collect(self, cwd: str, inputs: dict[str, bytes]) -> None:
         """Everything under ./out/ (keyed relative to it), then the changed inputs
         outside it (keyed by their input path; a name ./out/ already gave is reported instead)."""
-        try:
-            out = os.open(os.path.join(cwd, OUT_DIR), _DIR_FLAGS)
-        except OSError:
-            out = None  # the run removed ./out/ or put something else there
-        if out is not None:
-            try:
-                self._walk(out, "")
-            finally:
-                os.close(out)
+        self._walk(cwd)
         prefix = OUT_DIR + "/"
         for path, sent in inputs.items():
             if path.startswith(prefix):
@@ -105,25 +100,44 @@ class Collection:
             finally:
                 os.close(directory)
 
-    def _walk(self, directory: int, prefix: str) -> None:
-        for name in sorted(os.listdir(directory)):
-            path = prefix + name
+    def _walk(self, cwd: str) -> None:
+        """Every entry under ./out/, depth first, to ``MAX_DEPTH`` directories.
+
+        One directory fd is open at a time (a policy may allow only 16), each
+        reached again from ``cwd`` one ``O_NOFOLLOW`` step at a time; the
+        depth bound keeps those steps few.
+        """
+        pending: list[list[str]] = [[OUT_DIR]]
+        while pending:
+            parts = pending.pop()
+            prefix = "/".join(parts[1:] + [""])  # relative to out/, with its trailing slash
             try:
-                st = os.stat(name, dir_fd=directory, follow_symlinks=False)
+                directory = open_dirs(cwd, parts, create=False)
             except OSError:
-                continue  # gone since it was listed
-            if stat.S_ISDIR(st.st_mode):
-                try:
-                    child = os.open(name, _DIR_FLAGS, dir_fd=directory)
-                except OSError:
-                    self._skip(path, "directory that could not be opened")
-                    continue
-                try:
-                    self._walk(child, path + "/")
-                finally:
-                    os.close(child)
-            else:
-                self._entry(directory, name, path, st=st)
+                if parts != [OUT_DIR]:  # the run removed ./out/ or put something else there: nothing
+                    self._skip(prefix.rstrip("/"), "directory that could not be opened")
+                continue
+            try:
+                subdirectories = []
+                for name in sorted(os.listdir(directory)):
+                    path = prefix + name
+                    try:
+                        st = os.stat(name, dir_fd=directory, follow_symlinks=False)
+                    except OSError:
+                        continue  # gone since it was listed
+                    # As the wire will encode it; a name is at most 255 bytes, so the prefix is never empty here.
+                    if len(path.encode("utf-8", "backslashreplace")) > MAX_PATH_BYTES:
+                        self._skip(prefix.rstrip("/"), f"holds entries whose paths pass {MAX_PATH_BYTES} bytes")
+                        break
+                    if stat.S_ISDIR(st.st_mode) and len(parts) > MAX_DEPTH:
+                        self._skip(path, f"directory nested deeper than {MAX_DEPTH} levels under ./out/ (not walked)")
+                    elif stat.S_ISDIR(st.st_mode):
+                        subdirectories.append([*parts, name])
+                    else:
+                        self._entry(directory, name, path, st=st)
+            finally:
+                os.close(directory)
+            pending.extend(reversed(subdirectories))
 
     def _entry(
         self,

@@ -101,7 +101,10 @@ def safe_relative_path(path: object) -> bool:
     """
     if not isinstance(path, str) or not path or "\0" in path or path.startswith("/"):
         return False
-    if len(path.encode("utf-8", "surrogatepass")) > MAX_PATH_BYTES:
+    try:
+        if len(path.encode("utf-8")) > MAX_PATH_BYTES:
+            return False
+    except UnicodeEncodeError:  # a lone surrogate: not a name any file system can be asked for
         return False
     return all(part not in ("", ".", "..") for part in path.split("/"))
 

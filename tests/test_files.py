@@ -19,7 +19,7 @@ import pytest_asyncio
 
 from sandbox import InputError, OutputLimitExceeded, Sandbox
 from sandbox.files import write_files
-from sandbox.runtime.files import Collection
+from sandbox.runtime.files import MAX_DEPTH, Collection
 from tests.conftest import IS_ROOT, quick_policy
 
 MiB = 1024 * 1024
@@ -260,3 +260,33 @@ def test_sandbox_run_sends_files_and_writes_out_under_dir(tmp_path):
         timeout=60,
     )
     assert bad.returncode == 1 and "InputError: file path '../a.txt' must be relative" in bad.stderr
+
+
+@in_module_loop
+async def test_directories_past_the_walk_bounds_are_reported_not_walked(sb):
+    code = ESCAPE + (
+        "_path = 'out'\n"
+        "for _ in range(40):\n"
+        "    _path += '/d'\n"
+        "    os.mkdir(_path)\n"
+        "    open(_path + '/f', 'w').write('x')\n"
+        "os.mkdir('out/long')\n"
+        "os.chdir('out/long')\n"
+        "for _ in range(17):\n"  # past 4096 bytes relative to out/, so made one level at a time
+        "    os.mkdir('x' * 250)\n"
+        "    os.chdir('x' * 250)\n"
+        "open('far', 'w').write('far')\n"
+    )
+    r = await sb.run(code)
+    walked = {"/".join(["d"] * depth) + "/f" for depth in range(1, MAX_DEPTH + 1)}
+    assert set(r.files) == walked
+    deep = "/".join(["d"] * (MAX_DEPTH + 1))
+    assert r.skipped_files.pop(deep) == f"directory nested deeper than {MAX_DEPTH} levels under ./out/ (not walked)"
+    [(where, reason)] = r.skipped_files.items()
+    assert reason == "holds entries whose paths pass 4096 bytes" and where.startswith("long/" + "x" * 250)
+
+
+@in_module_loop
+async def test_a_path_that_is_not_valid_unicode_is_an_input_error(sb):
+    with pytest.raises(InputError, match="must be relative"):
+        await sb.run("x = 1", files={"bad\udcff": b"x"})
