@@ -110,7 +110,7 @@ class Collection:
         pending: list[list[str]] = [[OUT_DIR]]
         while pending:
             parts = pending.pop()
-            prefix = "/".join(parts[1:] + [""])  # relative to out/, with its trailing slash
+            prefix = "/".join([*parts[1:], ""])  # relative to out/, with its trailing slash
             try:
                 directory = open_dirs(cwd, parts, create=False)
             except OSError:
