@@ -52,8 +52,16 @@ class TooManyFiles(Exception):
         self.limit = limit
 
 
-def write_inputs(cwd: str, files: dict[str, bytes]) -> None:
-    """Write each file at its relative path under ``cwd`` (paths checked by the host)."""
+def signature(st: os.stat_result) -> tuple[int, int, int, int]:
+    """What changes whenever a file's content may have: inode, size, mtime and ctime
+    (which no call can set back, so even a write followed by utime shows)."""
+    return (st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+
+
+def write_inputs(cwd: str, files: dict[str, bytes]) -> dict[str, tuple[int, int, int, int]]:
+    """Write each file at its relative path under ``cwd`` (paths checked by the host);
+    return each one's :func:`signature`, so that an untouched input is never read back."""
+    written = {}
     for path, data in files.items():
         parts = path.split("/")
         try:
@@ -66,10 +74,12 @@ def write_inputs(cwd: str, files: dict[str, bytes]) -> None:
                 view = memoryview(data)
                 while view:
                     view = view[os.write(fd, view) :]
+                written[path] = signature(os.fstat(fd))
             finally:
                 os.close(fd)
         except OSError as exc:
             raise InputFileFailed(path, f"{exc.strerror or exc}") from None
+    return written
 
 
 class Collection:
@@ -82,7 +92,9 @@ class Collection:
         self._bytes_left = max_bytes
         self._max_bytes = max_bytes
 
-    def collect(self, cwd: str, inputs: dict[str, bytes]) -> None:
+    def collect(
+        self, cwd: str, inputs: dict[str, bytes], written: dict[str, tuple[int, int, int, int]] | None = None
+    ) -> None:
         """Everything under ./out/ (keyed relative to it), then the changed inputs
         outside it (keyed by their input path; a name ./out/ already gave is reported instead)."""
         self._walk(cwd)
@@ -96,7 +108,7 @@ class Collection:
             except OSError:
                 continue  # a directory on its way is gone: the input was removed, nothing to return
             try:
-                self._entry(directory, parts[-1], path, unchanged_from=sent)
+                self._entry(directory, parts[-1], path, unchanged_from=sent, written=(written or {}).get(path))
             finally:
                 os.close(directory)
 
@@ -146,6 +158,7 @@ class Collection:
         path: str,
         st: os.stat_result | None = None,
         unchanged_from: bytes | None = None,
+        written: tuple[int, int, int, int] | None = None,
     ) -> None:
         if st is None:
             try:
@@ -157,6 +170,8 @@ class Collection:
             if unchanged_from is None or not stat.S_ISDIR(st.st_mode):
                 self._skip(path, kind)
             return
+        if written is not None and signature(st) == written:
+            return  # an input nothing touched since it was written
         # An input of its original size is read for comparison only, so it never counts against the budget.
         same_size = unchanged_from is not None and st.st_size == len(unchanged_from)
         data = self._read(directory, name, path, st.st_size if same_size else self._bytes_left)

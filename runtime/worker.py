@@ -82,13 +82,13 @@ def serve(channel: int, layers: dict[str, str], scratch: Scratch, settings: dict
         os.chdir(scratch.cwd)
         before = _cpu_seconds(resource.getrusage(resource.RUSAGE_SELF))
         peak.reset()
-        outcome = _run(node, scratch, request)
+        outcome, written = _run(node, scratch, request)
         if allow_processes:
             _end_leftover_processes()
         if not session:
             os.closerange(first_run_fd, _FD_CEILING)  # fds the run opened and left open die with it
         # In a session ./out/ keeps what earlier runs left, like everything else there.
-        collection = _collect_files(outcome, scratch, files, settings)
+        collection = _collect_files(outcome, scratch, files, written, settings)
         if session:
             retire = _restore_stdio() | outcome.retire | (outcome.status == wire.MEMORY_LIMIT)
         else:
@@ -111,25 +111,28 @@ def serve(channel: int, layers: dict[str, str], scratch: Scratch, settings: dict
             os._exit(wire.EXIT_CHANNEL_LOST)
 
 
-def _run(node: CodeNode, scratch: Scratch, request: tuple) -> RunOutcome:
-    """Write the run's files, then run its code; a file that cannot be written fails the run."""
+def _run(node: CodeNode, scratch: Scratch, request: tuple) -> tuple[RunOutcome, dict]:
+    """Write the run's files, then run its code; a file that cannot be written fails the run.
+    Also returns each written file's signature (``runtime.files.signature``)."""
     _, _, code, inputs, allow_await, filename, _, files = request
     try:
-        write_inputs(scratch.cwd, files)
+        written = write_inputs(scratch.cwd, files)
     except InputFileFailed as exc:
         outcome = RunOutcome(wire.INPUT_ERROR)
         outcome.error = ("InputError", f"file {exc.path!r} could not be written: {exc}", "", f"files[{exc.path!r}]")
-        return outcome
-    return node.run(code, inputs, allow_await, filename)
+        return outcome, {}
+    return node.run(code, inputs, allow_await, filename), written
 
 
-def _collect_files(outcome: RunOutcome, scratch: Scratch, files: dict[str, bytes], settings: dict) -> Collection:
+def _collect_files(
+    outcome: RunOutcome, scratch: Scratch, files: dict[str, bytes], written: dict, settings: dict
+) -> Collection:
     """What a successful run left in ./out/ and in its input files; past a limit, the run fails."""
     collection = Collection(settings["max_out_files"], settings["max_out_files_bytes"])
     if outcome.status != wire.OK:
         return collection
     try:
-        collection.collect(scratch.cwd, files)
+        collection.collect(scratch.cwd, files, written)
     except TooManyFiles as exc:
         outcome.status = wire.FILES_LIMIT
         outcome.outputs, outcome.skipped = [], {}
