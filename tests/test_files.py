@@ -33,6 +33,7 @@ async def sb():
         "few": quick_policy(max_out_files=3, max_out_files_bytes=1000),
         # seccomp refuses mknod and unix-socket bind by default; without it a run can make a FIFO and a socket.
         "raw": quick_policy(skip_layers=["seccomp"], allowed_modules=["socket", "random"], denied_modules=[]),
+        "readonly": quick_policy(filesystem="readonly"),
     }
     async with Sandbox(quick_policy(), tenants=tenants, workers=2) as sandbox:
         yield sandbox
@@ -115,6 +116,12 @@ async def test_a_bad_input_path_is_an_input_error_naming_it(sb, path):
 async def test_a_file_and_a_directory_of_the_same_name_are_refused(sb):
     with pytest.raises(InputError, match="would need 'a', which is also a file"):
         await sb.run("x = 1", files={"a": b"1", "a/b": b"2"})
+
+
+@in_module_loop
+async def test_a_tenant_whose_filesystem_is_readonly_takes_no_files(sb):
+    with pytest.raises(InputError, match="filesystem is 'readonly'"):
+        await sb.run("x = 1", tenant="readonly", files={"a.txt": b"1"})
 
 
 @in_module_loop

@@ -96,6 +96,24 @@ async def test_a_mount_shows_its_source_at_its_target_and_symlinks_resolve_insid
     assert "data" in out["root"] and "output" in out["root"]
 
 
+async def test_a_single_file_can_be_mounted_read_only_at_a_path_of_its_own(host_dirs):
+    data, _ = host_dirs
+    settings = data / "file2.txt"
+    settings.chmod(0o666)  # writable on the host: only the mount refuses the write
+    code = (
+        "text = open('/config/settings.txt').read()\n"
+        "try:\n"
+        "    open('/config/settings.txt', 'a')\n"
+        "except OSError as e:\n"
+        "    errno = e.errno\n"
+    )
+    async with Sandbox(
+        quick_policy(mounts=[{"source": str(settings), "target": "/config/settings.txt"}]), workers=1
+    ) as sb:
+        r = await sb.run(code)
+    assert r.outputs == {"text": "contents of file 2", "errno": 30}  # EROFS
+
+
 async def test_a_writable_mount_still_obeys_max_file_size_mb(host_dirs):
     data, output = host_dirs
     code = (
