@@ -17,9 +17,11 @@ from pathlib import Path
 
 import pytest
 
-from sandbox import MountError, Policy, Sandbox
-from sandbox.policies import DEFAULT_ALLOWED_MODULES
-from sandbox.profile import MOUNT_GID
+from sandbox import ConfinementUnavailable, MountError, Policy, Sandbox
+from sandbox.mounts import mount_problems
+from sandbox.policies import DEFAULT_ALLOWED_MODULES, LAYERS
+from sandbox.profile import MOUNT_GID, HostSupport, build_profile
+from sandbox.unprivileged import call_as_user, interpreter_paths
 from tests.conftest import IS_ROOT, quick_policy
 
 # The workflow SDK's aiofiles example, unchanged: three files read concurrently, one written.
@@ -193,3 +195,34 @@ def test_doctor_reports_the_mounts_of_a_policy_file(host_dirs, tmp_path):
     assert report.returncode == 1
     assert "mounts of tenant 'etl': 1 problem(s)" in report.stdout
     assert "mounts[1].source '/nonexistent/x' does not exist on this host" in report.stdout
+
+
+def test_mounts_need_the_mount_namespace_and_make_it_required():
+    host = HostSupport({layer: "on" for layer in LAYERS}, root=True, pid_namespace=True)
+    mounts = [{"source": "/srv/data", "target": "/data"}]
+    with pytest.raises(ConfinementUnavailable) as info:
+        build_profile("etl", Policy(mounts=mounts, skip_layers=["mountns"]), host)
+    assert info.value.layer == "mountns" and "tenant 'etl' has mounts" in str(info.value)
+    profile = build_profile("etl", Policy(mounts=mounts, required_layers=["seccomp"]), host)
+    assert profile.required == {"seccomp", "mountns"}
+    assert profile.template["mounts"] == [("/srv/data", "/data", False)]
+    assert profile.template["groups"] == [MOUNT_GID]
+
+
+@pytest.mark.skipif(not IS_ROOT, reason="needs root to become uid 65534")
+def test_unprivileged_the_check_is_the_supervisors_own_access(host_dirs):
+    """Without root, workers are the supervisor's uid: what it cannot read, they cannot."""
+    data, output = host_dirs
+    data.chmod(0o700)  # root's own
+    policy = Policy(mounts=[{"source": str(data), "target": "/data"}, {"source": str(output), "target": "/output"}])
+
+    def check() -> dict:
+        return {"problems": [str(p) for p in mount_problems("etl", policy, root=False)]}
+
+    report = call_as_user(check, 65534, interpreter_paths())
+    assert report.get("problems") == [
+        f"tenant 'etl': mounts[0].source {str(data)!r} cannot be given read access by the workers: "
+        "workers run as this supervisor's uid (65534); give that user read access to it",
+        f"tenant 'etl': mounts[1].source {str(output)!r} cannot be given read access by the workers: "
+        "workers run as this supervisor's uid (65534); give that user read access to it",
+    ], report
