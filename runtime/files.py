@@ -14,6 +14,16 @@ checked again with ``fstat`` (``O_NONBLOCK`` keeps a FIFO swapped in between
 from blocking the open). Devices, FIFOs and sockets are never opened; each is
 reported in ``skipped_files`` with its kind. What this module returns is
 still only the run's own account: the host checks every path and size again.
+
+Why this discipline, when the worker reads with the run's own rights and so
+could never reach more than the run itself: it is what the caller is told
+(``Result.files`` holds regular files of ./out/ and nothing a link points
+at), and a FIFO or a device opened by mistake could block the worker or act
+on open. An input file is compared by inode, size, mtime and ctime with what
+was written, and read back only when one of them changed, so an untouched
+10 MiB input costs one ``stat``. Directories are walked to ``MAX_DEPTH``
+levels and count against no limit (the wall-clock limit bounds the walk);
+every other entry counts against ``max_out_files``.
 """
 
 from __future__ import annotations
