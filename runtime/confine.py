@@ -67,6 +67,23 @@ _PRIVATE_TMPFS = (SCRATCH_DIR, "/tmp", "/dev/shm")
 _STAGING = "/.scratch"  # the worker's tmpfs, mounted here only while its binds are made
 _SOURCES = "/.sources"  # read-only sources that live under a scratch directory
 _TEMPLATE_PROC = "/.proc"  # the template's proc; each worker detaches it once its own is mounted
+# What every worker's view is built from, besides the interpreter's own paths:
+# no tenant mount may cover one of these or sit inside it (sandbox.mounts).
+RESERVED_PATHS = (
+    *_PRIVATE_TMPFS,
+    "/proc",
+    "/dev",
+    "/etc",
+    "/bin",
+    "/sbin",
+    "/lib",
+    "/lib32",
+    "/lib64",
+    "/libx32",
+    _STAGING,
+    _SOURCES,
+    _TEMPLATE_PROC,
+)
 
 
 class ConfinementFailed(Exception):

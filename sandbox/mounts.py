@@ -21,12 +21,11 @@ import os
 from sandbox.errors import MountError
 from sandbox.policies.model import Policy
 from sandbox.profile import MOUNT_GID, UID_BASE
-from sandbox.runtime.confine import SCRATCH_DIR
+from sandbox.runtime.confine import RESERVED_PATHS
 from sandbox.runtime.zygote import interpreter_paths
 
 # Never a worker's own uid (those start at UID_BASE), but one just like them.
 _PROBE_UID = UID_BASE - 2
-_SANDBOX_OWN = ("/proc", "/dev", "/etc", "/tmp", SCRATCH_DIR, "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32")
 
 
 def check_mounts(tenant: str, policy: Policy, root: bool) -> None:
@@ -39,7 +38,7 @@ def check_mounts(tenant: str, policy: Policy, root: bool) -> None:
 def mount_problems(tenant: str, policy: Policy, root: bool) -> list[MountError]:
     """Every problem of ``tenant``'s mounts on this host, each naming tenant, field and path."""
     problems: list[MountError] = []
-    reserved = [*_SANDBOX_OWN, *interpreter_paths()]
+    reserved = [*RESERVED_PATHS, *interpreter_paths()]
     to_try: list[tuple[int, str, int]] = []
     for index, mount in enumerate(policy.mounts):
         source_field, target_field = f"mounts[{index}].source", f"mounts[{index}].target"

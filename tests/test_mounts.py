@@ -140,6 +140,8 @@ async def test_a_writable_mount_still_obeys_max_file_size_mb(host_dirs):
         ("/work", "/work"),
         ("/etc", "/etc"),
         ("/usr", "/usr"),
+        ("/dev/shm", "/dev/shm"),
+        ("/.proc", "/.proc"),
     ],
 )
 async def test_a_target_over_the_sandboxs_own_paths_is_refused_at_start(host_dirs, target, clash):
