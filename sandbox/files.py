@@ -39,11 +39,11 @@ def check_files(files: Mapping[str, bytes] | None, policy: Policy) -> dict[str, 
             )
         if not isinstance(data, (bytes, bytearray, memoryview)):
             raise InputError(f"file {path!r} must be bytes, not {type(data).__name__}")
-        if len(data) > policy.max_file_size_mb * MiB:
+        checked[path] = content = bytes(data)  # a memoryview's len() counts items, not bytes
+        if len(content) > policy.max_file_size_mb * MiB:
             raise InputError(
-                f"file {path!r} takes {len(data)} bytes, over max_file_size_mb ({policy.max_file_size_mb})"
+                f"file {path!r} takes {len(content)} bytes, over max_file_size_mb ({policy.max_file_size_mb})"
             )
-        checked[path] = bytes(data)
     for path in checked:
         parent = path.rpartition("/")[0]
         while parent:
