@@ -77,7 +77,8 @@ def write_inputs(cwd: str, files: dict[str, bytes]) -> dict[str, tuple[int, int,
         try:
             directory = open_dirs(cwd, parts[:-1], create=True)
             try:
-                fd = os.open(parts[-1], os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644, dir_fd=directory)
+                # O_TRUNC, not O_EXCL: a session's scratch keeps the files of its earlier runs.
+                fd = os.open(parts[-1], os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o644, dir_fd=directory)
             finally:
                 os.close(directory)
             try:

@@ -211,8 +211,8 @@ class Sandbox:
         ``filename`` is what tracebacks call the code (a file's name, say).
         ``files`` maps relative paths to bytes written under the run's working
         directory before it starts; what it leaves in ``./out/`` comes back in
-        ``Result.files``. Raises a ``SandboxError`` subclass for every way a
-        run can fail.
+        ``Result.files`` (see README, "Files for one run"). Raises a
+        ``SandboxError`` subclass for every way a run can fail.
         """
         return await self.execute(code, inputs, tenant=tenant, timeout=timeout, filename=filename, files=files)
 
@@ -224,6 +224,7 @@ class Sandbox:
         tenant: str = DEFAULT_TENANT,
         timeout: float | None = None,
         filename: str = "<code>",
+        files: Mapping[str, bytes] | None = None,
     ) -> RunStream:
         """``run``, with its output delivered as it is written: ``async for out in sb.stream(code)``.
 
@@ -233,7 +234,7 @@ class Sandbox:
         """
         return RunStream(
             lambda observer: self.execute(
-                code, inputs, tenant=tenant, timeout=timeout, filename=filename, observer=observer
+                code, inputs, tenant=tenant, timeout=timeout, filename=filename, observer=observer, files=files
             )
         )
 

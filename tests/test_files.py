@@ -297,3 +297,29 @@ async def test_directories_past_the_walk_bounds_are_reported_not_walked(sb):
 async def test_a_path_that_is_not_valid_unicode_is_an_input_error(sb):
     with pytest.raises(InputError, match="must be relative"):
         await sb.run("x = 1", files={"bad\udcff": b"x"})
+
+
+# --- stream() and sessions -------------------------------------------------------------
+
+
+@in_module_loop
+async def test_a_stream_takes_files_and_its_result_carries_what_came_out(sb):
+    stream = sb.stream("print(open('in.txt').read())\nopen('out/echo.txt', 'w').write('echo')", files={"in.txt": b"hi"})
+    printed = "".join([out.text async for out in stream])
+    assert printed == "hi\n"
+    assert stream.result.files == {"echo.txt": b"echo"}
+
+
+@in_module_loop
+async def test_a_session_keeps_its_files_and_returns_all_of_out_after_each_run(sb):
+    async with sb.session() as session:
+        first = await session.run("open('out/a.txt', 'w').write(open('in.txt').read())", files={"in.txt": b"one"})
+        assert first.files == {"a.txt": b"one"}
+        # The same input name again replaces the file; ./out/ still holds the first run's file.
+        second = await session.run("open('out/b.txt', 'w').write(open('in.txt').read())", files={"in.txt": b"two"})
+        assert second.files == {"a.txt": b"one", "b.txt": b"two"}
+        streamed = session.stream("kept = open('in.txt').read()")
+        assert [out async for out in streamed] == [] and streamed.result.outputs == {"kept": "two"}
+    with pytest.raises(InputError, match=r"'\.\./x'"):
+        async with sb.session() as session:
+            await session.run("x = 1", files={"../x": b""})
