@@ -28,7 +28,7 @@ from sandbox.cgroups import CgroupParents
 from sandbox.errors import SandboxError
 from sandbox.files import write_files
 from sandbox.layers import probe
-from sandbox.mounts import mount_problems
+from sandbox.mounts import mount_problems, unreadable_inside
 from sandbox.policies import LAYERS, Policy, PolicyFileError, load_policies
 from sandbox.profile import build_profile
 from sandbox.result import Result
@@ -348,7 +348,12 @@ def _doctor(args: argparse.Namespace) -> int:
     # Fork the unprivileged probe first, while this process has no threads.
     unprivileged = _probe_unprivileged() if os.geteuid() == 0 else None
     report = uvloop.run(_probe_here())
-    report["mounts"] = _mount_report(_load(args.policy)) if args.policy else {}
+    tenants = _load(args.policy) if args.policy else {}
+    report["mounts"] = _mount_report(tenants)
+    root = os.geteuid() == 0
+    report["unreadable_inside"] = {
+        name: found for name, policy in tenants.items() if (found := unreadable_inside(policy, root))
+    }
     failed = report["error"] is not None or any(report["mounts"].values())
     if args.json:
         print(json.dumps(report))
@@ -361,6 +366,8 @@ def _doctor(args: argparse.Namespace) -> int:
         print(f"\nmounts of tenant {tenant!r}: " + ("ok" if not problems else f"{len(problems)} problem(s)"))
         for problem in problems:
             print(f"   {problem}")
+        for path in report["unreadable_inside"].get(tenant, []):
+            print(f"   note: the workers cannot read {path} (a run that opens it gets PermissionError)")
     return EXIT_RUN_FAILED if failed else 0
 
 

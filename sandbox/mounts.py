@@ -71,6 +71,32 @@ def mount_problems(tenant: str, policy: Policy, root: bool) -> list[MountError]:
     return problems
 
 
+def unreadable_inside(policy: Policy, root: bool, limit: int = 1000) -> list[str]:
+    """Entries below each mounted directory that the workers could not read, among
+    the first ``limit`` of each: what ``sandbox doctor --policy`` lists as notes.
+
+    Sandbox start checks only each source itself (a walk of a large tree
+    would slow every start), so a single unreadable file deep inside shows
+    up only in the run that opens it, as a PermissionError; this is where
+    an operator finds it beforehand.
+    """
+    checks: list[tuple[int, str, int]] = []
+    for index, mount in enumerate(policy.mounts):
+        if not os.path.isdir(mount.source):
+            continue
+        seen = 0
+        for directory, subdirectories, names in os.walk(mount.source):
+            for name in subdirectories:
+                checks.append((index, os.path.join(directory, name), os.R_OK | os.X_OK))
+            checks.extend((index, os.path.join(directory, name), os.R_OK) for name in names)
+            seen += len(subdirectories) + len(names)
+            if seen >= limit:
+                break
+    links = {path for _, path, _ in checks if os.path.islink(path)}  # resolved inside the sandbox, not here
+    checks = [check for check in checks if check[1] not in links]
+    return [path for (_, path, _), allowed in zip(checks, _accessible(checks, root), strict=True) if not allowed]
+
+
 def _overlap(target: str, reserved: str) -> bool:
     """``target`` is ``reserved``, above it, or inside it."""
     return target == reserved or reserved.startswith(target + "/") or target.startswith(reserved.rstrip("/") + "/")

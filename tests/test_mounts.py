@@ -183,6 +183,9 @@ async def test_a_source_the_workers_cannot_read_is_refused_at_start_saying_how_t
 
 def test_doctor_reports_the_mounts_of_a_policy_file(host_dirs, tmp_path):
     data, _ = host_dirs
+    secret = data / "secret.csv"
+    secret.write_text("root only")
+    secret.chmod(0o600)
     policy_file = tmp_path / "p.toml"
     policy_file.write_text(
         f'[tenants.etl]\nmounts = [{{source = "{data}", target = "/data"}}, '
@@ -197,6 +200,10 @@ def test_doctor_reports_the_mounts_of_a_policy_file(host_dirs, tmp_path):
     assert report.returncode == 1
     assert "mounts of tenant 'etl': 1 problem(s)" in report.stdout
     assert "mounts[1].source '/nonexistent/x' does not exist on this host" in report.stdout
+    # Sandbox start checks each source itself; the doctor also looks below it.
+    if IS_ROOT:
+        assert f"note: the workers cannot read {secret} (a run that opens it gets PermissionError)" in report.stdout
+        assert "file1.txt" not in report.stdout
 
 
 def test_mounts_need_the_mount_namespace_and_make_it_required():
