@@ -335,10 +335,19 @@ def _policy_check(args: argparse.Namespace) -> int:
     for tenant, policy in policies.items():
         print(f"[tenants.{tenant}]")
         for name, value in policy.model_dump().items():
-            print(f"{name} = {json.dumps(value)}")
+            print(f"{name} = {_toml_value(value)}")
         print()
     print(f"OK: {len(policies)} tenant(s) in {args.path}")
     return 0
+
+
+def _toml_value(value: object) -> str:
+    """A value as a policy file writes it: JSON for scalars and lists, inline tables for mounts."""
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{key} = {_toml_value(item)}" for key, item in value.items()) + "}"
+    if isinstance(value, list) and any(isinstance(item, dict) for item in value):
+        return "[" + ", ".join(_toml_value(item) for item in value) + "]"
+    return json.dumps(value)
 
 
 # --- sandbox doctor --------------------------------------------------------------------

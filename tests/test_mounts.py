@@ -12,6 +12,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import tomllib
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -235,3 +236,16 @@ def test_unprivileged_the_check_is_the_supervisors_own_access(host_dirs):
         f"tenant 'etl': mounts[1].source {str(output)!r} cannot be given read access by the workers: "
         "workers run as this supervisor's uid (65534); give that user read access to it",
     ], report
+
+
+def test_policy_check_prints_mounts_as_a_policy_file_writes_them(tmp_path):
+    policy_file = tmp_path / "p.toml"
+    policy_file.write_text('[tenants.etl]\nmounts = [{source = "/srv/out", target = "/output", writable = true}]\n')
+    printed = subprocess.run(
+        [sys.executable, "-m", "sandbox", "policy", "check", str(policy_file)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    ).stdout
+    [line] = [line for line in printed.splitlines() if line.startswith("mounts = ")]
+    assert tomllib.loads(line) == {"mounts": [{"source": "/srv/out", "target": "/output", "writable": True}]}
