@@ -9,12 +9,13 @@ Must never: import the supervisor or the runtime; a policy is plain data.
 """
 
 from sandbox.policies.loader import PolicyFileError, load_policies
-from sandbox.policies.model import DEFAULT_ALLOWED_MODULES, DEFAULT_DENIED_MODULES, LAYERS, Policy
+from sandbox.policies.model import DEFAULT_ALLOWED_MODULES, DEFAULT_DENIED_MODULES, LAYERS, Mount, Policy
 
 __all__ = [
     "DEFAULT_ALLOWED_MODULES",
     "DEFAULT_DENIED_MODULES",
     "LAYERS",
+    "Mount",
     "Policy",
     "PolicyFileError",
     "load_policies",

@@ -12,6 +12,7 @@ this host supports required ("auto").
 
 from __future__ import annotations
 
+import itertools
 import re
 from typing import Literal, get_args
 
@@ -108,6 +109,25 @@ _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 MiB = 1024 * 1024
 
 
+class Mount(BaseModel):
+    """A host path shown inside the sandbox: read-only unless ``writable``."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    source: str = Field(description="Absolute host path; it must exist when the Sandbox starts.")
+    target: str = Field(description="Absolute path inside the sandbox where it appears.")
+    writable: bool = Field(False, description="Allow the code to write there (the space used is the host's).")
+
+    @field_validator("source", "target")
+    @classmethod
+    def _absolute(cls, path: str) -> str:
+        if not path.startswith("/") or path.rstrip("/") == "" or "\0" in path:
+            raise ValueError(f"must be an absolute path other than '/': {path!r}")
+        if any(part in (".", "..") for part in path.split("/")):
+            raise ValueError(f"must not contain '.' or '..' components: {path!r}")
+        return path.rstrip("/")
+
+
 class Policy(BaseModel):
     """Limits, allowlists and isolation for one tenant. Unknown fields are errors."""
 
@@ -133,6 +153,10 @@ class Policy(BaseModel):
     max_reply_bytes: int = Field(
         32 * MiB, ge=1024, description="Serialized size of all output variables of one run together."
     )
+    max_out_files: int = Field(
+        100, ge=0, le=100_000, description="Entries under ./out/ a run may leave: files returned or skipped."
+    )
+    max_out_files_bytes: int = Field(16 * MiB, ge=0, description="Bytes of all files a run returns together.")
 
     # --- files, processes ------------------------------------------------------
     max_file_size_mb: int = Field(16, ge=0, description="RLIMIT_FSIZE: largest file a run can write.")
@@ -158,7 +182,9 @@ class Policy(BaseModel):
     filesystem: Literal["scratch", "readonly"] = Field(
         "scratch", description="'scratch': /work, /tmp, /dev/shm writable; 'readonly': nothing writable."
     )
-    readonly_paths: list[str] = Field(default_factory=list, description="Extra host paths the worker may read.")
+    mounts: list[Mount] = Field(
+        default_factory=list, description="Host paths shown inside the sandbox: {source, target, writable=false}."
+    )
     env: list[str] = Field(
         default_factory=list, description="Names of supervisor environment variables passed to the code."
     )
@@ -228,13 +254,26 @@ class Policy(BaseModel):
             raise ValueError(f"invalid egress entries: {'; '.join(problems)}")
         return entries
 
-    @field_validator("readonly_paths")
+    @model_validator(mode="before")
     @classmethod
-    def _absolute_paths(cls, paths: list[str]) -> list[str]:
-        bad = [p for p in paths if not p.startswith("/") or p.rstrip("/") == "" or "\0" in p]
-        if bad:
-            raise ValueError(f"must be absolute paths other than '/': {', '.join(map(repr, bad))}")
-        return paths
+    def _readonly_paths_became_mounts(cls, fields: object) -> object:
+        """``readonly_paths`` was the old, read-only-at-the-same-path form of ``mounts``: one way now."""
+        if isinstance(fields, dict) and "readonly_paths" in fields:
+            paths = fields["readonly_paths"]
+            example = ", ".join(f'{{source = "{p}", target = "{p}"}}' for p in (paths or ["/srv/data"])[:2])
+            raise ValueError(f"readonly_paths was replaced by mounts; write mounts = [{example}]")
+        return fields
+
+    @field_validator("mounts")
+    @classmethod
+    def _distinct_targets(cls, mounts: list[Mount]) -> list[Mount]:
+        targets = sorted(m.target for m in mounts)
+        for outer, inner in itertools.pairwise(targets):
+            if inner == outer:
+                raise ValueError(f"two mounts on one target {inner!r}")
+            if inner.startswith(outer + "/"):
+                raise ValueError(f"mount target {inner!r} lies inside another mount's target {outer!r}")
+        return mounts
 
     @model_validator(mode="after")
     def _consistent(self) -> Policy:
@@ -247,4 +286,6 @@ class Policy(BaseModel):
         skipped = sorted(set(self.skip_layers) & set(EGRESS_LAYERS))
         if self.egress and skipped:
             raise ValueError(f"egress is enforced by layers {', '.join(skipped)}: they cannot be skipped with egress")
+        if self.filesystem == "readonly" and any(m.writable for m in self.mounts):
+            raise ValueError("filesystem = 'readonly' allows no writable mount")
         return self

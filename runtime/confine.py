@@ -45,6 +45,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from sandbox.runtime import linux
+from sandbox.runtime.files import OUT_DIR
 
 SCRATCH_DIR = "/work"
 WORKER_PID_IN_NAMESPACE = 2  # pid 1 is the namespace's init; the worker is forked right after it.
@@ -68,6 +69,23 @@ _PRIVATE_TMPFS = (SCRATCH_DIR, "/tmp", "/dev/shm")
 _STAGING = "/.scratch"  # the worker's tmpfs, mounted here only while its binds are made
 _SOURCES = "/.sources"  # read-only sources that live under a scratch directory
 _TEMPLATE_PROC = "/.proc"  # the template's proc; each worker detaches it once its own is mounted
+# What every worker's view is built from, besides the interpreter's own paths:
+# no tenant mount may cover one of these or sit inside it (sandbox.mounts).
+RESERVED_PATHS = (
+    *_PRIVATE_TMPFS,
+    "/proc",
+    "/dev",
+    "/etc",
+    "/bin",
+    "/sbin",
+    "/lib",
+    "/lib32",
+    "/lib64",
+    "/libx32",
+    _STAGING,
+    _SOURCES,
+    _TEMPLATE_PROC,
+)
 
 
 class ConfinementFailed(Exception):
@@ -109,11 +127,17 @@ class Scratch:
     dirs: list[ScratchDir] = field(default_factory=list)
     inodes_at_start: int = 0
     clear_refs: bool = False  # /proc/self/clear_refs is open on CLEAR_REFS_FD
+    out_dir: tuple[int, int] | None = None  # (device, inode) of ./out/ as the worker made it
 
     @classmethod
     def of(cls, cwd: str, paths: tuple[str, ...]) -> Scratch:
+        """``cwd`` holds ./out/, made empty by confinement: it is emptied like
+        everything else (so not kept) and made again after each run."""
         st = os.statvfs(paths[0])
-        return cls(cwd, [ScratchDir.of(path) for path in paths], st.f_files - st.f_ffree)
+        dirs = [ScratchDir.of(path) for path in paths]
+        dirs = [ScratchDir(d.path, d.device, d.keep - {OUT_DIR}) if d.path == cwd else d for d in dirs]
+        out = os.lstat(os.path.join(cwd, OUT_DIR))
+        return cls(cwd, dirs, st.f_files - st.f_ffree, out_dir=(out.st_dev, out.st_ino))
 
 
 def confine(config: dict, netns_fd: int | None, template_fd: int | None) -> tuple[dict[str, str], Scratch]:
@@ -154,8 +178,9 @@ def confine(config: dict, netns_fd: int | None, template_fd: int | None) -> tupl
     # and its /proc/self files belong to root.
     scratch.clear_refs = _open_clear_refs()
     linux.set_no_new_privs()
-    attempt("landlock", _restrict_paths, report["mountns"] == "on")
-    attempt("identity", _drop_identity, config.get("uid"), config.get("gid"))
+    writable_mounts = [target for _, target, writable in config["mounts"] if writable]
+    attempt("landlock", _restrict_paths, report["mountns"] == "on", writable_mounts)
+    attempt("identity", _drop_identity, config.get("uid"), config.get("gid"), config.get("groups", []))
     attempt("rlimits", _set_rlimits, config["rlimits"])
     attempt("seccomp", linux.load_seccomp_bpf, config.get("seccomp_bpf") or b"")
     return report, scratch
@@ -235,9 +260,17 @@ def _enter_netns(netns_fd: int | None, network: bool) -> None:
     linux.setns(netns_fd, linux.CLONE_NEWNET)
 
 
-def build_template(readonly_paths: list[str], etc_files: list[str]) -> None:
+def build_template(readonly_paths: list[str], mounts: list[tuple[str, str, bool]], etc_files: list[str]) -> None:
     """Build the part of a worker's file-system view that all workers with
     the same paths share, in a new mount namespace of the calling process.
+
+    ``readonly_paths`` (the interpreter and its libraries) appear at their
+    own paths; each of the tenant's ``mounts`` (source, target, writable)
+    shows a host path at its target. Every bind is remounted with nosuid and
+    nodev, and read-only unless writable: the kernel then refuses writes
+    there by every route (rename, link, a re-open of an ``O_PATH`` fd), on
+    top of landlock. A symbolic link inside a mount resolves in the
+    worker's own root, where nothing but these binds exists.
 
     Run by a short-lived helper of the zygote, which keeps the namespace
     (by fd) as a template. A worker then only copies it and adds what is its
@@ -269,6 +302,11 @@ def build_template(readonly_paths: list[str], etc_files: list[str]) -> None:
     for path in readonly_paths:
         if path not in _shadowed(readonly_paths):
             _bind_readonly("/oldroot" + path, "/newroot" + path)
+    for source, target, writable in mounts:
+        # Checked at Sandbox start; gone since then means no template, not a worker without its data.
+        if not os.path.exists("/oldroot" + source):
+            raise OSError(2, f"mount source {source} no longer exists")
+        _bind("/oldroot" + source, "/newroot" + target, writable=writable)
     for link in ("/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32"):
         if os.path.islink("/oldroot" + link) and not os.path.lexists("/newroot" + link):
             os.symlink(os.readlink("/oldroot" + link), "/newroot" + link)
@@ -280,8 +318,8 @@ def build_template(readonly_paths: list[str], etc_files: list[str]) -> None:
     linux.pivot_root(".", ".")
     linux.umount(".", linux.MNT_DETACH)
     os.chdir("/")
-    _remount_readonly("/dev")
-    _remount_readonly("/")
+    _remount("/dev")
+    _remount("/")
 
 
 def _enter_template(template_fd: int | None, config: dict) -> None:
@@ -307,10 +345,11 @@ def _add_own_mounts(config: dict) -> None:
     linux.mount(
         "tmpfs", _STAGING, "tmpfs", linux.MS_NOSUID | linux.MS_NODEV, f"mode=0755,size={config['scratch_bytes']}"
     )
-    for name, mode in (("work", 0o700), ("tmp", 0o1777), ("shm", 0o1777)):
+    for name, mode in (("work", 0o700), (f"work/{OUT_DIR}", 0o700), ("tmp", 0o1777), ("shm", 0o1777)):
         os.mkdir(f"{_STAGING}/{name}")
         os.chmod(f"{_STAGING}/{name}", mode)
     os.chown(f"{_STAGING}/work", uid, gid)
+    os.chown(f"{_STAGING}/work/{OUT_DIR}", uid, gid)
     with open(f"{_STAGING}/passwd", "w") as f:
         f.write(f"sandbox:x:{uid}:{gid}:sandbox:{SCRATCH_DIR}:/nonexistent\n")
     with open(f"{_STAGING}/group", "w") as f:
@@ -332,7 +371,7 @@ def _add_own_mounts(config: dict) -> None:
     linux.umount(_TEMPLATE_PROC, linux.MNT_DETACH)
     if config["readonly"]:
         for target in _PRIVATE_TMPFS:
-            _remount_readonly(target)
+            _remount(target)
     os.chdir(SCRATCH_DIR)
 
 
@@ -349,11 +388,14 @@ def _worker_ids(config: dict) -> tuple[int, int]:
 
 
 def _bind_readonly(source: str, target: str) -> None:
-    if not os.path.exists(source):
-        return
+    if os.path.exists(source):
+        _bind(source, target, writable=False)
+
+
+def _bind(source: str, target: str, *, writable: bool) -> None:
     _make_mount_point(source, target)
     linux.mount(source, target, None, linux.MS_BIND)
-    _remount_readonly(target, locked=os.statvfs(source).f_flag)
+    _remount(target, locked=os.statvfs(source).f_flag, writable=writable)
 
 
 def _make_mount_point(source: str, target: str) -> None:
@@ -365,10 +407,14 @@ def _make_mount_point(source: str, target: str) -> None:
         open(target, "a").close()
 
 
-def _remount_readonly(target: str, locked: int | None = None) -> None:
+def _remount(target: str, locked: int | None = None, writable: bool = False) -> None:
+    """Remount a bind nosuid, nodev and (unless ``writable``) read-only, keeping
+    the flags a user namespace locks (a read-only source stays read-only)."""
     if locked is None:
         locked = os.statvfs(target).f_flag
-    flags = linux.MS_REMOUNT | linux.MS_BIND | linux.MS_RDONLY | linux.MS_NOSUID | linux.MS_NODEV
+    flags = linux.MS_REMOUNT | linux.MS_BIND | linux.MS_NOSUID | linux.MS_NODEV
+    if not writable:
+        flags |= linux.MS_RDONLY
     for st_flag, ms_flag in _MS_FROM_ST.items():
         if locked & st_flag:
             flags |= ms_flag
@@ -411,14 +457,15 @@ def _populate_dev() -> None:
     os.mkdir("/newroot/dev/shm")
 
 
-def _restrict_paths(filesystem_confined: bool) -> None:
+def _restrict_paths(filesystem_confined: bool, writable_mounts: list[str]) -> None:
     if not filesystem_confined:
         raise OSError(95, "landlock rules assume the confined file-system view")
-    writable = [*_PRIVATE_TMPFS, "/dev/null", "/dev/zero", "/dev/full"]
+    writable = [*_PRIVATE_TMPFS, "/dev/null", "/dev/zero", "/dev/full", *writable_mounts]
     linux.landlock_restrict(["/"], writable)
 
 
-def _drop_identity(uid: int | None, gid: int | None) -> None:
+def _drop_identity(uid: int | None, gid: int | None, groups: list[int]) -> None:
+    """``groups``: the one group that grants workers their mounts (see README), or none."""
     linux.drop_bounding_set()
     if uid is None:
         # Unprivileged supervisor: we are in the zygote's user namespace with
@@ -428,7 +475,7 @@ def _drop_identity(uid: int | None, gid: int | None) -> None:
     if gid is None:
         raise OSError(22, "a worker uid comes without its gid")
     # Real root: becoming a uid of our own empties every capability set.
-    os.setgroups([])
+    os.setgroups(groups)
     os.setresgid(gid, gid, gid)
     os.setresuid(uid, uid, uid)
     if os.getuid() != uid or os.geteuid() != uid:

@@ -25,9 +25,12 @@ Reply body, after the kind byte ``REPLY``::
     token 16s | status B | cpu_s d | peak_rss Q | worker_cpu_s d | retire B
     n_outputs I | n_skipped I | n_error I
     n_outputs x (name, type_label, blob) | n_skipped x (name, reason) | n_error x field
+    n_files I | n_skipped_files I | n_files x (path, data) | n_skipped_files x (path, reason)
 
 where each field is ``[u32 len][bytes]``. Names are identifiers, labels and
 reasons are UTF-8. The error fields are (type_name, message, traceback, detail).
+File paths are UTF-8 and must pass :func:`safe_relative_path` on the host
+too: they are data, never a path the host opens as they stand.
 """
 
 from __future__ import annotations
@@ -55,12 +58,15 @@ MEMORY_LIMIT = 2
 POLICY_VIOLATION = 3
 OUTPUT_LIMIT = 4
 INPUT_ERROR = 5
-STATUSES = frozenset({OK, CODE_ERROR, MEMORY_LIMIT, POLICY_VIOLATION, OUTPUT_LIMIT, INPUT_ERROR})
+FILES_LIMIT = 6  # ./out/ held more than max_out_files entries or max_out_files_bytes bytes; detail names which
+STATUSES = frozenset({OK, CODE_ERROR, MEMORY_LIMIT, POLICY_VIOLATION, OUTPUT_LIMIT, INPUT_ERROR, FILES_LIMIT})
 ERROR_FIELDS = 4
 
 _REPLY_HEAD = struct.Struct("<B16sBdQdBIII")
+_FILES_HEAD = struct.Struct("<II")
 _FIELD = struct.Struct("<I")
 MAX_LABEL_BYTES = 1024  # type labels, names and skip reasons are short by construction
+MAX_PATH_BYTES = 4096  # PATH_MAX: no file a run leaves can have a longer relative path
 
 
 class ProtocolError(Exception):
@@ -75,9 +81,32 @@ def setup_request(env: dict[str, str]) -> tuple:
 
 
 def run_request(
-    token: bytes, code: str, inputs: dict[str, bytes], allow_await: bool, filename: str, cpu_time_s: float
+    token: bytes,
+    code: str,
+    inputs: dict[str, bytes],
+    allow_await: bool,
+    filename: str,
+    cpu_time_s: float,
+    files: dict[str, bytes],
 ) -> tuple:
-    return ("run", token, code, inputs, allow_await, filename, cpu_time_s)
+    return ("run", token, code, inputs, allow_await, filename, cpu_time_s, files)
+
+
+def safe_relative_path(path: object) -> bool:
+    """A relative path that stays where it is put: no absolute part, no ``..``
+    or ``.``, no empty component, no NUL, at most ``MAX_PATH_BYTES`` bytes.
+
+    The one rule for a file's name in both directions: what the host sends in
+    ``files=``, and what a worker names in its reply.
+    """
+    if not isinstance(path, str) or not path or "\0" in path or path.startswith("/"):
+        return False
+    try:
+        if len(path.encode("utf-8")) > MAX_PATH_BYTES:
+            return False
+    except UnicodeEncodeError:  # a lone surrogate: not a name any file system can be asked for
+        return False
+    return all(part not in ("", ".", "..") for part in path.split("/"))
 
 
 # --- frames ----------------------------------------------------------------
@@ -159,6 +188,8 @@ class Reply:
     outputs: list[tuple[str, str, bytes]] = field(default_factory=list)
     skipped: dict[str, str] = field(default_factory=dict)
     error: tuple[str, str, str, str] | None = None
+    files: dict[str, bytes] = field(default_factory=dict)
+    skipped_files: dict[str, str] = field(default_factory=dict)
 
 
 def encode_reply(reply: Reply) -> bytes:
@@ -191,6 +222,13 @@ def encode_reply(reply: Reply) -> bytes:
         put(_text(reason))
     for text in error:
         put(_text(text))
+    parts.append(_FILES_HEAD.pack(len(reply.files), len(reply.skipped_files)))
+    for path, data in reply.files.items():
+        put(_text(path))
+        put(data)
+    for path, reason in reply.skipped_files.items():
+        put(_text(path))
+        put(_text(reason))
     return b"".join(parts)
 
 
@@ -232,6 +270,12 @@ class _Cursor:
         except UnicodeDecodeError:
             raise ProtocolError("reply text is not UTF-8") from None
 
+    def path(self) -> str:
+        path = self.text(MAX_PATH_BYTES)
+        if not safe_relative_path(path):
+            raise ProtocolError("reply names a file path that is absolute, climbs with '..' or is malformed")
+        return path
+
     def name(self) -> str:
         name = self.text(MAX_LABEL_BYTES)
         if not name.isidentifier():
@@ -239,8 +283,14 @@ class _Cursor:
         return name
 
 
-def decode_reply(payload: bytes, max_value_bytes: int, max_text_bytes: int) -> Reply:
-    """Parse a reply frame; raise ProtocolError on any deviation at all."""
+def decode_reply(
+    payload: bytes, max_value_bytes: int, max_text_bytes: int, max_files: int = 0, max_files_bytes: int = 0
+) -> Reply:
+    """Parse a reply frame; raise ProtocolError on any deviation at all.
+
+    ``max_files`` and ``max_files_bytes`` bound the files section: a worker
+    that sends more than its policy lets it collect is breaking the protocol.
+    """
     if len(payload) < _REPLY_HEAD.size:
         raise ProtocolError("reply shorter than its header")
     (kind, token, status, cpu_s, peak_rss, worker_cpu_s, retire, n_outputs, n_skipped, n_error) = (
@@ -282,6 +332,34 @@ def decode_reply(payload: bytes, max_value_bytes: int, max_text_bytes: int) -> R
         reply.skipped[name] = reason
     if n_error:
         reply.error = tuple(cursor.text(max_text_bytes) for _ in range(ERROR_FIELDS))  # type: ignore[assignment]
+    _decode_files(cursor, reply, max_files, max_files_bytes)
     if cursor.pos != len(payload):
         raise ProtocolError("reply has trailing bytes")
     return reply
+
+
+def _decode_files(cursor: _Cursor, reply: Reply, max_files: int, max_files_bytes: int) -> None:
+    end = cursor.pos + _FILES_HEAD.size
+    if end > len(cursor.view):
+        raise ProtocolError("reply truncated before its files section")
+    n_files, n_skipped = _FILES_HEAD.unpack_from(cursor.view, cursor.pos)
+    cursor.pos = end
+    if n_files + n_skipped > max_files:
+        raise ProtocolError(f"reply carries {n_files + n_skipped} file entries, over the limit of {max_files}")
+    if (n_files or n_skipped) and reply.status != OK:
+        raise ProtocolError("a failed run cannot carry files")
+    remaining = max_files_bytes
+    for _ in range(n_files):
+        path = cursor.path()
+        data = bytes(cursor.field(remaining))
+        remaining -= len(data)
+        if path in reply.files:
+            raise ProtocolError(f"reply names file {path!r} twice")
+        reply.files[path] = data
+    for _ in range(n_skipped):
+        path = cursor.path()
+        reason = cursor.text(MAX_LABEL_BYTES)
+        # A path may be both returned and skipped: an ./out/ file and a rewritten input of the same name.
+        if path in reply.skipped_files:
+            raise ProtocolError(f"reply names skipped file {path!r} twice")
+        reply.skipped_files[path] = reason

@@ -43,6 +43,7 @@ import time
 from sandbox.runtime import wire
 from sandbox.runtime.codenode import CodeNode, RunOutcome
 from sandbox.runtime.confine import CLEAR_REFS_FD, WORKER_PID_IN_NAMESPACE, Scratch
+from sandbox.runtime.files import OUT_DIR, Collection, InputFileFailed, TooManyFiles, write_inputs
 
 _LEFTOVER_GRACE_S = 1.0  # how long processes killed at the end of a run may take to disappear
 _FD_CEILING = 1 << 20  # above any RLIMIT_NOFILE a policy can set; one close_range() call covers it
@@ -77,17 +78,20 @@ def serve(channel: int, layers: dict[str, str], scratch: Scratch, settings: dict
             os.environ.clear()
             os.environ.update(request[1])
             continue
-        _, token, code, inputs, allow_await, filename, cpu_time_s = request
+        token, cpu_time_s, files = request[1], request[6], request[7]
         os.chdir(scratch.cwd)
         before = _cpu_seconds(resource.getrusage(resource.RUSAGE_SELF))
         peak.reset()
-        outcome = node.run(code, inputs, allow_await, filename)
+        outcome, written = _run(node, scratch, request)
         if allow_processes:
             _end_leftover_processes()
+        if not session:
+            os.closerange(first_run_fd, _FD_CEILING)  # fds the run opened and left open die with it
+        # In a session ./out/ keeps what earlier runs left, like everything else there.
+        collection = _collect_files(outcome, scratch, files, written, settings)
         if session:
             retire = _restore_stdio() | outcome.retire | (outcome.status == wire.MEMORY_LIMIT)
         else:
-            os.closerange(first_run_fd, _FD_CEILING)  # fds the run opened and left open die with it
             retire = _restore_stdio() | outcome.retire | _empty_scratch(scratch)
         usage = resource.getrusage(resource.RUSAGE_SELF)
         used = _cpu_seconds(usage)
@@ -100,15 +104,52 @@ def serve(channel: int, layers: dict[str, str], scratch: Scratch, settings: dict
         if fds[channel] != own_fds[channel]:
             os._exit(wire.EXIT_CHANNEL_LOST)  # never write a reply into whatever user code put on fd 3
         retire |= fds != own_fds  # a closed or replaced stdio would break the next run
-        reply = _reply(token, outcome, used - before, usage.ru_maxrss * 1024, used, retire, settings)
+        reply = _reply(token, outcome, collection, used - before, usage.ru_maxrss * 1024, used, retire, settings)
         try:
             wire.write_all(channel, wire.frame(reply))
         except OSError:
             os._exit(wire.EXIT_CHANNEL_LOST)
 
 
+def _run(node: CodeNode, scratch: Scratch, request: tuple) -> tuple[RunOutcome, dict]:
+    """Write the run's files, then run its code; a file that cannot be written fails the run.
+    Also returns each written file's signature (``runtime.files.signature``)."""
+    _, _, code, inputs, allow_await, filename, _, files = request
+    try:
+        written = write_inputs(scratch.cwd, files)
+    except InputFileFailed as exc:
+        outcome = RunOutcome(wire.INPUT_ERROR)
+        outcome.error = ("InputError", f"file {exc.path!r} could not be written: {exc}", "", f"files[{exc.path!r}]")
+        return outcome, {}
+    return node.run(code, inputs, allow_await, filename), written
+
+
+def _collect_files(
+    outcome: RunOutcome, scratch: Scratch, files: dict[str, bytes], written: dict, settings: dict
+) -> Collection:
+    """What a successful run left in ./out/ and in its input files; past a limit, the run fails."""
+    collection = Collection(settings["max_out_files"], settings["max_out_files_bytes"])
+    if outcome.status != wire.OK:
+        return collection
+    try:
+        collection.collect(scratch.cwd, files, written)
+    except TooManyFiles as exc:
+        outcome.status = wire.FILES_LIMIT
+        outcome.outputs, outcome.skipped = [], {}
+        outcome.error = ("OutputLimitExceeded", str(exc), "", exc.limit)
+        return Collection(0, 0)
+    return collection
+
+
 def _reply(
-    token: bytes, outcome: RunOutcome, cpu_s: float, peak_rss: int, worker_cpu_s: float, retire: bool, settings: dict
+    token: bytes,
+    outcome: RunOutcome,
+    collection: Collection,
+    cpu_s: float,
+    peak_rss: int,
+    worker_cpu_s: float,
+    retire: bool,
+    settings: dict,
 ) -> bytes:
     error = outcome.error
     if error is not None:
@@ -124,12 +165,23 @@ def _reply(
         )
     reply = wire.encode_reply(
         wire.Reply(
-            token, outcome.status, cpu_s, peak_rss, worker_cpu_s, retire, outcome.outputs, outcome.skipped, error
+            token,
+            outcome.status,
+            cpu_s,
+            peak_rss,
+            worker_cpu_s,
+            retire,
+            outcome.outputs,
+            outcome.skipped,
+            error,
+            collection.files,
+            collection.skipped,
         )
     )
     if len(reply) > settings["max_frame_bytes"]:
         message = (
-            f"the run's outputs take {len(reply)} bytes in all, over the frame limit of {settings['max_frame_bytes']}"
+            f"the run's outputs and files take {len(reply)} bytes in all, "
+            f"over the frame limit of {settings['max_frame_bytes']}"
         )
         reply = wire.encode_reply(
             wire.Reply(
@@ -242,7 +294,14 @@ def _empty_scratch(scratch: Scratch) -> bool:
         st = os.statvfs(scratch.cwd)
     except OSError:
         return True
-    if st.f_files - st.f_ffree <= scratch.inodes_at_start:
+    try:
+        out = os.lstat(os.path.join(scratch.cwd, OUT_DIR))
+        out_intact = (out.st_dev, out.st_ino) == scratch.out_dir
+    except OSError:
+        out_intact = False
+    # ./out/ is the one entry a run can remove, so the count alone would
+    # miss a file made in its place.
+    if out_intact and st.f_files - st.f_ffree <= scratch.inodes_at_start:
         return False  # nothing was created since confinement
     failed = False
     for directory in scratch.dirs:
@@ -259,7 +318,22 @@ def _empty_scratch(scratch: Scratch) -> bool:
                     os.unlink(entry.path)
         except OSError:
             failed = True
-    return failed
+    if failed:
+        return True  # the worker retires; nothing is made where a check failed
+    return _remake_out_dir(scratch)
+
+
+def _remake_out_dir(scratch: Scratch) -> bool:
+    """An empty ./out/ for the next run; True if that failed."""
+    path = os.path.join(scratch.cwd, OUT_DIR)
+    try:
+        if not os.path.lexists(path):
+            os.mkdir(path, 0o700)
+        out = os.lstat(path)
+    except OSError:
+        return True
+    scratch.out_dir = (out.st_dev, out.st_ino)
+    return False
 
 
 class _PeakMemory:

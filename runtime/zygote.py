@@ -51,6 +51,7 @@ from collections.abc import Callable, Sequence
 from typing import NamedTuple
 
 from sandbox.runtime import confine, egress, linux, proctitle, wire
+from sandbox.runtime.files import OUT_DIR
 
 _MAX_CONTROL_MESSAGE = 1 << 20
 _MAX_TITLE_BYTES = 256
@@ -124,7 +125,7 @@ class _Zygote:
         proctitle.set_title("sandbox-zygote")
         self.control = control
         self.pid_namespaces = namespaces["pid_namespaces"]
-        self.interpreter_paths = _interpreter_paths()
+        self.interpreter_paths = interpreter_paths()
         self.own_pidns = os.open("/proc/self/ns/pid", os.O_RDONLY | os.O_CLOEXEC)
         self.empty_netns, netns_error = _namespace_from_child(lambda: linux.unshare(linux.CLONE_NEWNET), "net")
         self.templates: dict[tuple, tuple[int | None, str | None]] = {}  # paths -> (mnt ns fd, error)
@@ -184,9 +185,11 @@ class _Zygote:
             config.update(
                 pid_namespace=self.pid_namespaces,
                 host_scratch=record["scratch"],
-                readonly_paths=_outermost(self.interpreter_paths + config["extra_readonly_paths"]),
+                readonly_paths=_outermost(self.interpreter_paths),
             )
-            template, config["template_error"] = self._template(config["readonly_paths"], config["etc_files"])
+            template, config["template_error"] = self._template(
+                config["readonly_paths"], config["mounts"], config["etc_files"]
+            )
             if config.get("egress") is not None:
                 egress_netns, record["pasta"] = self._egress_netns(config["egress"])
             namespaces = [fd for fd in (template, egress_netns) if fd is not None]
@@ -211,12 +214,14 @@ class _Zygote:
             for fd in pidfds:
                 os.close(fd)
 
-    def _template(self, readonly_paths: list[str], etc_files: list[str]) -> tuple[int | None, str | None]:
-        """The template mount namespace for these paths, built on first use."""
-        key = (tuple(readonly_paths), tuple(etc_files))
+    def _template(
+        self, readonly_paths: list[str], mounts: list[tuple[str, str, bool]], etc_files: list[str]
+    ) -> tuple[int | None, str | None]:
+        """The template mount namespace for these paths and mounts, built on first use."""
+        key = (tuple(readonly_paths), tuple(map(tuple, mounts)), tuple(etc_files))
         if key not in self.templates:
             self.templates[key] = _namespace_from_child(
-                lambda: confine.build_template(readonly_paths, etc_files), "mnt"
+                lambda: confine.build_template(readonly_paths, mounts, etc_files), "mnt"
             )
         return self.templates[key]
 
@@ -499,7 +504,7 @@ def _drain(fd: int) -> None:
         pass
 
 
-def _interpreter_paths() -> list[str]:
+def interpreter_paths() -> list[str]:
     """What a worker must be able to read: the interpreter, its libraries, the runtime."""
     import sandbox
 
@@ -527,8 +532,10 @@ def _make_host_scratch(root: str, prefix: str, uid: int | None, gid: int | None)
     mount namespace of its own. Removed when the worker is reaped, or by the
     next supervisor's sweep if ours died first (``sandbox.leftovers``)."""
     directory = tempfile.mkdtemp(prefix=prefix, dir=root)
+    os.mkdir(os.path.join(directory, OUT_DIR), 0o700)
     if uid is not None and gid is not None:
-        os.chown(directory, uid, gid)
+        for path in (directory, os.path.join(directory, OUT_DIR)):
+            os.chown(path, uid, gid)
     return directory
 
 

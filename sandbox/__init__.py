@@ -28,6 +28,7 @@ if TYPE_CHECKING:
         ConfinementUnavailable as ConfinementUnavailable,
         InputError as InputError,
         MemoryLimitExceeded as MemoryLimitExceeded,
+        MountError as MountError,
         NodeLost as NodeLost,
         OutputLimitExceeded as OutputLimitExceeded,
         PolicyViolation as PolicyViolation,
@@ -39,7 +40,12 @@ if TYPE_CHECKING:
         WorkerCrashed as WorkerCrashed,
     )
     from sandbox.opaque import Opaque as Opaque
-    from sandbox.policies import Policy as Policy, PolicyFileError as PolicyFileError, load_policies as load_policies
+    from sandbox.policies import (
+        Mount as Mount,
+        Policy as Policy,
+        PolicyFileError as PolicyFileError,
+        load_policies as load_policies,
+    )
     from sandbox.result import Result as Result, RunStats as RunStats
     from sandbox.session import Session as Session
     from sandbox.stats import SandboxStats as SandboxStats, TenantStats as TenantStats
@@ -67,9 +73,10 @@ _HOMES = {
         "SandboxClosed",
         "ConfinementUnavailable",
         "SessionLost",
+        "MountError",
     ],
     "sandbox.opaque": ["Opaque"],
-    "sandbox.policies": ["Policy", "load_policies", "PolicyFileError"],
+    "sandbox.policies": ["Policy", "Mount", "load_policies", "PolicyFileError"],
     "sandbox.result": ["Result", "RunStats"],
     "sandbox.session": ["Session"],
     "sandbox.stream": ["Output", "RunStream"],

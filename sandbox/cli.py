@@ -26,7 +26,9 @@ import uvloop
 from sandbox import __version__
 from sandbox.cgroups import CgroupParents
 from sandbox.errors import SandboxError
+from sandbox.files import write_files
 from sandbox.layers import probe
+from sandbox.mounts import mount_problems, unreadable_inside
 from sandbox.policies import LAYERS, Policy, PolicyFileError, load_policies
 from sandbox.profile import build_profile
 from sandbox.result import Result
@@ -78,6 +80,17 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument(
         "--server", metavar="URL", help="run through a `sandbox serve` at URL, with the key in $SANDBOX_API_KEY"
     )
+    run.add_argument(
+        "--file",
+        action="append",
+        dest="files",
+        default=[],
+        metavar="NAME=HOSTPATH",
+        help="send the host file HOSTPATH as NAME under the run's working directory (repeatable)",
+    )
+    run.add_argument(
+        "--out", type=Path, metavar="DIR", help="write the files the run leaves in ./out/ (Result.files) under DIR"
+    )
     run.set_defaults(command=_run, usage=run)
 
     shell = commands.add_parser("shell", help="an interactive prompt over a session (Ctrl-D leaves)")
@@ -118,6 +131,9 @@ def _parser() -> argparse.ArgumentParser:
 
     doctor = commands.add_parser("doctor", help="report which isolation layers this host provides")
     doctor.add_argument("--json", action="store_true", help="print the report as JSON")
+    doctor.add_argument(
+        "--policy", type=Path, metavar="FILE", help="also check the mounts of this policy file's tenants"
+    )
     doctor.set_defaults(command=_doctor, usage=doctor)
 
     policy = commands.add_parser("policy", help="work with policy files")
@@ -141,12 +157,16 @@ def _run(args: argparse.Namespace) -> int:
     except OSError as exc:
         raise _UsageError(f"cannot read {args.file}: {exc.strerror}") from None
     inputs = dict(_parse_input(item) for item in args.input)
+    files = dict(_read_file_argument(item) for item in args.files)
     if args.server is not None:
         if args.policy is not None:
             raise _UsageError("--policy applies to a local run; the server's own policy file governs --server")
+        if files or args.out is not None:
+            raise _UsageError("--file and --out apply to a local run, not to --server")
         execute = _remote_run(args.server, code, inputs, args.tenant, args.timeout)
     else:
-        execute = _local_run(_tenants(args), code, inputs, args.tenant or DEFAULT_TENANT, args.timeout, str(args.file))
+        tenant = args.tenant or DEFAULT_TENANT
+        execute = _local_run(_tenants(args), code, inputs, tenant, args.timeout, str(args.file), files)
     try:
         result = uvloop.run(execute)
     except SandboxError as exc:
@@ -155,7 +175,27 @@ def _run(args: argparse.Namespace) -> int:
         return EXIT_RUN_FAILED
     sys.stderr.write(result.stdout + result.stderr)
     print(json.dumps(_jsonable(result.outputs), indent=2))
+    for path, reason in result.skipped_files.items():
+        print(f"out/{path}: not returned: {reason}", file=sys.stderr)
+    if result.files and args.out is None:
+        print(f"{len(result.files)} file(s) in ./out/ not written: pass --out DIR to keep them", file=sys.stderr)
+    if result.files and args.out is not None:
+        refused = write_files(args.out, result.files)
+        for path, reason in refused.items():
+            print(f"refused to write {path!r} under {args.out}: {reason}", file=sys.stderr)
+        if refused:
+            return EXIT_RUN_FAILED
     return 0
+
+
+def _read_file_argument(item: str) -> tuple[str, bytes]:
+    name, sep, host_path = item.partition("=")
+    if not sep or not name or not host_path:
+        raise _UsageError(f"--file {item!r}: expected NAME=HOSTPATH")
+    try:
+        return name, Path(host_path).read_bytes()
+    except OSError as exc:
+        raise _UsageError(f"--file {name}: cannot read {host_path}: {exc.strerror}") from None
 
 
 def _unknown_tenant(tenant: str, policy_file: Path | None, tenants: dict[str, Policy]) -> str:
@@ -182,10 +222,16 @@ def _shell(args: argparse.Namespace) -> int:
 
 
 async def _local_run(
-    tenants: dict[str, Policy], code: str, inputs: dict[str, object], tenant: str, timeout: float | None, filename: str
+    tenants: dict[str, Policy],
+    code: str,
+    inputs: dict[str, object],
+    tenant: str,
+    timeout: float | None,
+    filename: str,
+    files: dict[str, bytes],
 ) -> Result:
     async with Sandbox(tenants=tenants, workers=1) as sandbox:
-        return await sandbox.run(code, inputs, tenant=tenant, timeout=timeout, filename=filename)
+        return await sandbox.run(code, inputs, tenant=tenant, timeout=timeout, filename=filename, files=files)
 
 
 async def _remote_run(
@@ -289,10 +335,19 @@ def _policy_check(args: argparse.Namespace) -> int:
     for tenant, policy in policies.items():
         print(f"[tenants.{tenant}]")
         for name, value in policy.model_dump().items():
-            print(f"{name} = {json.dumps(value)}")
+            print(f"{name} = {_toml_value(value)}")
         print()
     print(f"OK: {len(policies)} tenant(s) in {args.path}")
     return 0
+
+
+def _toml_value(value: object) -> str:
+    """A value as a policy file writes it: JSON for scalars and lists, inline tables for mounts."""
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{key} = {_toml_value(item)}" for key, item in value.items()) + "}"
+    if isinstance(value, list) and any(isinstance(item, dict) for item in value):
+        return "[" + ", ".join(_toml_value(item) for item in value) + "]"
+    return json.dumps(value)
 
 
 # --- sandbox doctor --------------------------------------------------------------------
@@ -302,14 +357,37 @@ def _doctor(args: argparse.Namespace) -> int:
     # Fork the unprivileged probe first, while this process has no threads.
     unprivileged = _probe_unprivileged() if os.geteuid() == 0 else None
     report = uvloop.run(_probe_here())
+    tenants = _load(args.policy) if args.policy else {}
+    report["mounts"] = _mount_report(tenants)
+    root = os.geteuid() == 0
+    report["unreadable_inside"] = {
+        name: found for name, policy in tenants.items() if (found := unreadable_inside(policy, root))
+    }
+    failed = report["error"] is not None or any(report["mounts"].values())
     if args.json:
         print(json.dumps(report))
-        return 0 if report["error"] is None else EXIT_RUN_FAILED
+        return EXIT_RUN_FAILED if failed else 0
     columns = {f"this host ({report['identity']})": report}
     if unprivileged is not None:
         columns[f"unprivileged (uid {_UNPRIVILEGED_UID})"] = unprivileged
     _print_doctor(columns, report)
-    return 0 if report["error"] is None else EXIT_RUN_FAILED
+    for tenant, problems in report["mounts"].items():
+        print(f"\nmounts of tenant {tenant!r}: " + ("ok" if not problems else f"{len(problems)} problem(s)"))
+        for problem in problems:
+            print(f"   {problem}")
+        for path in report["unreadable_inside"].get(tenant, []):
+            print(f"   note: the workers cannot read {path} (a run that opens it gets PermissionError)")
+    return EXIT_RUN_FAILED if failed else 0
+
+
+def _mount_report(tenants: dict[str, Policy]) -> dict[str, list[str]]:
+    """Tenant -> what is wrong with its mounts here (the check Sandbox start makes), for tenants with mounts."""
+    root = os.geteuid() == 0
+    return {
+        name: [str(problem) for problem in mount_problems(name, policy, root)]
+        for name, policy in tenants.items()
+        if policy.mounts
+    }
 
 
 async def _probe_here() -> dict[str, Any]:

@@ -63,12 +63,23 @@ class MemoryLimitExceeded(SandboxError):
 class OutputLimitExceeded(SandboxError):
     """Captured output passed ``max_output_bytes`` (``variable`` is None; the
     captured head is kept), or an output variable passed ``max_result_bytes``
-    (``variable`` names it)."""
+    (``variable`` names it), or the files a run left passed ``max_out_files``
+    or ``max_out_files_bytes``. ``limit`` names the policy field, and
+    ``limit_bytes`` holds its value (a count for ``max_out_files``)."""
 
-    def __init__(self, message: str, *, limit_bytes: int, variable: str | None = None, **captured: str) -> None:
+    def __init__(
+        self,
+        message: str,
+        *,
+        limit_bytes: int,
+        variable: str | None = None,
+        limit: str | None = None,
+        **captured: str,
+    ) -> None:
         super().__init__(message, **captured)
         self.limit_bytes = limit_bytes
         self.variable = variable
+        self.limit = limit
 
 
 class PolicyViolation(SandboxError):
@@ -163,3 +174,17 @@ class ConfinementUnavailable(SandboxError):
         super().__init__(message)
         self.layer = layer
         self.reason = reason
+
+
+class MountError(SandboxError):
+    """A tenant's ``mounts`` cannot be given to its workers; the Sandbox refuses to start.
+
+    ``tenant``, ``field`` (``mounts[i].source`` or ``mounts[i].target``) and
+    ``path`` say which entry, and the message says what to change.
+    """
+
+    def __init__(self, message: str, *, tenant: str, field: str, path: str) -> None:
+        super().__init__(message)
+        self.tenant = tenant
+        self.field = field
+        self.path = path

@@ -33,6 +33,7 @@ class Job:
         "allow_await",
         "code",
         "filename",
+        "files",
         "future",
         "inputs",
         "observer",
@@ -53,6 +54,7 @@ class Job:
         wall_time_s: float,
         future: asyncio.Future[Completed],
         observer: OutputObserver | None = None,
+        files: dict[str, bytes] | None = None,
     ) -> None:
         self.tenant = tenant
         self.code = code
@@ -62,6 +64,7 @@ class Job:
         self.wall_time_s = wall_time_s
         self.future = future
         self.observer = observer
+        self.files = files or {}  # relative path -> bytes, already checked by sandbox.files
         self.seq = next(_sequence)  # FIFO order across tenants, for fair-share ties
         self.started_at: float | None = None
         self.on_start: Callable[[], object] | None = None  # called once, when a worker takes the run

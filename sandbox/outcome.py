@@ -65,7 +65,9 @@ async def to_result(completed: Completed, profile: TenantProfile) -> Result:
         worker_pid=completed.worker_pid,
         tenant=profile.name,
     )
-    return Result(outputs, completed.stdout, completed.stderr, dict(reply.skipped), stats)
+    return Result(
+        outputs, completed.stdout, completed.stderr, dict(reply.skipped), stats, reply.files, reply.skipped_files
+    )
 
 
 @functools.lru_cache(maxsize=64)
@@ -96,8 +98,19 @@ def _reported_error(reply: wire.Reply, profile: TenantProfile, **captured: str) 
             f"{message}; return less data or raise the limit",
             limit_bytes=policy.max_result_bytes,
             variable=detail or None,
+            limit="max_result_bytes" if detail else "max_reply_bytes",
             **captured,
         )
+    if reply.status == wire.FILES_LIMIT:
+        limit = "max_out_files" if detail == "max_out_files" else "max_out_files_bytes"
+        return OutputLimitExceeded(
+            f"{message}; leave fewer or smaller files in ./out/ or raise {limit}",
+            limit_bytes=policy.max_out_files_bytes if limit == "max_out_files_bytes" else policy.max_out_files,
+            limit=limit,
+            **captured,
+        )
+    if detail.startswith("files["):
+        return InputError(message, **captured)
     return InputError(f"input {detail!r} could not be loaded in the worker: {message}", **captured)
 
 
@@ -136,6 +149,7 @@ def output_overflow(limit: int, stdout: str, stderr: str) -> OutputLimitExceeded
         f"run wrote more than the {limit} bytes of stdout and stderr its policy allows (max_output_bytes); "
         f"the first {limit} bytes are kept",
         limit_bytes=limit,
+        limit="max_output_bytes",
         stdout=stdout,
         stderr=stderr,
     )

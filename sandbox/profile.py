@@ -22,6 +22,7 @@ from sandbox.egress import rules_of
 from sandbox.errors import ConfinementUnavailable
 from sandbox.policies.egress import EgressRule
 from sandbox.policies.model import EGRESS_LAYERS, LAYERS, Policy
+from sandbox.runtime import wire
 from sandbox.seccomp import build_filter
 from sandbox.zygote import NATIVE_THREAD_VARIABLES, USERNS_INSIDE_ID
 
@@ -34,6 +35,9 @@ _EGRESS_ETC_FILES = ["ssl", "ca-certificates", "gai.conf", "services", "protocol
 # Root mode gives each worker its own uid and gid from this range.
 UID_BASE = 1_600_000_000
 UID_SPAN = 1_000_000
+# As root, every worker of a tenant with mounts also holds this group: the
+# one name an operator grants mounted files to (README, "Host mounts").
+MOUNT_GID = UID_BASE - 1
 _STACK_BYTES = 8 * MiB
 _FRAME_HEADROOM = 1 * MiB  # names, labels and reasons on top of the values themselves
 MAX_ERROR_TEXT_BYTES = 64 * 1024
@@ -66,7 +70,7 @@ class TenantProfile:
 
     @property
     def max_frame_bytes(self) -> int:
-        return self.policy.max_reply_bytes + _FRAME_HEADROOM
+        return max_frame_bytes(self.policy)
 
     def worker_config(self, worker_id: int, *, session: bool = False) -> dict[str, Any]:
         """The zygote config of one worker: the template plus its own ids.
@@ -110,6 +114,13 @@ def build_profile(name: str, policy: Policy, host: HostSupport) -> TenantProfile
     if egress:
         _check_egress(name, host)
         required |= frozenset(EGRESS_LAYERS)
+    if policy.mounts:
+        if "mountns" not in applicable:
+            reason = host.layers.get("mountns", "off: skipped by skip_layers")
+            raise ConfinementUnavailable(
+                f"tenant {name!r} has mounts, which need layer 'mountns' ({reason})", layer="mountns", reason=reason
+            )
+        required |= {"mountns"}  # a worker without its own view would run without its mounts
     missing = sorted(required - host.supported, key=LAYERS.index)
     if missing:
         details = "; ".join(f"{layer}: {host.layers.get(layer, 'off: unknown layer')}" for layer in missing)
@@ -133,7 +144,8 @@ def build_profile(name: str, policy: Policy, host: HostSupport) -> TenantProfile
         "userns_id": USERNS_INSIDE_ID,
         "network": policy.network,
         "readonly": policy.filesystem == "readonly",
-        "extra_readonly_paths": list(policy.readonly_paths),
+        "mounts": [(m.source, m.target, m.writable) for m in policy.mounts],
+        "groups": [MOUNT_GID] if policy.mounts and host.root else [],
         "etc_files": _ETC_FILES + (_NETWORK_ETC_FILES if policy.network else _EGRESS_ETC_FILES if egress else []),
         "scratch_bytes": scratch_bytes(policy),
         "rlimits": _rlimits(policy, host.root),
@@ -145,7 +157,9 @@ def build_profile(name: str, policy: Policy, host: HostSupport) -> TenantProfile
             "removed_builtins": list(policy.removed_builtins),
             "max_result_bytes": policy.max_result_bytes,
             "max_reply_bytes": policy.max_reply_bytes,
-            "max_frame_bytes": policy.max_reply_bytes + _FRAME_HEADROOM,
+            "max_frame_bytes": max_frame_bytes(policy),
+            "max_out_files": policy.max_out_files,
+            "max_out_files_bytes": policy.max_out_files_bytes,
             "max_error_text_bytes": MAX_ERROR_TEXT_BYTES // 2,
             "allow_processes": policy.allow_processes,
             "network": policy.network,
@@ -182,6 +196,12 @@ def native_thread_env(max_threads: int) -> dict[str, str]:
     """
     threads = str(max(1, min(max_threads, os.cpu_count() or 1)))
     return dict.fromkeys(NATIVE_THREAD_VARIABLES, threads)
+
+
+def max_frame_bytes(policy: Policy) -> int:
+    """The largest reply a worker may send: all outputs, all files, and each file's path and reason."""
+    per_file = 2 * (wire.MAX_PATH_BYTES + wire.MAX_LABEL_BYTES)
+    return policy.max_reply_bytes + policy.max_out_files_bytes + policy.max_out_files * per_file + _FRAME_HEADROOM
 
 
 def scratch_bytes(policy: Policy) -> int:

@@ -9,7 +9,7 @@ holds only decoded inert data and ``Opaque`` handles.
 from __future__ import annotations
 
 import socket
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 # Read once: a run's stats name the host it ran on without a system call per run.
 _HOST_NAME = socket.gethostname()
@@ -44,7 +44,13 @@ class Result:
     ``outputs`` maps each variable the code bound to its value (inert data
     decoded, everything else as ``Opaque``); ``skipped`` maps each variable
     that was not exported to the reason; ``stdout``/``stderr`` are what the
-    run printed.
+    run printed. ``files`` holds every regular file the run left under
+    ``./out/`` (keyed by its path relative to ``out/``) and every input file
+    outside ``out/`` whose content it changed (keyed by its path in
+    ``files=``); ``skipped_files`` maps each entry there that was not read
+    (a symbolic link, FIFO, socket or device) to the reason. Their paths are
+    checked relative paths, but still the worker's words: write them with
+    ``sandbox.files.write_files``, never by joining them yourself.
     """
 
     outputs: dict[str, object]
@@ -52,3 +58,5 @@ class Result:
     stderr: str
     skipped: dict[str, str]
     stats: RunStats
+    files: dict[str, bytes] = field(default_factory=dict)
+    skipped_files: dict[str, str] = field(default_factory=dict)

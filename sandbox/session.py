@@ -94,9 +94,14 @@ class Session:
         *,
         timeout: float | None = None,
         filename: str = "<code>",
+        files: Mapping[str, bytes] | None = None,
     ) -> Result:
-        """Run ``code`` in the session's namespace, after the runs submitted before it."""
-        return await self._run(code, inputs, timeout, filename, None)
+        """Run ``code`` in the session's namespace, after the runs submitted before it.
+
+        ``files`` are written as for ``Sandbox.run``, replacing files of the
+        same name; ./out/ keeps what earlier runs left there, so each
+        ``Result.files`` holds all of it."""
+        return await self._run(code, inputs, timeout, filename, None, files)
 
     def stream(
         self,
@@ -105,13 +110,14 @@ class Session:
         *,
         timeout: float | None = None,
         filename: str = "<code>",
+        files: Mapping[str, bytes] | None = None,
     ) -> RunStream:
         """``run`` with its output delivered as written (see ``Sandbox.stream``); submitted when the loop starts.
 
         Leaving the loop early cancels the run, which kills the session's
         worker and so ends the session.
         """
-        return RunStream(lambda observer: self._run(code, inputs, timeout, filename, observer))
+        return RunStream(lambda observer: self._run(code, inputs, timeout, filename, observer, files))
 
     async def _run(
         self,
@@ -120,6 +126,7 @@ class Session:
         timeout: float | None,
         filename: str,
         observer: OutputObserver | None,
+        files: Mapping[str, bytes] | None = None,
     ) -> Result:
         self._raise_if_over()
         queued = self._waiting - (1 if self._job is not None else 0)  # the run in flight is not waiting
@@ -133,7 +140,9 @@ class Session:
                 self._raise_if_over()
                 worker = self._worker
                 assert worker is not None
-                profile, job = self._sandbox._new_job(code, inputs, self.tenant, timeout, True, filename, observer)
+                profile, job = self._sandbox._new_job(
+                    code, inputs, self.tenant, timeout, True, filename, observer, files
+                )
                 self._job, self._job_number = job, number
                 try:
                     return await self._sandbox._run_dedicated(worker, profile, job)

@@ -36,9 +36,11 @@ import psutil
 from sandbox import leftovers, outcome, values
 from sandbox.cgroups import CgroupParents
 from sandbox.errors import InputError, QuotaExceeded, SandboxClosed, SandboxError
+from sandbox.files import check_files
 from sandbox.inputs import encode_inputs
 from sandbox.job import Job, OutputObserver
 from sandbox.layers import probe
+from sandbox.mounts import check_mounts
 from sandbox.policies.model import Policy
 from sandbox.pool import Pool
 from sandbox.profile import HostSupport, TenantProfile, build_profile
@@ -136,6 +138,8 @@ class Sandbox:
                 self._profiles = {
                     name: build_profile(name, policy, self.host) for name, policy in self.policies.items()
                 }
+                for name, policy in self.policies.items():
+                    check_mounts(name, policy, self.host.root)
                 allowed = [pattern for policy in self.policies.values() for pattern in policy.allowed_modules]
                 await asyncio.to_thread(values.preload, allowed)
             except BaseException:
@@ -200,14 +204,18 @@ class Sandbox:
         tenant: str = DEFAULT_TENANT,
         timeout: float | None = None,
         filename: str = "<code>",
+        files: Mapping[str, bytes] | None = None,
     ) -> Result:
         """Run ``code`` with ``inputs`` bound as variables; return its outputs.
 
         ``timeout`` may shorten the tenant's ``wall_time_s``, never extend it.
         ``filename`` is what tracebacks call the code (a file's name, say).
-        Raises a ``SandboxError`` subclass for every way a run can fail.
+        ``files`` maps relative paths to bytes written under the run's working
+        directory before it starts; what it leaves in ``./out/`` comes back in
+        ``Result.files`` (see README, "Files for one run"). Raises a
+        ``SandboxError`` subclass for every way a run can fail.
         """
-        return await self.execute(code, inputs, tenant=tenant, timeout=timeout, filename=filename)
+        return await self.execute(code, inputs, tenant=tenant, timeout=timeout, filename=filename, files=files)
 
     def stream(
         self,
@@ -217,6 +225,7 @@ class Sandbox:
         tenant: str = DEFAULT_TENANT,
         timeout: float | None = None,
         filename: str = "<code>",
+        files: Mapping[str, bytes] | None = None,
     ) -> RunStream:
         """``run``, with its output delivered as it is written: ``async for out in sb.stream(code)``.
 
@@ -226,7 +235,7 @@ class Sandbox:
         """
         return RunStream(
             lambda observer: self.execute(
-                code, inputs, tenant=tenant, timeout=timeout, filename=filename, observer=observer
+                code, inputs, tenant=tenant, timeout=timeout, filename=filename, observer=observer, files=files
             )
         )
 
@@ -250,12 +259,13 @@ class Sandbox:
         filename: str = "<code>",
         observer: OutputObserver | None = None,
         on_start: Callable[[], object] | None = None,
+        files: Mapping[str, bytes] | None = None,
     ) -> Result:
         """``run`` with the knobs workflows, streams and the HTTP service need:
         sync-only code, a named filename, an observer of the output as it is
         written, and ``on_start``, called once when a worker takes the run (a
         polled run reports ``queued`` until then)."""
-        profile, job = self._new_job(code, inputs, tenant, timeout, allow_await, filename, observer)
+        profile, job = self._new_job(code, inputs, tenant, timeout, allow_await, filename, observer, files)
         job.on_start = on_start
         self._scheduler.admit(job)
         job.future.add_done_callback(lambda _: self._job_done(job))
@@ -283,6 +293,7 @@ class Sandbox:
         allow_await: bool,
         filename: str,
         observer: OutputObserver | None,
+        files: Mapping[str, bytes] | None = None,
     ) -> tuple[TenantProfile, Job]:
         profile = self._profile(tenant)
         if not isinstance(code, str):
@@ -293,7 +304,8 @@ class Sandbox:
                 raise InputError(f"timeout must be a positive number of seconds, not {timeout!r}")
             wall = min(wall, timeout)
         future = self._loop.create_future()
-        return profile, Job(tenant, code, encode_inputs(inputs), allow_await, filename, wall, future, observer)
+        checked = check_files(files, profile.policy)
+        return profile, Job(tenant, code, encode_inputs(inputs), allow_await, filename, wall, future, observer, checked)
 
     async def run_workflow(
         self,

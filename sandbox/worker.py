@@ -185,7 +185,7 @@ class WorkerProcess:
         self._captured_bytes = 0
         self._decoders = (_UTF8("replace"), _UTF8("replace"))
         request = wire.run_request(
-            self._token, job.code, job.inputs, job.allow_await, job.filename, self.profile.policy.cpu_time_s
+            self._token, job.code, job.inputs, job.allow_await, job.filename, self.profile.policy.cpu_time_s, job.files
         )
         job.started_at = self._loop.time()
         self._timer = self._loop.call_at(job.started_at + job.wall_time_s, self._on_wall_timeout)
@@ -289,7 +289,14 @@ class WorkerProcess:
             if self.state is State.STARTING and self._hello is not None and not self._hello.done():
                 self._hello.set_result(wire.decode_hello(payload))
             elif self.state is State.BUSY:
-                reply = wire.decode_reply(payload, self.profile.policy.max_result_bytes, MAX_ERROR_TEXT_BYTES)
+                policy = self.profile.policy
+                reply = wire.decode_reply(
+                    payload,
+                    policy.max_result_bytes,
+                    MAX_ERROR_TEXT_BYTES,
+                    policy.max_out_files,
+                    policy.max_out_files_bytes,
+                )
                 if not hmac.compare_digest(reply.token, self._token):
                     raise wire.ProtocolError("its reply carries the wrong token")
                 self._finish(reply)

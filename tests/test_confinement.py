@@ -281,8 +281,8 @@ async def test_without_a_mount_namespace_the_scratch_is_a_private_host_directory
         )
         cwd = first.outputs["cwd"]
         assert cwd.startswith("/tmp/sandbox-w") and os.path.isdir(cwd)
-        second = await sandbox.run("import os\nleft = os.listdir('.')")
-        assert second.outputs["left"] == []
+        second = await sandbox.run("import os\nleft = os.listdir('.')\nout = os.listdir('out')")
+        assert second.outputs["left"] == ["out"] and second.outputs["out"] == []  # ./out/, made again, empty
         assert first.stats.worker_pid == second.stats.worker_pid
     deadline = asyncio.get_running_loop().time() + 3
     while os.path.exists(cwd) and asyncio.get_running_loop().time() < deadline:

@@ -33,7 +33,11 @@ def test_unknown_fields_are_rejected_by_name():
         ("allowed_modules", ["json", "not a module"], "'not a module'"),
         ("denied_modules", ["os.*.x"], "'os.*.x'"),
         ("env", ["OK_NAME", "BAD-NAME"], "'BAD-NAME'"),
-        ("readonly_paths", ["relative/path"], "'relative/path'"),
+        ("mounts", [{"source": "relative/path", "target": "/data"}], "'relative/path'"),
+        ("mounts", [{"source": "/srv", "target": "/data/../etc"}], "'..'"),
+        ("mounts", [{"source": "/a", "target": "/data"}, {"source": "/b", "target": "/data/"}], "two mounts on one"),
+        ("mounts", [{"source": "/a", "target": "/data"}, {"source": "/b", "target": "/data/x"}], "lies inside"),
+        ("mounts", [{"source": "/a", "target": "/data", "mode": "rw"}], "mode"),
         ("removed_builtins", ["__import__"], "'__import__'"),
         ("required_layers", ["seccomp", "teleport"], "teleport"),
         ("filesystem", "everything", "scratch"),
@@ -47,6 +51,33 @@ def test_validators_name_the_field_and_the_bad_value(field, value, fragment):
     assert fragment in str(info.value)
 
 
+def test_readonly_paths_is_refused_with_the_mounts_line_that_replaces_it(tmp_path):
+    with pytest.raises(
+        pydantic.ValidationError, match=r'write mounts = \[\{source = "/srv/data", target = "/srv/data"\}'
+    ):
+        Policy(readonly_paths=["/srv/data"])
+    policy_file = tmp_path / "old.toml"
+    policy_file.write_text('[tenants.old]\nreadonly_paths = ["/opt/models"]\n')
+    with pytest.raises(PolicyFileError, match=r"tenant 'old'.*readonly_paths was replaced by mounts"):
+        load_policies(policy_file)
+
+
+def test_mounts_read_from_toml_as_the_issue_writes_them(tmp_path):
+    policy_file = tmp_path / "mounts.toml"
+    policy_file.write_text(
+        "[tenants.etl]\n"
+        'mounts = [{source = "/srv/data", target = "/data"}, '
+        '{source = "/srv/out", target = "/output", writable = true}]\n'
+    )
+    mounts = load_policies(policy_file)["etl"].mounts
+    assert [(m.source, m.target, m.writable) for m in mounts] == [
+        ("/srv/data", "/data", False),
+        ("/srv/out", "/output", True),
+    ]
+    with pytest.raises(pydantic.ValidationError, match="allows no writable mount"):
+        Policy(filesystem="readonly", mounts=mounts)
+
+
 def test_reply_limit_must_cover_one_result():
     with pytest.raises(pydantic.ValidationError, match="max_reply_bytes must be at least max_result_bytes"):
         Policy(max_result_bytes=10_000, max_reply_bytes=5_000)
@@ -55,7 +86,8 @@ def test_reply_limit_must_cover_one_result():
 def test_defaults_are_the_safe_ones():
     p = Policy()
     assert p.network is False and p.allow_processes is False and p.required_layers == "auto"
-    assert p.filesystem == "scratch" and p.env == [] and p.readonly_paths == []
+    assert p.filesystem == "scratch" and p.env == [] and p.mounts == []
+    assert p.max_out_files == 100 and p.max_out_files_bytes == 16 * 1024 * 1024
     for module in (
         "os",
         "sys",

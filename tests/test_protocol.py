@@ -21,6 +21,7 @@ import pytest
 import pytest_asyncio
 
 from sandbox import CodeError, Opaque, PolicyViolation, Sandbox, SandboxError, WorkerCrashed
+from sandbox.profile import max_frame_bytes
 from sandbox.runtime import wire
 from tests.conftest import HOSTILE, quick_policy
 from tests.test_snapshot import BOMBS, HUGE_MEMO_INDEX, RunsACommand
@@ -36,6 +37,8 @@ LATE_REPLY_S = 0.3  # time for a forging run's own, late, reply to reach the hos
 
 # The documented reply layout, rebuilt here independently of the encoder.
 HEAD = struct.Struct("<B16sBdQdBIII")
+MAX_FILES = 4
+MAX_FILES_BYTES = 64
 TOKEN = bytes(range(16))
 MAX_VALUE = 1000
 MAX_TEXT = 500
@@ -54,9 +57,10 @@ FORGER = textwrap.dedent("""
             frame = frame.f_back
         raise LookupError("no token on the stack")
 
-    def _reply(outputs, token=None, cpu_s=0.0):
+    def _reply(outputs, token=None, cpu_s=0.0, files=None):
         w = sys.modules["sandbox.runtime.wire"]
-        return w.frame(w.encode_reply(w.Reply(token or _token(), w.OK, cpu_s, 0, 0.0, False, outputs, {}, None)))
+        reply = w.Reply(token or _token(), w.OK, cpu_s, 0, 0.0, False, outputs, {}, None, files or {})
+        return w.frame(w.encode_reply(reply))
 """)
 
 
@@ -82,16 +86,23 @@ def _payload(
     worker_cpu_s: float = 1.0,
     retire: int = 0,
     counts: tuple[int, int, int] | None = None,
+    files: tuple = (),
+    skipped_files: tuple = (),
 ) -> bytes:
-    """A reply payload from raw byte fields: (name, label, blob), (name, reason), error texts."""
+    """A reply payload from raw byte fields: (name, label, blob), (name, reason), error texts,
+    then the files section: (path, data), (path, reason)."""
     n_outputs, n_skipped, n_error = counts or (len(outputs), len(skipped), len(error))
     head = HEAD.pack(kind, TOKEN, status, cpu_s, 1 << 20, worker_cpu_s, retire, n_outputs, n_skipped, n_error)
     fields = [part for group in (*outputs, *skipped) for part in group] + list(error)
-    return head + b"".join(_field(part) for part in fields)
+    files_head = struct.pack("<II", len(files), len(skipped_files))
+    file_fields = [part for group in (*files, *skipped_files) for part in group]
+    return (
+        head + b"".join(_field(part) for part in fields) + files_head + b"".join(_field(part) for part in file_fields)
+    )
 
 
-def _decode(payload: bytes) -> wire.Reply:
-    return wire.decode_reply(payload, MAX_VALUE, MAX_TEXT)
+def _decode(payload: bytes, max_files: int = MAX_FILES, max_files_bytes: int = MAX_FILES_BYTES) -> wire.Reply:
+    return wire.decode_reply(payload, MAX_VALUE, MAX_TEXT, max_files, max_files_bytes)
 
 
 def _refused(payload: bytes) -> str:
@@ -120,6 +131,32 @@ def test_well_formed_replies_decode_to_what_the_encoder_wrote():
     failed = wire.Reply(TOKEN, wire.OUTPUT_LIMIT, 0.0, 0, 0.0, False, [], {}, ("T", "message", "tb", "x"))
     assert _decode(wire.encode_reply(failed)) == failed
     assert _decode(OK_REPLY).outputs == [("a", "int", b"\x01\x02"), ("b", "list", b"")]
+
+
+def test_the_files_section_round_trips_within_its_limits():
+    reply = wire.Reply(TOKEN, wire.OK, 0.0, 0, 0.0, False, [], {}, None, {"a/b.txt": b"x" * 10}, {"f": "FIFO"})
+    assert _decode(wire.encode_reply(reply)) == reply
+    with_files = _payload(files=((b"a", b"1"), (b"b", b"2")), skipped_files=((b"c", b"socket (never read)"),))
+    assert _decode(with_files).files == {"a": b"1", "b": b"2"}
+
+
+@pytest.mark.parametrize(
+    "payload, fragment",
+    [
+        (_payload(files=((b"../../etc/x", b""),)), "climbs with '..'"),
+        (_payload(files=((b"/etc/passwd", b""),)), "is absolute"),
+        (_payload(files=((b"a//b", b""),)), "malformed"),
+        (_payload(skipped_files=((b"./x", b"FIFO"),)), "malformed"),
+        (_payload(files=((b"a", b""), (b"a", b""))), "reply names file 'a' twice"),
+        (_payload(skipped_files=((b"a", b"FIFO"), (b"a", b"FIFO"))), "reply names skipped file 'a' twice"),
+        (_payload(files=tuple((str(i).encode(), b"") for i in range(MAX_FILES + 1))), "file entries, over the limit"),
+        (_payload(files=((b"a", b"x" * 40), (b"b", b"x" * 40))), "exceeds its limit"),
+        (_payload(status=wire.CODE_ERROR, error=(b"E", b"m", b"", b""), files=((b"a", b""),)), "cannot carry files"),
+    ],
+    ids=["climbs", "absolute", "empty_part", "dot", "twice", "twice_skipped", "count", "bytes", "failed_run"],
+)
+def test_a_files_section_past_its_rules_is_refused(payload, fragment):
+    assert fragment in _refused(payload)
 
 
 @pytest.mark.parametrize("payload", [OK_REPLY, FAILED_REPLY], ids=["ok", "failed"])
@@ -270,8 +307,8 @@ VIOLATIONS = {
     "short": ('os.write(3, b"\\x05\\x00\\x00\\x00hello")', "reply shorter than its header"),
     "oversized": ('os.write(3, b"\\xff\\xff\\xff\\xff")', "it announced a frame of 4294967295 bytes"),
     "over_policy_frame_limit": (
-        f'os.write(3, ({OPEN_POLICY.max_reply_bytes + 2 * MiB}).to_bytes(4, "little"))',
-        f"a frame of {OPEN_POLICY.max_reply_bytes + 2 * MiB} bytes, over the limit of",
+        f'os.write(3, ({max_frame_bytes(OPEN_POLICY) + 1}).to_bytes(4, "little"))',
+        f"a frame of {max_frame_bytes(OPEN_POLICY) + 1} bytes, over the limit of",
     ),
     "truncated": ('os.write(3, (64).to_bytes(4, "little") + b"x" * 10)', "unexpected frame kind 120"),
     "hello_again": (
@@ -282,6 +319,18 @@ VIOLATIONS = {
     "name_twice": ('os.write(3, _reply([("a", "int", b""), ("a", "int", b"")]))', "reply names variable 'a' twice"),
     "value_over_cap": (f'os.write(3, _reply([("a", "bytes", b"x" * {4 * MiB + 1})]))', "exceeds its limit"),
     "nan_cpu_time": ('os.write(3, _reply([], cpu_s=float("nan")))', "CPU time"),
+    # Paths a hostile worker names for Result.files: refused before anything on the host sees them.
+    "file_path_climbs": ('os.write(3, _reply([], files={"../../etc/x": b"x"}))', "climbs with '..'"),
+    "file_path_absolute": ('os.write(3, _reply([], files={"/etc/x": b"x"}))', "is absolute"),
+    "file_path_nul": ('os.write(3, _reply([], files={"a\\0b": b"x"}))', "malformed"),
+    "files_over_count": (
+        f"os.write(3, _reply([], files={{str(i): b'' for i in range({OPEN_POLICY.max_out_files + 1})}}))",
+        f"over the limit of {OPEN_POLICY.max_out_files}",
+    ),
+    "files_over_bytes": (
+        f'os.write(3, _reply([], files={{"a": b"x" * {OPEN_POLICY.max_out_files_bytes + 1}}}))',
+        "exceeds its limit",
+    ),
 }
 
 

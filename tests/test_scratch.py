@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 
 from sandbox.runtime.confine import Scratch, ScratchDir
+from sandbox.runtime.files import OUT_DIR
 from sandbox.runtime.worker import _empty_scratch
 
 
@@ -28,7 +29,8 @@ def test_only_entries_created_since_confinement_are_removed(tmp_path):
     (tmp_path / "nested").mkdir()
     (tmp_path / "nested" / "deep.txt").write_text("y")
     assert _empty_scratch(scratch) is False
-    assert sorted(os.listdir(tmp_path)) == ["kept-mount-point"]
+    assert sorted(os.listdir(tmp_path)) == ["kept-mount-point", OUT_DIR]  # ./out/ is made again, empty
+    assert os.listdir(tmp_path / OUT_DIR) == []
 
 
 def test_a_directory_on_another_device_than_recorded_is_left_alone(tmp_path):
@@ -48,4 +50,19 @@ def test_symlinks_are_removed_not_followed(tmp_path):
     scratch = _pinned(space)
     (space / "link").symlink_to(outside)
     assert _empty_scratch(scratch) is False
-    assert os.listdir(space) == [] and (outside / "precious.txt").read_text() == "keep me"
+    assert os.listdir(space) == [OUT_DIR] and (outside / "precious.txt").read_text() == "keep me"
+
+
+def test_a_file_made_where_out_was_is_found_though_the_inode_count_did_not_grow(tmp_path):
+    """./out/ is the one entry a run can remove: a file in its place leaves the count as it was."""
+    space = tmp_path / "space"
+    space.mkdir()
+    (space / OUT_DIR).mkdir()
+    st = os.statvfs(space)
+    scratch = Scratch.of(str(space), (str(space),))
+    assert scratch.inodes_at_start == st.f_files - st.f_ffree
+    (space / OUT_DIR).rmdir()
+    (space / "left-behind.txt").write_text("secret of the last run")
+    scratch.inodes_at_start = 10**12  # as if the count had not grown, whatever else shares this file system
+    assert _empty_scratch(scratch) is False
+    assert os.listdir(space) == [OUT_DIR]

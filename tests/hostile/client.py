@@ -20,6 +20,7 @@ the checkout itself may be private.
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import secrets
@@ -352,13 +353,16 @@ class HarnessProcess:
         probe_concurrently: bool = False,
         check_tenant: str | None = None,
         inspect_scratch: bool = False,
+        files: dict[str, bytes] | None = None,
     ) -> dict:
-        """Run ``code`` in the harness; the answer is described in ``Harness.run``."""
+        """Run ``code`` in the harness; the answer is described in ``Harness.run``
+        (its ``files`` are base64, as ``files`` here travel)."""
         answer = self.request(
             {
                 "op": "run",
                 "code": code,
                 "inputs": inputs or {},
+                "files": {path: base64.b64encode(data).decode() for path, data in (files or {}).items()},
                 "tenant": tenant,
                 "probe_concurrently": probe_concurrently,
                 "check_tenant": check_tenant,

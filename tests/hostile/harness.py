@@ -16,7 +16,7 @@ imported from there). ``CONFIG_JSON`` is
 Each line on stdin is one JSON request and gets one JSON line on stdout:
 
 * ``{"op": "info"}``: the harness's uid and the Sandbox's layers;
-* ``{"op": "run", "code": ..., "inputs": {...}, "tenant": ..., "probe_concurrently": bool,
+* ``{"op": "run", "code": ..., "inputs": {...}, "files": {path: base64}, "tenant": ..., "probe_concurrently": bool,
   "check_tenant": name or null, "inspect_scratch": bool}``: one run, then every check of the host; see
   :meth:`Harness.run` for the fields of the answer.
 """
@@ -24,6 +24,7 @@ Each line on stdin is one JSON request and gets one JSON line on stdout:
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 import os
 import resource
@@ -186,7 +187,10 @@ class Harness:
         started_wall = time.time()
         self.lag.reset()
         start = loop.time()
-        task = loop.create_task(self.sandbox.run(request["code"], request.get("inputs") or {}, tenant=tenant))
+        files = {path: base64.b64decode(data) for path, data in (request.get("files") or {}).items()}
+        task = loop.create_task(
+            self.sandbox.run(request["code"], request.get("inputs") or {}, tenant=tenant, files=files)
+        )
         probe = None
         if request.get("probe_concurrently"):
             await asyncio.sleep(_PROBE_DELAY_S)
@@ -379,6 +383,8 @@ def _describe_result(result: Result) -> dict:
         "stderr": result.stderr,
         "outputs": {name: _describe_value(value) for name, value in result.outputs.items()},
         "skipped": dict(result.skipped),
+        "files": {path: base64.b64encode(data).decode() for path, data in result.files.items()},
+        "skipped_files": dict(result.skipped_files),
     }
 
 
@@ -396,6 +402,8 @@ def _describe_error(exc: SandboxError) -> dict:
         "stderr": exc.stderr,
         "outputs": {},
         "skipped": {},
+        "files": {},
+        "skipped_files": {},
     }
 
 
