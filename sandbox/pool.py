@@ -1,7 +1,7 @@
 """The worker processes, bound to tenants on demand: running slots and warm ones.
 
-Owns: how many workers may run at once (``slots``: busy workers plus those
-starting on a run's behalf, never more), which tenant each worker belongs
+Owns: how many workers may run at once (``slots``: busy workers, never
+more) and start at once on runs' behalf (as many again), which tenant each worker belongs
 to, which are idle, and how many idle ("warm") workers are kept: at most
 ``max_idle`` and ``idle_memory_bytes`` of their private memory in all,
 the least recently used retired first. Also spawning through the zygote
@@ -63,6 +63,7 @@ class Pool:
         # Every idle worker, least recently used first (a dict keeps insertion order).
         self._lru: dict[WorkerProcess, None] = {}
         self._idle_bytes = 0
+        self._typical_charge = 0
         self._starting: dict[str, int] = dict.fromkeys(profiles, 0)
         self._starting_for_runs = 0  # starts that hold a running slot
         self._spawn_tasks: set[asyncio.Task[None]] = set()
@@ -80,8 +81,23 @@ class Pool:
         return self._starting[tenant]
 
     def has_slot(self) -> bool:
-        """Whether one more worker may start running (or start on a run's behalf)."""
-        return len(self.running) + self._starting_for_runs < self.slots
+        """Whether one more run may start on an idle worker."""
+        return len(self.running) < self.slots
+
+    def may_start_for_run(self, *, first_of_tenant: bool) -> bool:
+        """Whether one more worker may start on a waiting run's behalf.
+
+        Into a free slot, always. Beyond it only the first worker of a
+        tenant that has none running or starting, and no more such starts
+        at once than there are slots: a start is mostly waiting (on the
+        zygote, on the kernel building namespaces), so it may overlap the
+        runs in the slots, which matters when every run needs a new worker
+        (more tenants than warm workers). A tenant whose workers are all
+        busy gets no extra one beyond the slots: they come free soon.
+        """
+        if len(self.running) + self._starting_for_runs < self.slots:
+            return True
+        return first_of_tenant and self._starting_for_runs < self.slots
 
     def has_warm_room(self) -> bool:
         """Whether one more worker could be kept warm without retiring another."""
@@ -104,8 +120,8 @@ class Pool:
     def spawn(self, tenant: str, *, for_run: bool = True) -> None:
         """Start a worker for ``tenant`` in the background; it counts at once.
 
-        ``for_run``: a run is waiting for it, so it holds a running slot
-        while it starts; a worker prepared ahead of need holds none.
+        ``for_run``: a run is waiting for it (see ``may_start_for_run``);
+        a worker prepared ahead of need is bounded by the warm budget only.
         """
         worker = WorkerProcess(next(self._ids), self._profiles[tenant], self)
         self.workers.add(worker)
@@ -170,8 +186,10 @@ class Pool:
         self._forget(worker)
 
     def _keep_idle(self, worker: WorkerProcess) -> None:
-        if worker.runs <= 1:  # after its start and after its first run (imports): then it stays put
-            worker.memory_charge = _private_bytes(worker.pid)
+        if worker.runs == 1:  # after its first run (imports); before it, the last worker's figure stands in
+            worker.memory_charge = self._typical_charge = _private_bytes(worker.pid)
+        elif worker.runs == 0:
+            worker.memory_charge = self._typical_charge
         self._idle[worker.tenant].append(worker)
         self._lru[worker] = None
         self._idle_bytes += worker.memory_charge

@@ -274,7 +274,7 @@ class Sandbox:
         if self._state != "open" or self._pool is None:
             return
         pool, scheduler = self._pool, self._scheduler
-        while pool.has_slot() and (tenant := scheduler.pick(self._can_serve)) is not None:
+        while (tenant := scheduler.pick(self._can_serve)) is not None:
             worker = pool.take_idle(tenant.name)
             if worker is None:
                 pool.spawn(tenant.name)
@@ -286,16 +286,18 @@ class Sandbox:
         pool.trim_idle()
 
     def _can_serve(self, tenant: TenantQueue) -> bool:
-        """Whether a run of ``tenant`` can start now on a free slot: on an idle
-        worker of its own, or on one started for it."""
+        """Whether a run of ``tenant`` can start now on an idle worker of its
+        own and a free slot, or a worker can start for it."""
         pool = self._pool
         if pool.has_idle(tenant.name):
-            return True
+            return pool.has_slot()
         starting = pool.starting(tenant.name)
         if len(tenant.queue) <= starting:
             return False  # workers already on their way will take these runs
         cap = tenant.policy.max_concurrency
-        return cap is None or tenant.in_flight + starting < cap
+        if cap is not None and tenant.in_flight + starting >= cap:
+            return False
+        return pool.may_start_for_run(first_of_tenant=tenant.in_flight + starting == 0)
 
     def _keep_spares(self) -> None:
         """An active fresh-process tenant gets workers started ahead of its next runs.
