@@ -65,7 +65,8 @@ class Pool:
         self._idle_bytes = 0
         self._typical_charge = 0
         self._starting: dict[str, int] = dict.fromkeys(profiles, 0)
-        self._starting_for_runs = 0  # starts that hold a running slot
+        self._starting_total = 0
+        self._starting_for_runs = 0  # starts on a waiting run's behalf
         self._spawn_tasks: set[asyncio.Task[None]] = set()
         self.last_spawn_error: BaseException | None = None
 
@@ -101,9 +102,7 @@ class Pool:
 
     def has_warm_room(self) -> bool:
         """Whether one more worker could be kept warm without retiring another."""
-        return len(self._lru) + sum(self._starting.values()) < self.max_idle and self._idle_bytes < (
-            self.idle_memory_bytes
-        )
+        return len(self._lru) + self._starting_total < self.max_idle and self._idle_bytes < self.idle_memory_bytes
 
     # --- actions -----------------------------------------------------------------
 
@@ -126,6 +125,7 @@ class Pool:
         worker = WorkerProcess(next(self._ids), self._profiles[tenant], self)
         self.workers.add(worker)
         self._starting[tenant] += 1
+        self._starting_total += 1
         self._starting_for_runs += for_run
         task = asyncio.get_running_loop().create_task(self._start(worker, for_run))
         self._spawn_tasks.add(task)
@@ -153,6 +153,7 @@ class Pool:
             self._keep_idle(worker)
         finally:
             self._starting[worker.tenant] -= 1
+            self._starting_total -= 1
             self._starting_for_runs -= for_run
         self._on_change()
 

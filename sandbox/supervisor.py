@@ -289,6 +289,7 @@ class Sandbox:
         """Whether a run of ``tenant`` can start now on an idle worker of its
         own and a free slot, or a worker can start for it."""
         pool = self._pool
+        assert pool is not None
         if pool.has_idle(tenant.name):
             return pool.has_slot()
         starting = pool.starting(tenant.name)
@@ -309,6 +310,7 @@ class Sandbox:
         retires them first when it is full if they are the least recently used.
         """
         pool = self._pool
+        assert pool is not None
         for tenant in self._fresh_tenants:
             if not tenant.active:
                 continue
