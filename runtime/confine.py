@@ -30,7 +30,7 @@ Order matters, and each step is placed where it is for a reason:
 5. landlock, which forbids mounts afterwards, so it comes after step 3.
 6. identity: a dedicated uid/gid when the zygote is real root, otherwise
    drop every capability of the user namespace.
-7. rlimits (soft = hard), then the seccomp filter last, because it denies
+7. rlimits (soft = hard), the lower CPU priority, then the seccomp filter last, because it denies
    the mount/unshare/setns calls the steps above make.
 """
 
@@ -168,7 +168,6 @@ def confine(config: dict, netns_fd: int | None, template_fd: int | None) -> tupl
     if wanted.get("pidns") and not config["pid_namespace"]:
         raise ConfinementFailed("pidns", "the zygote could not create PID namespaces")
     _raise_oom_score()
-    _yield_cpu_to_the_supervisor()
     attempt("cgroup", _cgroup_outcome, config.get("cgroup_error"))
     attempt("netns", _enter_netns, netns_fd, config["network"])
     attempt("ipcns", linux.unshare, linux.CLONE_NEWIPC | linux.CLONE_NEWUTS)
@@ -182,6 +181,7 @@ def confine(config: dict, netns_fd: int | None, template_fd: int | None) -> tupl
     attempt("landlock", _restrict_paths, report["mountns"] == "on", writable_mounts)
     attempt("identity", _drop_identity, config.get("uid"), config.get("gid"), config.get("groups", []))
     attempt("rlimits", _set_rlimits, config["rlimits"])
+    _yield_cpu_to_the_supervisor()
     attempt("seccomp", linux.load_seccomp_bpf, config.get("seccomp_bpf") or b"")
     return report, scratch
 
@@ -226,6 +226,11 @@ def _yield_cpu_to_the_supervisor() -> None:
     otherwise wait its turn behind spinning user code, and every other run's
     reply, timeout and new request would wait with it. Without CAP_SYS_NICE
     (never held past confinement) the worker cannot raise it back.
+
+    Lowered at the end of confinement, right before user code can run: the
+    start itself is the supervisor's own work, and at nice 10 on a busy
+    host it waited behind every other process, which made worker starts
+    several times slower there.
     """
     os.setpriority(os.PRIO_PROCESS, 0, WORKER_NICE)
 

@@ -1,11 +1,20 @@
-"""The bounded set of worker processes, bound to tenants on demand.
+"""The worker processes, bound to tenants on demand: running slots and warm ones.
 
-Owns: how many workers exist (never more than ``capacity``, counting those
-still starting), which tenant each belongs to, which are idle, spawning
-through the zygote (restarting it if it ever dies), retiring workers that
-asked for it or sat idle too long, or whose slot another tenant needs, and
-the workers dedicated to one owner (a session), which are never idle in the
-pool and never reused (``start_dedicated``/``retire_dedicated``).
+Owns: how many workers may run at once (``slots``: busy workers, never
+more) and start at once on runs' behalf (as many again), which tenant each worker belongs
+to, which are idle, and how many idle ("warm") workers are kept: at most
+``max_idle`` and ``idle_memory_bytes`` of their private memory in all,
+the least recently used retired first. Also spawning through the zygote
+(restarting it if it ever dies), retiring workers that asked for it or
+sat idle too long, and the workers dedicated to one owner (a session),
+which hold a running slot for the owner's life and are never idle in the
+pool nor reused (``start_dedicated``/``retire_dedicated``).
+
+Why two bounds: a running worker costs a CPU, an idle one only memory, and
+most of that memory is shared copy-on-write with the zygote. When one
+number bounded both, every tenant beyond the number of CPUs paid a worker
+start for each of its runs; with the two apart, a hundred tenants keep a
+warm worker each on two CPUs.
 
 Must never: give one tenant's worker to another tenant (a worker is
 confined for its tenant at birth, and its memory may hold that tenant's
@@ -24,18 +33,25 @@ from sandbox.profile import TenantProfile
 from sandbox.worker import Listener, WorkerProcess
 from sandbox.zygote import Zygote
 
+_PAGE = 4096
+
 
 class Pool:
     def __init__(
         self,
-        capacity: int,
+        slots: int,
         profiles: dict[str, TenantProfile],
         zygote: Zygote,
         zygote_factory: Callable[[], Awaitable[Zygote]],
         on_change: Callable[[], None],
         on_spawn_failed: Callable[[str, BaseException], None],
+        *,
+        max_idle: int,
+        idle_memory_bytes: int,
     ) -> None:
-        self.capacity = capacity
+        self.slots = slots
+        self.max_idle = max_idle
+        self.idle_memory_bytes = idle_memory_bytes
         self._profiles = profiles
         self._zygote = zygote
         self._zygote_factory = zygote_factory
@@ -44,9 +60,15 @@ class Pool:
         self._on_spawn_failed = on_spawn_failed
         self._ids = itertools.count(1)
         self.workers: set[WorkerProcess] = set()
+        self.running: set[WorkerProcess] = set()  # taken by a run (or a session) and not given back yet
         self._idle: dict[str, list[WorkerProcess]] = {name: [] for name in profiles}
+        # Every idle worker, least recently used first (a dict keeps insertion order).
+        self._lru: dict[WorkerProcess, None] = {}
+        self._idle_bytes = 0
+        self._typical_charge = 0
         self._starting: dict[str, int] = dict.fromkeys(profiles, 0)
-        self._held: dict[str, int] = dict.fromkeys(profiles, 0)
+        self._starting_total = 0
+        self._starting_for_runs = 0  # starts on a waiting run's behalf
         self._spawn_tasks: set[asyncio.Task[None]] = set()
         self._owners: dict[WorkerProcess, Listener] = {}  # dedicated workers and who they serve
         self.last_spawn_error: BaseException | None = None
@@ -62,38 +84,57 @@ class Pool:
     def starting(self, tenant: str) -> int:
         return self._starting[tenant]
 
-    def starting_anywhere(self) -> bool:
-        return any(self._starting.values())
+    def has_slot(self) -> bool:
+        """Whether one more run may start on an idle worker."""
+        return len(self.running) < self.slots
 
-    def has_room(self) -> bool:
-        return len(self.workers) < self.capacity
+    def may_start_for_run(self, *, first_of_tenant: bool) -> bool:
+        """Whether one more worker may start on a waiting run's behalf.
 
-    def held(self, tenant: str) -> int:
-        """Workers of ``tenant``, starting ones included."""
-        return self._held[tenant]
+        Into a free slot, always. Beyond it only the first worker of a
+        tenant that has none running or starting, and no more such starts
+        at once than there are slots: a start is mostly waiting (on the
+        zygote, on the kernel building namespaces), so it may overlap the
+        runs in the slots, which matters when every run needs a new worker
+        (more tenants than warm workers). A tenant whose workers are all
+        busy gets no extra one beyond the slots: they come free soon.
+        """
+        if len(self.running) + self._starting_for_runs < self.slots:
+            return True
+        return first_of_tenant and self._starting_for_runs < self.slots
+
+    def has_warm_room(self) -> bool:
+        """Whether one more worker could be kept warm without retiring another."""
+        return len(self._lru) + self._starting_total < self.max_idle and self._idle_bytes < self.idle_memory_bytes
 
     # --- actions -----------------------------------------------------------------
 
     def take_idle(self, tenant: str) -> WorkerProcess | None:
+        """An idle worker of ``tenant``, now counted as running until released or lost."""
         idle = self._idle[tenant]
-        return idle.pop() if idle else None  # most recently used: warmest caches
+        if not idle:
+            return None
+        worker = idle.pop()  # most recently used: warmest caches
+        self._forget_idle(worker)
+        self.running.add(worker)
+        return worker
 
-    def idle_victim(self, may_take: Callable[[WorkerProcess], bool]) -> WorkerProcess | None:
-        """The longest-idle worker that ``may_take`` accepts."""
-        candidates = [w for workers in self._idle.values() for w in workers if may_take(w)]
-        return min(candidates, key=lambda w: w.idle_since, default=None)
+    def spawn(self, tenant: str, *, for_run: bool = True) -> None:
+        """Start a worker for ``tenant`` in the background; it counts at once.
 
-    def spawn(self, tenant: str) -> None:
-        """Start a worker for ``tenant`` in the background; it counts at once."""
+        ``for_run``: a run is waiting for it (see ``may_start_for_run``);
+        a worker prepared ahead of need is bounded by the warm budget only.
+        """
         worker = WorkerProcess(next(self._ids), self._profiles[tenant], self)
         self.workers.add(worker)
-        self._held[tenant] += 1
         self._starting[tenant] += 1
-        task = asyncio.get_running_loop().create_task(self._start(worker))
+        self._starting_total += 1
+        self._starting_for_runs += for_run
+        task = asyncio.get_running_loop().create_task(self._start(worker, for_run))
         self._spawn_tasks.add(task)
         task.add_done_callback(self._spawn_tasks.discard)
 
-    async def _start(self, worker: WorkerProcess) -> None:
+    async def _start(self, worker: WorkerProcess, for_run: bool) -> None:
         try:
             zygote = await self._live_zygote()
             await worker.start(zygote)
@@ -108,9 +149,11 @@ class Pool:
             self.last_spawn_error = error
             self._on_spawn_failed(worker.tenant, error)
         else:
-            self._idle[worker.tenant].append(worker)
+            self._keep_idle(worker)
         finally:
             self._starting[worker.tenant] -= 1
+            self._starting_total -= 1
+            self._starting_for_runs -= for_run
         self._on_change()
 
     async def wait_started(self) -> None:
@@ -124,37 +167,60 @@ class Pool:
                 self._zygote = await self._zygote_factory()
             return self._zygote
 
+    def trim_idle(self) -> None:
+        """Retire least recently used idle workers until the warm budget holds.
+
+        Called after the supervisor has handed out the workers that runs
+        were waiting for, so a worker started for a run is never retired
+        before that run takes it.
+        """
+        while self._lru and (len(self._lru) > self.max_idle or self._idle_bytes > self.idle_memory_bytes):
+            self.retire(next(iter(self._lru)))
+
     def retire_idle_since(self, deadline: float) -> None:
-        for workers in self._idle.values():
-            for worker in [w for w in workers if w.idle_since < deadline]:
-                self.retire(worker)
+        while self._lru and (oldest := next(iter(self._lru))).idle_since < deadline:
+            self.retire(oldest)
 
     def retire(self, worker: WorkerProcess) -> None:
         worker.kill()
         self._forget(worker)
 
+    def _keep_idle(self, worker: WorkerProcess) -> None:
+        if worker.runs == 1:  # after its first run (imports); before it, the last worker's figure stands in
+            worker.memory_charge = self._typical_charge = _private_bytes(worker.pid)
+        elif worker.runs == 0:
+            worker.memory_charge = self._typical_charge
+        self._idle[worker.tenant].append(worker)
+        self._lru[worker] = None
+        self._idle_bytes += worker.memory_charge
+
+    def _forget_idle(self, worker: WorkerProcess) -> None:
+        del self._lru[worker]
+        self._idle_bytes -= worker.memory_charge
+
     def _forget(self, worker: WorkerProcess) -> None:
         if worker not in self.workers:
             return
         self.workers.remove(worker)
-        self._held[worker.tenant] -= 1
-        idle = self._idle[worker.tenant]
-        if worker in idle:
-            idle.remove(worker)
+        self.running.discard(worker)
+        if worker in self._lru:
+            self._forget_idle(worker)
+            self._idle[worker.tenant].remove(worker)
 
     # --- workers dedicated to one owner --------------------------------------------------
 
     async def start_dedicated(self, tenant: str, owner: Listener) -> WorkerProcess:
-        """Start a worker of ``tenant`` for ``owner`` alone, in a free slot (the caller makes room).
+        """Start a worker of ``tenant`` for ``owner`` alone, in a free slot (the caller checks there is one).
 
-        It counts against the capacity and the tenant's holding like any
-        worker, but it is never idle in the pool, never handed to a run and
-        never evicted: ``owner`` hears of its releases and its loss, and
-        gives it back with ``retire_dedicated``, which ends it.
+        It holds a running slot from its start to its end, like a run that
+        never finishes, so it counts against ``slots``; it is never idle in
+        the pool, never handed to a run and never evicted: ``owner`` hears of
+        its releases and its loss, and gives it back with ``retire_dedicated``,
+        which ends it.
         """
         worker = WorkerProcess(next(self._ids), self._profiles[tenant], self, dedicated=True)
         self.workers.add(worker)
-        self._held[tenant] += 1
+        self.running.add(worker)
         self._owners[worker] = owner
         try:
             await worker.start(await self._live_zygote())
@@ -178,10 +244,11 @@ class Pool:
         if owner is not None:
             owner.worker_released(worker, retire=retire)
             return
+        self.running.discard(worker)
         if retire:
             self.retire(worker)
         else:
-            self._idle[worker.tenant].append(worker)
+            self._keep_idle(worker)
         self._on_change()
 
     def worker_lost(self, worker: WorkerProcess) -> None:
@@ -200,6 +267,7 @@ class Pool:
         for worker in list(self.workers):
             worker.kill()
         self.workers.clear()
+        self.running.clear()
         await self._zygote.close()
 
 
@@ -207,3 +275,27 @@ def _start_error(worker: WorkerProcess, exc: BaseException) -> SandboxError:
     if isinstance(exc, SandboxError):
         return exc
     return SandboxError(f"could not start a worker for tenant {worker.tenant!r}: {exc}")
+
+
+def _private_bytes(pid: int) -> int:
+    """Memory a worker holds that no other process shares (what retiring it frees).
+
+    ``smaps_rollup`` separates the pages still shared copy-on-write with the
+    zygote from the worker's own. Where it cannot be read (a supervisor
+    without the right to inspect its workers), the resident size stands in:
+    an overestimate, so the budget errs on the side of fewer warm workers.
+    """
+    try:
+        with open(f"/proc/{pid}/smaps_rollup", "rb") as f:
+            total = 0
+            for line in f:
+                if line.startswith((b"Private_Clean:", b"Private_Dirty:")):
+                    total += int(line.split()[1]) * 1024
+            return total
+    except (OSError, ValueError):
+        pass
+    try:
+        with open(f"/proc/{pid}/statm", "rb") as f:
+            return int(f.read().split()[1]) * _PAGE
+    except (OSError, ValueError, IndexError):
+        return 0

@@ -76,17 +76,25 @@ class TenantQueue:
 
 
 class Scheduler:
+    """Every question here costs in proportion to the tenants with work, not
+    to all tenants: a sandbox may serve thousands of tenants of which only
+    a few have a run queued at any moment."""
+
     def __init__(self, policies: dict[str, Policy]) -> None:
         self.tenants = {name: TenantQueue(name, policy) for name, policy in policies.items()}
+        self._waiting: dict[str, TenantQueue] = {}  # tenants with a queued run
+        self._active: dict[str, TenantQueue] = {}  # tenants with a queued or running run
 
     def admit(self, job: Job) -> None:
         """Queue a job, or raise QuotaExceeded without queuing it."""
         tenant = self.tenants[job.tenant]
         self._charge(tenant, len(tenant.queue))
         if not tenant.active:
-            floor = min((t.vtime for t in self.tenants.values() if t.active), default=tenant.vtime)
+            floor = min((t.vtime for t in self._active.values()), default=tenant.vtime)
             tenant.vtime = max(tenant.vtime, floor)
+            self._active[tenant.name] = tenant
         tenant.queue.append(job)
+        self._waiting[tenant.name] = tenant
 
     def admit_elsewhere(self, name: str, waiting: int) -> None:
         """Charge a run that waits somewhere else (behind ``waiting`` runs of a
@@ -112,49 +120,56 @@ class Scheduler:
     def pick(self, can_serve: Callable[[TenantQueue], bool]) -> TenantQueue | None:
         """The tenant whose next run should start now, among those ``can_serve`` accepts."""
         best = None
-        for tenant in self.tenants.values():
-            if not (tenant.queue and tenant.under_concurrency_cap and can_serve(tenant)):
+        for tenant in self._waiting.values():
+            if not (tenant.under_concurrency_cap and can_serve(tenant)):
                 continue
             if best is None or (tenant.vtime, tenant.queue[0].seq) < (best.vtime, best.queue[0].seq):
                 best = tenant
         return best
 
-    def fair_share(self, tenant: TenantQueue, capacity: int) -> float:
-        """How many of ``capacity`` workers ``tenant`` is due: its weight's
-        part among the active tenants (0 when it is not active)."""
-        if not tenant.active:
-            return 0.0
-        total = sum(t.policy.weight for t in self.tenants.values() if t.active)
-        return capacity * tenant.policy.weight / total
-
     def started(self, tenant: TenantQueue) -> Job:
         job = tenant.queue.popleft()
+        if not tenant.queue:
+            del self._waiting[tenant.name]
         tenant.in_flight += 1
         tenant.vtime += 1.0 / tenant.policy.weight
         return job
 
     def finished(self, job: Job) -> None:
-        self.tenants[job.tenant].in_flight -= 1
+        tenant = self.tenants[job.tenant]
+        tenant.in_flight -= 1
+        self._settle(tenant)
+
+    def _settle(self, tenant: TenantQueue) -> None:
+        """Drop ``tenant`` from the waiting and active sets it no longer belongs to."""
+        if not tenant.queue:
+            self._waiting.pop(tenant.name, None)
+            if not tenant.in_flight:
+                self._active.pop(tenant.name, None)
 
     def withdraw(self, job: Job) -> bool:
         """Remove a queued job (its caller gave up); False if it already started."""
-        queue = self.tenants[job.tenant].queue
+        tenant = self.tenants[job.tenant]
         try:
-            queue.remove(job)
+            tenant.queue.remove(job)
         except ValueError:
             return False
+        self._settle(tenant)
         return True
 
     def drain(self) -> list[Job]:
         """Remove and return every queued job (shutdown)."""
-        jobs = [job for tenant in self.tenants.values() for job in tenant.queue]
-        for tenant in self.tenants.values():
+        waiting = list(self._waiting.values())
+        jobs = [job for tenant in waiting for job in tenant.queue]
+        for tenant in waiting:
             tenant.queue.clear()
+            self._settle(tenant)
         return jobs
 
     def drain_tenant(self, name: str) -> list[Job]:
         """Remove and return every queued job of one tenant."""
-        queue = self.tenants[name].queue
-        jobs = list(queue)
-        queue.clear()
+        tenant = self.tenants[name]
+        jobs = list(tenant.queue)
+        tenant.queue.clear()
+        self._settle(tenant)
         return jobs

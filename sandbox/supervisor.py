@@ -9,9 +9,9 @@ of sessions (which take a worker of their own out of the pool: see
 
 ::
 
-    run() ──▶ Scheduler.admit ──▶ _pump ──▶ Pool: idle worker of that tenant,
-      ▲        (quotas, FIFO,       │         or spawn one (if full, evicting an
-      │         fair share)         │         idle worker of a tenant over its share)
+    run() ──▶ Scheduler.admit ──▶ _pump ──▶ Pool: on a free running slot, an idle
+      ▲        (quotas, FIFO,       │         worker of that tenant, or spawn one (the
+      │         fair share)         │         warm budget retires the least recently used)
       │                             ▼
       └── outcome.to_result ◀── WorkerProcess.begin ── channel ──▶ worker
                                    (wall timer, output cap, token)
@@ -59,7 +59,10 @@ if TYPE_CHECKING:
 DEFAULT_TENANT = "default"
 _WATCHDOG_PERIOD_S = 0.05
 _FRESH_SPARES = 2  # workers ready or starting for an active fresh-process tenant
-_EVICTION_GRACE_S = 0.02  # an idle worker is taken from its tenant only after idling this long
+_SPARE_AFTER_S = 0.05  # a run this long gets its tenant a spare worker (see _prepare_replacement)
+DEFAULT_MAX_IDLE_WORKERS = 256
+DEFAULT_IDLE_MEMORY_SHARE = 8  # idle workers may keep 1/8 of the host's memory by default...
+DEFAULT_IDLE_MEMORY_CAP_MB = 2048  # ...and never more than this
 MiB = 1024 * 1024
 
 
@@ -67,8 +70,13 @@ class Sandbox:
     """Runs code nodes in confined, pooled worker processes.
 
     ``policy`` is the default tenant's policy; ``tenants`` maps further
-    tenant names to theirs; ``workers`` bounds the number of worker
-    processes shared by all tenants (default: the number of CPUs).
+    tenant names to theirs. ``workers`` bounds the runs in flight at once,
+    shared by all tenants (default: the number of CPUs). Between runs each
+    tenant keeps its workers warm: at most ``max_idle_workers`` idle workers
+    in all (default 256) holding at most ``idle_memory_mb`` of private
+    memory (default: an eighth of the host's memory, at most 2048 MB), the
+    least recently used retired first, and none idle for longer than
+    ``idle_timeout_s``.
     Use it as ``async with Sandbox(...) as sb: await sb.run(code, inputs)``.
     """
 
@@ -78,6 +86,8 @@ class Sandbox:
         *,
         tenants: Mapping[str, Policy] | None = None,
         workers: int | None = None,
+        max_idle_workers: int = DEFAULT_MAX_IDLE_WORKERS,
+        idle_memory_mb: int | None = None,
         idle_timeout_s: float | None = 300.0,
     ) -> None:
         policies = dict(tenants or {})
@@ -90,21 +100,24 @@ class Sandbox:
                 raise SandboxError(f"tenant {name!r}: expected a Policy, got {type(value).__name__}")
         if workers is not None and workers < 1:
             raise SandboxError("workers must be at least 1")
+        if max_idle_workers < 0:
+            raise SandboxError("max_idle_workers must be 0 or more (0: no worker is kept between runs)")
+        if idle_memory_mb is not None and idle_memory_mb < 0:
+            raise SandboxError("idle_memory_mb must be 0 or more")
         self.policies = policies
         self.capacity = workers or os.cpu_count() or 2
+        self.max_idle_workers = max_idle_workers
+        self.idle_memory_mb = _default_idle_memory_mb() if idle_memory_mb is None else idle_memory_mb
         self._idle_timeout_s = idle_timeout_s
         self._state = "new"
         self._running: dict[Job, WorkerProcess] = {}
         self._sessions: set[Session] = set()
-        self._pool_waiters: list[asyncio.Future[None]] = []
         self._profiles: dict[str, TenantProfile] = {}
         self._scheduler = Scheduler(policies)
         self._fresh_tenants = [t for t in self._scheduler.tenants.values() if t.policy.fresh_process_per_run]
         self._pool: Pool | None = None
         self._cgroups: CgroupParents | None = None
         self._watchdog: asyncio.Task[None] | None = None
-        self._pump_timer: asyncio.Handle | None = None
-        self._pump_timer_when = 0.0
         self.host: HostSupport | None = None
 
     # --- lifecycle -------------------------------------------------------------
@@ -145,11 +158,20 @@ class Sandbox:
             except BaseException:
                 await zygote.close()
                 raise
-            self._pool = Pool(self.capacity, self._profiles, zygote, self._new_zygote, self._pump, self._spawn_failed)
-            for _ in range(self.capacity):
+            self._pool = Pool(
+                self.capacity,
+                self._profiles,
+                zygote,
+                self._new_zygote,
+                self._pump,
+                self._spawn_failed,
+                max_idle=self.max_idle_workers,
+                idle_memory_bytes=self.idle_memory_mb * MiB,
+            )
+            for _ in range(min(self.capacity, self.max_idle_workers)):
                 self._pool.spawn(DEFAULT_TENANT)
             await self._pool.wait_started()
-            if not self._pool.has_idle(DEFAULT_TENANT) and self._pool.last_spawn_error is not None:
+            if self._pool.last_spawn_error is not None and not self._pool.has_idle(DEFAULT_TENANT):
                 raise self._pool.last_spawn_error
         except BaseException:
             await self._teardown()
@@ -184,8 +206,6 @@ class Sandbox:
         self._state = "closed"
 
     async def _teardown(self) -> None:
-        if self._pump_timer is not None:
-            self._pump_timer.cancel()
         if self._watchdog is not None:
             self._watchdog.cancel()
             await asyncio.gather(self._watchdog, return_exceptions=True)
@@ -327,11 +347,10 @@ class Sandbox:
 
         A session does not queue for a worker: the limits that stop it are
         the operator's (``max_sessions``, ``max_concurrency``, the pool's
-        size), so it says which one at once, as admission does for runs. To
-        make room on a full pool it takes the longest-idle worker of any
-        tenant, or waits for one that is still starting (a moment); only a
-        pool whose every worker is busy or held by a session refuses it. The
-        session's worker is always a new process, one no run has used.
+        size), so it says which one at once, as admission does for runs. It
+        needs a free running slot (``workers``), which it holds for its
+        life; idle warm workers hold none, so they never stand in its way.
+        The session's worker is always a new process, one no run has used.
         """
         profile = self._profile(session.tenant)
         tenant, policy, pool = self._scheduler.tenants[session.tenant], profile.policy, self._open_pool
@@ -350,20 +369,13 @@ class Sandbox:
                 tenant=tenant.name,
                 quota="max_concurrency",
             )
-        while not pool.has_room():
-            victim = pool.idle_victim(lambda worker: True)
-            if victim is not None:
-                pool.retire(victim)
-            elif pool.starting_anywhere():
-                await self._pool_change()  # a worker on its way will be idle in a moment
-            else:
-                raise QuotaExceeded(
-                    f"all {pool.capacity} workers of this sandbox are busy or held by sessions "
-                    "(Sandbox(workers=...)); retry later",
-                    tenant=tenant.name,
-                    quota="workers",
-                )
-            self._profile(tenant.name)  # still open?
+        if not pool.has_slot():
+            raise QuotaExceeded(
+                f"all {pool.slots} running slots of this sandbox are taken by runs and sessions "
+                "(Sandbox(workers=...)); retry later",
+                tenant=tenant.name,
+                quota="workers",
+            )
         tenant.sessions += 1
         try:
             worker = await pool.start_dedicated(tenant.name, session)
@@ -376,12 +388,6 @@ class Sandbox:
             raise SandboxClosed("the sandbox was closed while this session was opening")
         self._sessions.add(session)
         return worker
-
-    async def _pool_change(self) -> None:
-        """Wait until the pool next changes (a worker started, ended or was released)."""
-        waiter: asyncio.Future[None] = self._loop.create_future()
-        self._pool_waiters.append(waiter)
-        await waiter
 
     def _close_session(self, session: Session, worker: WorkerProcess) -> None:
         """End a session's worker (never reused) and give its places back."""
@@ -434,20 +440,12 @@ class Sandbox:
 
     def _pump(self) -> None:
         """Start every run that can start now, in the scheduler's order."""
-        waiters, self._pool_waiters = self._pool_waiters, []
-        for waiter in waiters:
-            if not waiter.done():
-                waiter.set_result(None)
         if self._state != "open" or self._pool is None:
             return
         pool, scheduler = self._pool, self._scheduler
         while (tenant := scheduler.pick(self._can_serve)) is not None:
             worker = pool.take_idle(tenant.name)
             if worker is None:
-                if not pool.has_room():
-                    victim = self._eviction_victim(tenant)
-                    assert victim is not None, "_can_serve saw room or a victim"
-                    pool.retire(victim)
                 pool.spawn(tenant.name)
                 continue
             job = scheduler.started(tenant)
@@ -456,6 +454,7 @@ class Sandbox:
             if job.on_start is not None:
                 job.on_start()
         self._keep_spares()
+        pool.trim_idle()
 
     @property
     def _open_pool(self) -> Pool:
@@ -464,84 +463,49 @@ class Sandbox:
         return self._pool
 
     def _can_serve(self, tenant: TenantQueue) -> bool:
+        """Whether a run of ``tenant`` can start now on an idle worker of its
+        own and a free slot, or a worker can start for it."""
         pool = self._open_pool
         if pool.has_idle(tenant.name):
-            return True
+            return pool.has_slot()
         starting = pool.starting(tenant.name)
         if len(tenant.queue) <= starting:
             return False  # workers already on their way will take these runs
         cap = tenant.policy.max_concurrency
         if cap is not None and tenant.in_flight + tenant.sessions + starting >= cap:
             return False
-        return pool.has_room() or self._eviction_victim(tenant) is not None
-
-    def _eviction_victim(self, tenant: TenantQueue) -> WorkerProcess | None:
-        """Another tenant's idle worker that ``tenant`` may take, if any.
-
-        Only to bring ``tenant`` up to its fair share of the pool, and only
-        from a tenant holding more than its own. A worker start costs
-        milliseconds, a warm run a fraction of one: two busy tenants on a
-        full pool would otherwise take each other's workers at every run.
-        An idle tenant's share is 0, so its idle workers go first.
-
-        An idle worker of a tenant with nothing to run is taken only once it
-        has idled ``_EVICTION_GRACE_S``: a tenant between two bursts of runs
-        has nothing to run for a moment, and taking its worker at once would
-        make it take one back when its next run comes, a worker start on
-        each side (about 6 ms each here). Waiting about as long as such a
-        swap costs bounds what either choice can lose (the ski-rental
-        rule); the supervisor looks again when the grace has passed. A
-        tenant with runs of its own to start gets no grace: it is over its
-        share, and a grace would let it keep the worker for good. Nor does
-        a worker that never ran (one started with the pool, or a spare):
-        its tenant had no burst to come back from.
-        """
-        pool, scheduler = self._open_pool, self._scheduler
-        if pool.held(tenant.name) >= scheduler.fair_share(tenant, pool.capacity):
-            return None
-        now = self._loop.time()
-
-        def may_take(worker: WorkerProcess) -> bool:
-            owner = scheduler.tenants[worker.tenant]
-            return pool.held(owner.name) > scheduler.fair_share(owner, pool.capacity) and (
-                owner.active or not worker.runs or worker.idle_since + _EVICTION_GRACE_S <= now
-            )
-
-        victim = pool.idle_victim(may_take)
-        if victim is None:
-            resting = pool.idle_victim(lambda worker: not scheduler.tenants[worker.tenant].active)
-            if resting is not None:
-                self._pump_later(resting.idle_since + _EVICTION_GRACE_S)
-        return victim
-
-    def _pump_later(self, when: float) -> None:
-        """Make sure ``_pump`` runs again at ``when`` (loop time) or earlier."""
-        if self._pump_timer is not None:
-            if self._pump_timer_when <= when:
-                return
-            self._pump_timer.cancel()
-        self._pump_timer = self._loop.call_at(when, self._pump_again)
-        self._pump_timer_when = when
-
-    def _pump_again(self) -> None:
-        self._pump_timer = None
-        self._pump()
+        return pool.may_start_for_run(first_of_tenant=tenant.in_flight + starting == 0)
 
     def _keep_spares(self) -> None:
         """An active fresh-process tenant gets workers started ahead of its next runs.
 
         Each of its runs uses up a worker, and a start takes several times
         as long as a trivial run; with only one spare on its way, runs that
-        follow each other wait for one start each. Spares use free slots
-        only and, being idle, are the first to go when another tenant needs
-        a slot (see ``_eviction_victim``).
+        follow each other wait for one start each. Spares hold no running
+        slot while they start and count against the warm budget, which
+        retires them first when it is full if they are the least recently used.
         """
         pool = self._open_pool
         for tenant in self._fresh_tenants:
             if not tenant.active:
                 continue
-            while pool.has_room() and pool.idle_count(tenant.name) + pool.starting(tenant.name) < _FRESH_SPARES:
-                pool.spawn(tenant.name)
+            while pool.has_warm_room() and pool.idle_count(tenant.name) + pool.starting(tenant.name) < _FRESH_SPARES:
+                pool.spawn(tenant.name, for_run=False)
+
+    def _prepare_replacement(self, worker: WorkerProcess) -> None:
+        """Start a spare for the tenant of a long run, in case that run's worker is lost.
+
+        A run that has gone on for a while is the kind that ends in a kill
+        (a time limit, a memory limit), and the tenant's next run would then
+        wait for a worker start. One start costs a few milliseconds of CPU,
+        little against a run already this long; it is made only when the
+        tenant has no idle or starting worker and the warm budget has room.
+        """
+        pool = self._pool
+        assert pool is not None
+        tenant = worker.tenant
+        if not pool.has_idle(tenant) and not pool.starting(tenant) and pool.has_warm_room():
+            pool.spawn(tenant, for_run=False)
 
     def _spawn_failed(self, tenant: str, error: BaseException) -> None:
         """A tenant's worker could not start: its waiting runs fail with the reason."""
@@ -568,8 +532,9 @@ class Sandbox:
             for job in [j for j in baselines if j not in self._running]:
                 del baselines[job]
             for job, worker in list(self._running.items()):
-                if worker.state is not State.BUSY or job.started_at is None or now - job.started_at < 0.05:
+                if worker.state is not State.BUSY or job.started_at is None or now - job.started_at < _SPARE_AFTER_S:
                     continue
+                self._prepare_replacement(worker)
                 try:
                     process = processes.get(worker) or processes.setdefault(worker, psutil.Process(worker.pid))
                     with process.oneshot():
@@ -598,6 +563,11 @@ class Sandbox:
                 del processes[worker]
             if self._idle_timeout_s is not None:
                 self._open_pool.retire_idle_since(now - self._idle_timeout_s)
+
+
+def _default_idle_memory_mb() -> int:
+    total_mb = int(psutil.virtual_memory().total) // MiB
+    return min(DEFAULT_IDLE_MEMORY_CAP_MB, total_mb // DEFAULT_IDLE_MEMORY_SHARE)
 
 
 def run_sync(

@@ -96,6 +96,7 @@ class WorkerProcess:
         self.pid = 0
         self.layers: dict[str, str] = {}
         self.runs = 0
+        self.memory_charge = 0  # private bytes, counted against the pool's warm budget while idle
         self.worker_cpu_s = 0.0  # cumulative, as last reported by the worker
         self.first_peak_rss: int | None = None
         self.idle_since = 0.0

@@ -187,8 +187,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "--tenants",
         type=int,
         default=1,
-        help="ordinary tenants: 'default', 'tenant-1', ... (default 1); each extra tenant "
-        "makes the pool evict and spawn workers as runs alternate between tenants",
+        help="ordinary tenants: 'default', 'tenant-1', ... (default 1), each run going to one at random; "
+        "every tenant keeps warm workers up to the Sandbox's warm budget, beyond it runs pay worker starts",
     )
     parser.add_argument(
         "--mix",

@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from sandbox import QuotaExceeded, Sandbox, supervisor
+from sandbox import QuotaExceeded, Sandbox, SandboxError, TimeLimitExceeded
 from tests.conftest import HOSTILE, quick_policy
 from tests.hostile.attacks import ESCAPES
 
@@ -68,78 +68,77 @@ async def test_workers_are_reused_within_a_tenant_unless_fresh_process_per_run()
         assert short[0] == short[1] != short[2] == short[3]
 
 
-async def test_pool_capacity_is_shared_and_bounded():
+async def test_runs_in_flight_are_bounded_by_workers_while_every_tenant_stays_warm():
     tenants = {name: quick_policy() for name in ("a", "b", "c")}
     async with Sandbox(tenants=tenants, workers=2) as sb:
-        peak = 0
-
-        async def sample():
-            nonlocal peak
-            while True:
-                peak = max(peak, len(sb._pool.workers))
-                await asyncio.sleep(0.002)
-
-        sampler = asyncio.ensure_future(sample())
-        runs = [sb.run("import time\ntime.sleep(0.02)\nx = 1", tenant=t) for t in ("a", "b", "c") * 8]
-        results = await asyncio.gather(*runs)
-        sampler.cancel()
-        assert len(results) == 24 and peak <= 2
-        assert {r.stats.tenant for r in results} == {"a", "b", "c"}
+        code = "import time\nstart = time.monotonic()\ntime.sleep(0.02)\nend = time.monotonic()"
+        results = await asyncio.gather(*(sb.run(code, tenant=t) for t in ("a", "b", "c") * 8))
+        warm = {t: sb._pool.idle_count(t) for t in ("a", "b", "c")}
+    assert len(results) == 24 and {r.stats.tenant for r in results} == {"a", "b", "c"}
+    events = sorted([(r.outputs["start"], 1) for r in results] + [(r.outputs["end"], -1) for r in results])
+    in_flight = list(itertools.accumulate(change for _, change in events))
+    assert max(in_flight) <= 2, in_flight
+    assert all(count >= 1 for count in warm.values()), warm
 
 
-async def test_busy_tenants_keep_their_fair_share_of_workers_instead_of_trading_them():
-    """Two tenants, both always busy, on two workers: one worker each, not an
-    eviction and a new worker at every run."""
+async def test_busy_tenants_keep_their_workers_instead_of_trading_them():
+    """Two tenants, both always busy, on two workers: each keeps the workers
+    it started, not an eviction and a new worker at every run."""
     async with Sandbox(tenants={"a": quick_policy(), "b": quick_policy()}, workers=2) as sb:
         runs = [sb.run("x = 1", tenant=t) for _ in range(60) for t in ("a", "b")]
         results = await asyncio.gather(*runs)
     pids = {tenant: {r.stats.worker_pid for r in results if r.stats.tenant == tenant} for tenant in ("a", "b")}
-    # Pre-started workers may all belong to one tenant; the other then takes one of them, once.
-    assert len(pids["a"]) + len(pids["b"]) <= 3, pids
+    # Each tenant starts at most one worker per running slot.
+    assert len(pids["a"]) <= 2 and len(pids["b"]) <= 2, pids
 
 
-async def test_a_tenant_takes_an_idle_worker_of_a_tenant_over_its_share():
-    async with Sandbox(tenants={"a": quick_policy(), "b": quick_policy()}, workers=2) as sb:
-        await asyncio.gather(*(sb.run("x = 1", tenant="a") for _ in range(10)))
-        r = await sb.run("x = 1", tenant="b")
-        assert r.outputs == {"x": 1}
-        assert sb._pool.held("a") + sb._pool.held("b") <= 2
+async def test_a_tenant_keeps_its_warm_worker_while_others_run():
+    async with Sandbox(tenants={"a": quick_policy(), "b": quick_policy()}, workers=1) as sb:
+        first = (await sb.run("x = 1", tenant="a")).stats.worker_pid
+        await asyncio.gather(*(sb.run("x = 1", tenant="b") for _ in range(5)))
+        await asyncio.gather(*(sb.run("x = 1") for _ in range(5)))
+        assert (await sb.run("x = 1", tenant="a")).stats.worker_pid == first
 
 
-async def _one_worker_each(sb: Sandbox) -> dict[str, int]:
-    """Bring tenants a and b to one worker each; return each one's worker pid."""
-    pids = {t: (await sb.run("x = 1", tenant=t)).stats.worker_pid for t in ("a", "b")}
-    assert sb._pool.held("a") == sb._pool.held("b") == 1
-    return pids
-
-
-async def test_a_tenant_between_bursts_keeps_its_worker_through_the_grace(monkeypatch):
-    """b has nothing to run while a is busy; within the grace a leaves b's idle worker alone."""
-    async with Sandbox(tenants={"a": quick_policy(), "b": quick_policy()}, workers=2) as sb:
-        pids = await _one_worker_each(sb)
-        monkeypatch.setattr(supervisor, "_EVICTION_GRACE_S", 30.0)
-        burst = await asyncio.gather(*(sb.run("import time\ntime.sleep(0.01)", tenant="a") for _ in range(10)))
-        assert {r.stats.worker_pid for r in burst} == {pids["a"]}
+async def test_the_least_recently_used_warm_worker_is_retired_when_the_budget_is_full():
+    tenants = {name: quick_policy() for name in ("a", "b", "c")}
+    async with Sandbox(tenants=tenants, workers=1, max_idle_workers=2) as sb:
+        pids = {t: (await sb.run("x = 1", tenant=t)).stats.worker_pid for t in ("a", "b", "c")}
+        assert len(sb._pool.workers) <= 2
+        assert (await sb.run("x = 1", tenant="c")).stats.worker_pid == pids["c"]
         assert (await sb.run("x = 1", tenant="b")).stats.worker_pid == pids["b"]
+        assert (await sb.run("x = 1", tenant="a")).stats.worker_pid != pids["a"]  # it was the oldest
 
 
-async def test_a_waiting_tenant_takes_a_resting_worker_when_the_grace_ends(monkeypatch):
-    """No run ends while a waits: the supervisor itself looks again once b's worker has rested long enough."""
-    async with Sandbox(tenants={"a": quick_policy(wall_time_s=10), "b": quick_policy()}, workers=2) as sb:
-        pids = await _one_worker_each(sb)
-        monkeypatch.setattr(supervisor, "_EVICTION_GRACE_S", 0.3)
-        code = "import time\nstart = time.monotonic()\ntime.sleep(1.5)\nend = time.monotonic()"
-        first, second = await asyncio.gather(*(sb.run(code, tenant="a") for _ in range(2)))
-    assert second.outputs["start"] < first.outputs["end"]  # it did not wait for the first run to end
-    assert second.stats.worker_pid not in (pids["a"], pids["b"])  # b's worker was retired, a new one started
+async def test_no_worker_is_kept_warm_without_an_idle_memory_budget():
+    async with Sandbox(quick_policy(), workers=1, idle_memory_mb=0) as sb:
+        pids = [(await sb.run("x = 1")).stats.worker_pid for _ in range(3)]
+        assert len(set(pids)) == 3
+        assert len(sb._pool.workers) == 0
 
 
-async def test_a_worker_that_never_ran_is_taken_without_a_grace(monkeypatch):
-    """The pool starts its workers for the default tenant; another tenant's first run need not wait."""
-    monkeypatch.setattr(supervisor, "_EVICTION_GRACE_S", 30.0)
+async def test_a_new_tenant_gets_a_worker_without_retiring_a_warm_one():
+    """The pool starts its workers for the default tenant; another tenant's
+    first run starts a worker of its own while there is room for it."""
     async with Sandbox(tenants={"a": quick_policy()}, workers=2) as sb:
         result = await asyncio.wait_for(sb.run("x = 1", tenant="a"), timeout=10)
-        assert result.outputs == {"x": 1} and sb._pool.held("a") == 1
+        assert result.outputs == {"x": 1}
+        assert sb._pool.idle_count("a") == 1 and sb._pool.idle_count("default") == 2
+
+
+async def test_a_long_run_gets_its_tenant_a_spare_for_after_a_kill():
+    async with Sandbox(quick_policy(), workers=1) as sb:
+        killed = (await sb.run("x = 1")).stats.worker_pid
+        with pytest.raises(TimeLimitExceeded):
+            await sb.run("while True:\n    pass", timeout=0.5)
+        assert sb._pool.has_idle("default")  # started while the run spun, ready now
+        assert (await sb.run("x = 1")).stats.worker_pid != killed
+
+
+@pytest.mark.parametrize("knobs", [{"max_idle_workers": -1}, {"idle_memory_mb": -5}])
+def test_warm_budget_knobs_are_checked(knobs):
+    with pytest.raises(SandboxError, match="must be 0 or more"):
+        Sandbox(**knobs)
 
 
 async def test_idle_workers_are_retired():
