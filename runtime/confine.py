@@ -53,7 +53,8 @@ WORKER_PID_IN_NAMESPACE = 2  # pid 1 is the namespace's init; the worker is fork
 # it be opened) clear_refs. Every fd above them belongs to a run and is
 # closed when the run ends.
 CLEAR_REFS_FD = 4
-WORKER_NICE = 10  # CFS weight 110 against the supervisor's 1024
+WORKER_NICE = 10  # below the supervisor's nice value: CFS weight 110 against its 1024
+_LOWEST_PRIORITY = 19  # the highest nice value
 
 _MS_FROM_ST = {  # statvfs flag -> mount flag, for flags a user namespace locks on a bind
     os.ST_RDONLY: linux.MS_RDONLY,
@@ -231,8 +232,15 @@ def _yield_cpu_to_the_supervisor() -> None:
     start itself is the supervisor's own work, and at nice 10 on a busy
     host it waited behind every other process, which made worker starts
     several times slower there.
+
+    Relative to the nice value the worker inherited (the supervisor's), and
+    capped at the lowest priority there is: a supervisor that itself runs
+    niced (under a job scheduler, or in a Ray worker) must not have its
+    workers ask for a higher priority than its own, which needs
+    CAP_SYS_NICE and fails without it.
     """
-    os.setpriority(os.PRIO_PROCESS, 0, WORKER_NICE)
+    inherited = os.getpriority(os.PRIO_PROCESS, 0)
+    os.setpriority(os.PRIO_PROCESS, 0, min(_LOWEST_PRIORITY, inherited + WORKER_NICE))
 
 
 def join_cgroups(directories: list[str]) -> str | None:

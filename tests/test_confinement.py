@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import os
 import socket
+import subprocess
+import sys
 import textwrap
 
 import pytest
@@ -242,6 +244,25 @@ async def test_workers_run_at_a_lower_cpu_priority_they_cannot_raise(sb):
     r = await sb.run(code)
     assert r.outputs == {"nice": 10, "raised": False}
     assert os.getpriority(os.PRIO_PROCESS, 0) == 0
+
+
+def test_a_niced_supervisor_gets_workers_below_itself_not_an_error():
+    # A supervisor at nice 15 (a job scheduler's, or a Ray worker's) must not
+    # have its workers ask for nice 10, a higher priority than its own.
+    script = textwrap.dedent("""
+        import asyncio, os
+        from sandbox import Policy, Sandbox
+        CODE = "import os\\nnice = os.getpriority(os.PRIO_PROCESS, 0)"
+        async def main():
+            async with Sandbox(Policy(allowed_modules=["os"], denied_modules=[]), workers=1) as sb:
+                r = await sb.run(CODE)
+                print(os.getpriority(os.PRIO_PROCESS, 0), r.outputs["nice"])
+        asyncio.run(main())
+    """)
+    command = ["nice", "-n", "15", sys.executable, "-c", script]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["15", "19"]
 
 
 async def test_rlimits_match_the_policy(sb):
