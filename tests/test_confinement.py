@@ -246,7 +246,7 @@ async def test_workers_run_at_a_lower_cpu_priority_they_cannot_raise(sb):
     assert os.getpriority(os.PRIO_PROCESS, 0) == 0
 
 
-def test_a_niced_supervisor_gets_workers_below_itself_not_an_error():
+async def test_a_niced_supervisor_gets_workers_below_itself_not_an_error():
     # A supervisor at nice 15 (a job scheduler's, or a Ray worker's) must not
     # have its workers ask for nice 10, a higher priority than its own.
     script = textwrap.dedent("""
@@ -260,7 +260,7 @@ def test_a_niced_supervisor_gets_workers_below_itself_not_an_error():
         asyncio.run(main())
     """)
     command = ["nice", "-n", "15", sys.executable, "-c", script]
-    done = subprocess.run(command, capture_output=True, text=True, timeout=60)
+    done = await asyncio.to_thread(subprocess.run, command, capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
     assert done.stdout.split() == ["15", "19"]
 
