@@ -90,14 +90,7 @@ class Sandbox:
         idle_memory_mb: int | None = None,
         idle_timeout_s: float | None = 300.0,
     ) -> None:
-        policies = dict(tenants or {})
-        if policy is not None and DEFAULT_TENANT in policies:
-            raise SandboxError("pass the default tenant's policy either as policy= or as tenants['default'], not both")
-        if policy is not None or DEFAULT_TENANT not in policies:
-            policies[DEFAULT_TENANT] = policy if policy is not None else Policy()
-        for name, value in policies.items():
-            if not isinstance(value, Policy):
-                raise SandboxError(f"tenant {name!r}: expected a Policy, got {type(value).__name__}")
+        policies = tenant_policies(policy, tenants)
         if workers is not None and workers < 1:
             raise SandboxError("workers must be at least 1")
         if max_idle_workers < 0:
@@ -563,6 +556,19 @@ class Sandbox:
                 del processes[worker]
             if self._idle_timeout_s is not None:
                 self._open_pool.retire_idle_since(now - self._idle_timeout_s)
+
+
+def tenant_policies(policy: Policy | None, tenants: Mapping[str, Policy] | None) -> dict[str, Policy]:
+    """Every tenant's policy, the default tenant's included, as ``Sandbox(policy, tenants=...)`` takes them."""
+    policies = dict(tenants or {})
+    if policy is not None and DEFAULT_TENANT in policies:
+        raise SandboxError("pass the default tenant's policy either as policy= or as tenants['default'], not both")
+    if policy is not None or DEFAULT_TENANT not in policies:
+        policies[DEFAULT_TENANT] = policy if policy is not None else Policy()
+    for name, value in policies.items():
+        if not isinstance(value, Policy):
+            raise SandboxError(f"tenant {name!r}: expected a Policy, got {type(value).__name__}")
+    return policies
 
 
 def _default_idle_memory_mb() -> int:

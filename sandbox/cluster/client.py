@@ -39,7 +39,7 @@ from sandbox.job import Job
 from sandbox.policies.model import Policy
 from sandbox.result import Result
 from sandbox.scheduler import Scheduler, TenantQueue
-from sandbox.supervisor import DEFAULT_TENANT
+from sandbox.supervisor import DEFAULT_TENANT, tenant_policies
 
 if TYPE_CHECKING:
     from sandbox.cluster.session import ClusterSession
@@ -112,11 +112,7 @@ class ClusterSandbox:
         address: str | None = None,
         workers_per_node: int | None = None,
     ) -> None:
-        policies = dict(tenants or {})
-        if policy is not None and DEFAULT_TENANT in policies:
-            raise SandboxError("pass the default tenant's policy either as policy= or as tenants['default'], not both")
-        if policy is not None or DEFAULT_TENANT not in policies:
-            policies[DEFAULT_TENANT] = policy if policy is not None else Policy()
+        policies = tenant_policies(policy, tenants)
         if workers_per_node is not None and workers_per_node < 1:
             raise SandboxError("workers_per_node must be at least 1")
         self.policies = policies
