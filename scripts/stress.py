@@ -755,11 +755,14 @@ async def stress(options: argparse.Namespace) -> dict[str, object]:
             watcher.cancel()
         await asyncio.gather(*watchers, return_exceptions=True)
         resources["drained"] = await asyncio.to_thread(measure_resources)
+        # Warm workers outlive their runs, one or more per tenant: each has a scratch directory.
+        workers_drained = None if options.server else sum(sandbox.stats().workers.values())
         layers = dict(sandbox.host.layers) if sandbox.host else {}
     finally:
         close = await close_within(sandbox, options.stall_timeout_s)
     resources["closed"], resources["after_grace"] = await after_close(options.leak_grace_s)
     close["host_dirs_left"] = sorted(await asyncio.to_thread(host_dir_names))
+    close["workers_when_drained"] = workers_drained
     return build_report(options, main, warmup, lag, loop_errors, resources, timeline, layers, close)
 
 
