@@ -53,15 +53,27 @@ import asyncio
 import re
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 from sandbox.errors import CodeError, InputError, SandboxError, TimeLimitExceeded
 from sandbox.inputs import check_name
 from sandbox.opaque import Opaque
 from sandbox.result import Result
 
-if TYPE_CHECKING:
-    from sandbox.supervisor import Sandbox
+
+class Executor(Protocol):
+    """What runs a workflow's nodes: ``Sandbox`` and ``ClusterSandbox`` alike."""
+
+    async def execute(
+        self,
+        code: str,
+        inputs: Mapping[str, object] | None = None,
+        *,
+        tenant: str = ...,
+        allow_await: bool = ...,
+        filename: str = ...,
+    ) -> Result: ...
+
 
 # Node kind -> whether its code may use top-level ``await``.
 NODE_KINDS: Mapping[str, bool] = {"PythonCodeNode": False, "AsyncPythonCodeNode": True}
@@ -537,7 +549,7 @@ class _WorkflowRun:
     """
 
     def __init__(
-        self, sandbox: Sandbox, workflow: Workflow, runtime: Mapping[str, Mapping[str, object]], tenant: str
+        self, sandbox: Executor, workflow: Workflow, runtime: Mapping[str, Mapping[str, object]], tenant: str
     ) -> None:
         self.sandbox = sandbox
         self.workflow = workflow
@@ -644,7 +656,7 @@ class _WorkflowRun:
 
 
 async def run_workflow(
-    sandbox: Sandbox,
+    sandbox: Executor,
     workflow: Workflow,
     parameters: Mapping[str, Mapping[str, object]] | None = None,
     *,

@@ -43,6 +43,7 @@ from sandbox.supervisor import DEFAULT_TENANT, tenant_policies
 
 if TYPE_CHECKING:
     from sandbox.cluster.session import ClusterSession
+    from sandbox.workflow import Workflow
 
 logger = logging.getLogger(__name__)
 # Called with (0 for stdout or 1 for stderr, text, seconds since the run began), as Sandbox.stream's observer is.
@@ -385,16 +386,16 @@ class ClusterSandbox:
 
     async def run_workflow(
         self,
-        workflow: Any,
+        workflow: Workflow,
         parameters: Mapping[str, Mapping[str, object]] | None = None,
         *,
         tenant: str = DEFAULT_TENANT,
         timeout: float | None = None,
-    ) -> dict[str, Any]:
+    ) -> dict[str, dict[str, object]]:
         """Run a built workflow; each of its code nodes is routed like a run."""
         from sandbox.workflow import run_workflow
 
-        return await run_workflow(self, workflow, parameters, tenant=tenant, timeout=timeout)  # type: ignore[arg-type]
+        return await run_workflow(self, workflow, parameters, tenant=tenant, timeout=timeout)
 
     def _refuse_if_unservable(self, tenant: str) -> None:
         """Fail closed at once when every node refused the tenant."""
