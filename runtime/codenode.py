@@ -125,7 +125,7 @@ class CodeNode:
         self.max_value_bytes: int = settings["max_result_bytes"]
         self.max_total_bytes: int = settings["max_reply_bytes"]
         self.prebind_asyncio = not any(p in ("asyncio", "asyncio.*") for p in settings["denied_modules"])
-        self._compiled: dict[tuple[str, bool, str], types.CodeType] = {}
+        self._compiled: dict[tuple[str, bool, str], tuple[types.CodeType, tuple]] = {}
         self._session_namespace: dict | None = self._fresh_namespace() if settings["session"] else None
 
     def _fresh_namespace(self) -> dict:
@@ -168,15 +168,19 @@ class CodeNode:
         return outcome
 
     def _compile(self, code: str, allow_await: bool, filename: str) -> types.CodeType:
-        # Tracebacks read source lines from linecache, keyed by the filename.
-        linecache.cache[filename] = (len(code), None, code.splitlines(True), filename)
         key = (code, allow_await, filename)
-        compiled = self._compiled.get(key)
-        if compiled is None:
+        cached = self._compiled.get(key)
+        if cached is None:
+            # Tracebacks read source lines from linecache, keyed by the filename.
+            lines = (len(code), None, code.splitlines(True), filename)
+            linecache.cache[filename] = lines
             compiled = compile(code, filename, "exec", flags=_TOP_LEVEL_AWAIT if allow_await else 0, dont_inherit=True)
             if len(self._compiled) >= _COMPILE_CACHE_SIZE:
                 self._compiled.pop(next(iter(self._compiled)))
-            self._compiled[key] = compiled
+            self._compiled[key] = (compiled, lines)
+            return compiled
+        compiled, lines = cached
+        linecache.cache[filename] = lines  # another run may have used the same filename for other code
         return compiled
 
     def _classify_failure(self, exc: BaseException, filename: str, namespace: dict, retire: bool) -> RunOutcome:

@@ -120,25 +120,42 @@ class Scratch:
     """The worker's cwd and the directories it may empty between runs.
 
     All of ``dirs`` live on one file system, whose used-inode count right
-    after confinement is ``inodes_at_start``: while it has not grown, no run
-    created anything and nothing needs a scan.
+    after confinement is ``inodes_at_start``. When that file system is the
+    worker's own tmpfs (``private``), every entry on it that existed at
+    start is a mount point or ./out/ itself, which no run can remove without
+    ./out/ changing identity; so while the count has not grown and ./out/
+    is the one the worker made, no run created anything and nothing needs a
+    scan. On a file system shared with the host, other processes move the
+    count both ways, and every run is scanned.
     """
 
     cwd: str
     dirs: list[ScratchDir] = field(default_factory=list)
     inodes_at_start: int = 0
+    private: bool = False
     clear_refs: bool = False  # /proc/self/clear_refs is open on CLEAR_REFS_FD
     out_dir: tuple[int, int] | None = None  # (device, inode) of ./out/ as the worker made it
 
     @classmethod
-    def of(cls, cwd: str, paths: tuple[str, ...]) -> Scratch:
+    def of(cls, cwd: str, paths: tuple[str, ...], *, private: bool) -> Scratch:
         """``cwd`` holds ./out/, made empty by confinement: it is emptied like
         everything else (so not kept) and made again after each run."""
         st = os.statvfs(paths[0])
         dirs = [ScratchDir.of(path) for path in paths]
         dirs = [ScratchDir(d.path, d.device, d.keep - {OUT_DIR}) if d.path == cwd else d for d in dirs]
         out = os.lstat(os.path.join(cwd, OUT_DIR))
-        return cls(cwd, dirs, st.f_files - st.f_ffree, out_dir=(out.st_dev, out.st_ino))
+        return cls(cwd, dirs, st.f_files - st.f_ffree, private, out_dir=(out.st_dev, out.st_ino))
+
+    def untouched(self) -> bool:
+        """True when provably nothing was created here since confinement (see the class)."""
+        if not self.private:
+            return False
+        try:
+            st = os.statvfs(self.cwd)
+            out = os.lstat(os.path.join(self.cwd, OUT_DIR))
+        except OSError:
+            return False
+        return (out.st_dev, out.st_ino) == self.out_dir and st.f_files - st.f_ffree <= self.inodes_at_start
 
 
 def confine(config: dict, netns_fd: int | None, template_fd: int | None) -> tuple[dict[str, str], Scratch]:
@@ -189,14 +206,14 @@ def confine(config: dict, netns_fd: int | None, template_fd: int | None) -> tupl
 
 def _private_scratch() -> Scratch:
     """Our own tmpfs, pinned by device so nothing else is ever emptied."""
-    return Scratch.of(SCRATCH_DIR, _PRIVATE_TMPFS)
+    return Scratch.of(SCRATCH_DIR, _PRIVATE_TMPFS, private=True)
 
 
 def _host_scratch(directory: str) -> Scratch:
     """Without a mount namespace: the empty directory the zygote made for this
     worker, and nothing else (never the host's /tmp or /dev/shm)."""
     os.chdir(directory)
-    return Scratch.of(directory, (directory,))
+    return Scratch.of(directory, (directory,), private=False)
 
 
 def _open_clear_refs() -> bool:

@@ -88,11 +88,15 @@ def serve(channel: int, layers: dict[str, str], scratch: Scratch, settings: dict
         if not session:
             os.closerange(first_run_fd, _FD_CEILING)  # fds the run opened and left open die with it
         # In a session ./out/ keeps what earlier runs left, like everything else there.
-        collection = _collect_files(outcome, scratch, files, written, settings)
+        untouched = not session and scratch.untouched()
+        if untouched and not files:
+            collection = Collection(0, 0)  # ./out/ is empty: nothing was created anywhere
+        else:
+            collection = _collect_files(outcome, scratch, files, written, settings)
         if session:
             retire = _restore_stdio() | outcome.retire | (outcome.status == wire.MEMORY_LIMIT)
         else:
-            retire = _restore_stdio() | outcome.retire | _empty_scratch(scratch)
+            retire = _restore_stdio() | outcome.retire | (not untouched and _empty_scratch(scratch))
         usage = resource.getrusage(resource.RUSAGE_SELF)
         used = _cpu_seconds(usage)
         retire |= (
@@ -290,19 +294,6 @@ def _empty_scratch(scratch: Scratch) -> bool:
     created it on, and entries that were there from the start (mount points
     of read-only binds) or that sit on another device are left alone.
     """
-    try:
-        st = os.statvfs(scratch.cwd)
-    except OSError:
-        return True
-    try:
-        out = os.lstat(os.path.join(scratch.cwd, OUT_DIR))
-        out_intact = (out.st_dev, out.st_ino) == scratch.out_dir
-    except OSError:
-        out_intact = False
-    # ./out/ is the one entry a run can remove, so the count alone would
-    # miss a file made in its place.
-    if out_intact and st.f_files - st.f_ffree <= scratch.inodes_at_start:
-        return False  # nothing was created since confinement
     failed = False
     for directory in scratch.dirs:
         try:

@@ -53,16 +53,39 @@ def test_symlinks_are_removed_not_followed(tmp_path):
     assert os.listdir(space) == [OUT_DIR] and (outside / "precious.txt").read_text() == "keep me"
 
 
+def _private(space) -> Scratch:
+    """As confinement records the worker's own tmpfs, here on the shared test
+    file system: the tests set the recorded count to what they need."""
+    (space / OUT_DIR).mkdir()
+    return Scratch.of(str(space), (str(space),), private=True)
+
+
+def test_a_space_where_nothing_was_created_needs_no_scan(tmp_path):
+    scratch = _private(tmp_path)
+    scratch.inodes_at_start = 10**12  # as if the count had not grown, whatever else shares this file system
+    assert scratch.untouched() is True
+
+
+def test_a_grown_inode_count_means_a_scan(tmp_path):
+    scratch = _private(tmp_path)
+    scratch.inodes_at_start = 0
+    assert scratch.untouched() is False
+
+
 def test_a_file_made_where_out_was_is_found_though_the_inode_count_did_not_grow(tmp_path):
     """./out/ is the one entry a run can remove: a file in its place leaves the count as it was."""
-    space = tmp_path / "space"
-    space.mkdir()
-    (space / OUT_DIR).mkdir()
-    st = os.statvfs(space)
-    scratch = Scratch.of(str(space), (str(space),))
-    assert scratch.inodes_at_start == st.f_files - st.f_ffree
-    (space / OUT_DIR).rmdir()
-    (space / "left-behind.txt").write_text("secret of the last run")
-    scratch.inodes_at_start = 10**12  # as if the count had not grown, whatever else shares this file system
+    scratch = _private(tmp_path)
+    (tmp_path / OUT_DIR).rmdir()
+    (tmp_path / "left-behind.txt").write_text("secret of the last run")
+    scratch.inodes_at_start = 10**12
+    assert scratch.untouched() is False
     assert _empty_scratch(scratch) is False
-    assert os.listdir(space) == [OUT_DIR]
+    assert os.listdir(tmp_path) == [OUT_DIR]
+
+
+def test_a_file_system_shared_with_the_host_is_always_scanned(tmp_path):
+    """Other processes move a shared file system's count both ways, so it proves nothing."""
+    (tmp_path / OUT_DIR).mkdir()
+    scratch = Scratch.of(str(tmp_path), (str(tmp_path),), private=False)
+    scratch.inodes_at_start = 10**12
+    assert scratch.untouched() is False
