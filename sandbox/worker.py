@@ -182,9 +182,7 @@ class WorkerProcess:
         self.state = State.BUSY
         self.job = job
         self._token = os.urandom(wire.TOKEN_BYTES)
-        self._captured = ([], [])
-        self._captured_bytes = 0
-        self._decoders = (_UTF8("replace"), _UTF8("replace"))
+        self._captured_bytes = 0  # the buffers and decoders were left empty by the last run's _take_output
         request = wire.run_request(
             self._token, job.code, job.inputs, job.allow_await, job.filename, self.profile.policy.cpu_time_s, job.files
         )
@@ -465,7 +463,9 @@ class WorkerProcess:
             job.observer(index, text, self._loop.time() - job.started_at)
 
     def _take_output(self) -> tuple[str, str]:
-        """The run's whole output; a character cut short at its end becomes U+FFFD."""
+        """The run's whole output; a character cut short at its end becomes U+FFFD.
+
+        Leaves the buffers empty and the decoders reset for the next run."""
         for index, decoder in enumerate(self._decoders):
             self._deliver(index, decoder.decode(b"", final=True))
         out, err = self._captured
