@@ -179,9 +179,15 @@ class _Zygote:
         record = {"id": worker_id, "cgroups": [], "scratch": None, "pasta": None}
         egress_netns = None
         try:
-            record["scratch"] = _make_host_scratch(
-                self.scratch_root, f"{SCRATCH_PREFIX}{worker_id}-{self.owner}-", config.get("uid"), config.get("gid")
-            )
+            # A worker whose mount namespace is required never falls back to a
+            # directory on the host (confinement fails instead), so it gets none.
+            if not config["layers"].get("mountns"):
+                record["scratch"] = _make_host_scratch(
+                    self.scratch_root,
+                    f"{SCRATCH_PREFIX}{worker_id}-{self.owner}-",
+                    config.get("uid"),
+                    config.get("gid"),
+                )
             config.update(
                 pid_namespace=self.pid_namespaces,
                 host_scratch=record["scratch"],
@@ -620,8 +626,11 @@ def _set_cgroup_limits(directories: list[str], spec: dict | None) -> str | None:
 
 def _write_limits(directory: str, limits: dict[str, int]) -> None:
     for name, value in limits.items():
-        with open(os.path.join(directory, name), "w") as f:
-            f.write(str(value))
+        fd = os.open(os.path.join(directory, name), os.O_WRONLY | os.O_CLOEXEC)
+        try:
+            os.write(fd, str(value).encode())
+        finally:
+            os.close(fd)
 
 
 def _oom_killed(directory: str) -> bool:

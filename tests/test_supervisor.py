@@ -208,13 +208,26 @@ async def test_close_returns_once_every_host_scratch_directory_is_gone():
     pattern = os.path.join(leftovers.HOST_TMP, f"sandbox-w*-{leftovers.owner_tag()}-*")  # ours, not other tests'
     before = set(glob.glob(pattern))
     for _ in range(4):
-        async with Sandbox(quick_policy(), workers=2) as sb:
+        # Only a worker that may run without its own mount namespace (and so
+        # without landlock) has a directory on the host.
+        async with Sandbox(quick_policy(skip_layers=["mountns", "landlock"]), workers=2) as sb:
             for _ in range(10):
                 await sb.run("x = 1")
             with pytest.raises(WorkerCrashed):
                 await sb.run(ESCAPE + "_mod('os')._exit(3)")
             assert set(glob.glob(pattern)) - before, "each worker should have a host scratch directory"
         assert set(glob.glob(pattern)) - before == set()
+
+
+async def test_a_worker_that_requires_its_mount_namespace_has_no_directory_on_the_host():
+    """It never falls back to one (its confinement fails instead), so none is made and removed per start."""
+    pattern = os.path.join(leftovers.HOST_TMP, f"sandbox-w*-{leftovers.owner_tag()}-*")
+    async with Sandbox(quick_policy(fresh_process_per_run=True), workers=2) as sb:
+        if "mountns" not in sb._profiles["default"].required:
+            pytest.skip("this host cannot give workers a mount namespace of their own")
+        for _ in range(5):
+            assert (await sb.run("x = 1")).outputs == {"x": 1}
+            assert glob.glob(pattern) == []
 
 
 async def test_event_loop_stays_responsive_while_workers_spin():
