@@ -59,7 +59,11 @@ import random
 _os = random._os
 largest = 0
 for _top in ("/work", "/tmp", "/dev/shm"):
+    _device = _os.lstat(_top).st_dev
     for _root, _dirs, _files in _os.walk(_top):
+        # Read-only binds (the interpreter's files, should they live under one
+        # of these paths) are other devices, where no run can write.
+        _dirs[:] = [_d for _d in _dirs if _os.lstat(_os.path.join(_root, _d)).st_dev == _device]
         for _name in _files:
             _st = _os.lstat(_os.path.join(_root, _name))
             largest = max(largest, _st.st_size, _st.st_blocks * 512)
