@@ -126,7 +126,8 @@ class Scratch:
     ./out/ changing identity; so while the count has not grown and ./out/
     is the one the worker made, no run created anything and nothing needs a
     scan. On a file system shared with the host, other processes move the
-    count both ways, and every run is scanned.
+    count both ways; there the scratch space is one directory the zygote
+    made, and listing it and ./out/ is what proves them empty.
     """
 
     cwd: str
@@ -148,14 +149,19 @@ class Scratch:
 
     def untouched(self) -> bool:
         """True when provably nothing was created here since confinement (see the class)."""
-        if not self.private:
-            return False
+        out_path = os.path.join(self.cwd, OUT_DIR)
         try:
-            st = os.statvfs(self.cwd)
-            out = os.lstat(os.path.join(self.cwd, OUT_DIR))
+            out = os.lstat(out_path)
+            if (out.st_dev, out.st_ino) != self.out_dir:
+                return False
+            if self.private:
+                st = os.statvfs(self.cwd)
+                return st.f_files - st.f_ffree <= self.inodes_at_start
+            if len(self.dirs) != 1:
+                return False
+            return set(os.listdir(self.cwd)) - self.dirs[0].keep == {OUT_DIR} and not os.listdir(out_path)
         except OSError:
             return False
-        return (out.st_dev, out.st_ino) == self.out_dir and st.f_files - st.f_ffree <= self.inodes_at_start
 
 
 def confine(config: dict, netns_fd: int | None, template_fd: int | None) -> tuple[dict[str, str], Scratch]:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 
+import pytest
+
 from sandbox.runtime.confine import Scratch, ScratchDir
 from sandbox.runtime.files import OUT_DIR
 from sandbox.runtime.worker import _empty_scratch
@@ -83,9 +85,27 @@ def test_a_file_made_where_out_was_is_found_though_the_inode_count_did_not_grow(
     assert os.listdir(tmp_path) == [OUT_DIR]
 
 
-def test_a_file_system_shared_with_the_host_is_always_scanned(tmp_path):
-    """Other processes move a shared file system's count both ways, so it proves nothing."""
-    (tmp_path / OUT_DIR).mkdir()
-    scratch = Scratch.of(str(tmp_path), (str(tmp_path),), private=False)
+def _shared(space) -> Scratch:
+    """A worker's directory on a file system shared with the host, whose count proves nothing."""
+    (space / OUT_DIR).mkdir()
+    scratch = Scratch.of(str(space), (str(space),), private=False)
     scratch.inodes_at_start = 10**12
+    return scratch
+
+
+def test_an_empty_directory_on_a_shared_file_system_needs_no_scan(tmp_path):
+    assert _shared(tmp_path).untouched() is True
+
+
+@pytest.mark.parametrize("made", ["file.txt", "out/file.txt", "nested/", "out/nested/"])
+def test_anything_made_in_a_directory_on_a_shared_file_system_is_seen(tmp_path, made):
+    scratch = _shared(tmp_path)
+    path = tmp_path / made
+    path.mkdir() if made.endswith("/") else path.write_text("x")
+    assert scratch.untouched() is False
+
+
+def test_out_removed_from_a_directory_on_a_shared_file_system_is_seen(tmp_path):
+    scratch = _shared(tmp_path)
+    (tmp_path / OUT_DIR).rmdir()
     assert scratch.untouched() is False
