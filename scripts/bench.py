@@ -18,7 +18,8 @@ loky's ``ProcessPoolExecutor``:
   turn, and each figure is the median over the passes: this VM drifts by
   tens of percent over a minute, and alternating puts every contender
   through the same drift (each pass's figures are in the JSON samples,
-  and each pass's ratio is printed with the verdict);
+  and each pass's ratio is printed with the verdict). The new-process
+  figures and the fork floor below are measured in passes the same way;
 * timeout enforcement on a one-worker pool: a spinning run with a 0.5 s
   limit, how late its failure arrives after the limit, and the time from
   that failure until the next trivial run has completed. The sandbox and
@@ -619,17 +620,28 @@ def measure(pool: list[Contender], options: argparse.Namespace, log: Callable[[s
             continue
         samples[contender.name]["cold_start_ms"] = [s * 1000 for s in starts if s is not None]
         figures[contender.name]["cold_start_ms"] = median(samples[contender.name]["cold_start_ms"])
+    # New processes, and the fork floor they are judged against, in passes as well.
+    fresh: dict[str, dict[str, list[float]]] = {}
+    for number in range(1, options.passes + 1):
+        for contender in pool:
+            log(f"new process per run, pass {number}: {contender.name}")
+            trips = contender.fresh_round_trips(options.fresh_rounds, FRESH_WARMUP)
+            if trips:
+                passes = fresh.setdefault(contender.name, {"fresh_p50_ms": [], "fresh_p99_ms": []})
+                passes["fresh_p50_ms"].append(percentile(trips, 50) * 1000)
+                passes["fresh_p99_ms"].append(percentile(trips, 99) * 1000)
+        log(f"fork floor, pass {number}")
+        floor = fork_floor_in_fresh_interpreter(options.fresh_rounds)
+        passes = fresh.setdefault("fork floor", {"fresh_p50_ms": [], "fresh_p99_ms": []})
+        passes["fresh_p50_ms"].append(percentile(floor, 50) * 1000)
+        passes["fresh_p99_ms"].append(percentile(floor, 99) * 1000)
+    figures["fork floor"], samples["fork floor"] = {}, {}
     for contender in pool:
-        log(f"new process per run: {contender.name}")
-        trips = contender.fresh_round_trips(options.fresh_rounds, FRESH_WARMUP)
-        figures[contender.name].update(
-            fresh_p50_ms=percentile(trips, 50) * 1000 if trips else None,
-            fresh_p99_ms=percentile(trips, 99) * 1000 if trips else None,
-        )
-    log("fork floor")
-    floor = fork_floor_in_fresh_interpreter(options.fresh_rounds)
-    samples["fork floor"] = {"fresh_ms": [t * 1000 for t in floor]}
-    figures["fork floor"] = {"fresh_p50_ms": percentile(floor, 50) * 1000, "fresh_p99_ms": percentile(floor, 99) * 1000}
+        figures[contender.name].update(fresh_p50_ms=None, fresh_p99_ms=None)
+    for name, passes in fresh.items():
+        for key, values in passes.items():
+            figures[name][key] = median(values)
+            samples[name][f"{key}_by_pass"] = values
     tenants: dict[str, float] = {}
     for count in options.tenants:
         log(f"{count} tenants round-robin")
@@ -728,7 +740,12 @@ TARGETS = [
         per_pass=pass_ratios("sandbox/asyncio", "throughput_per_s", "ProcessPoolExecutor"),
     ),
     Target("next run after a timeout kill <= 1.0x pebble", figure_ratio("sandbox", "timeout_usable_ms", "pebble"), 1.0),
-    Target("fresh process per run p50 <= 2.5x fork floor", figure_ratio("sandbox", "fresh_p50_ms", "fork floor"), 2.5),
+    Target(
+        "fresh process per run p50 <= 2.5x fork floor",
+        figure_ratio("sandbox", "fresh_p50_ms", "fork floor"),
+        2.5,
+        per_pass=pass_ratios("sandbox", "fresh_p50_ms", "fork floor"),
+    ),
     Target("100 tenants round-robin >= 0.5x one tenant", tenant_ratio, 0.5, at_most=False),
     Target("1,000 tenants >= 1 / (1.5 x fork floor) runs/s", thousand_tenants_over_floor, 1.0, at_most=False),
 ]
@@ -769,8 +786,8 @@ def print_table(report: dict) -> None:
         "everything else: lower is better."
     )
     print(
-        f"warm round trips and throughput: medians of {report['options']['passes']} passes, "
-        "each taking every contender in turn."
+        f"warm round trips, throughput, new process per run and the fork floor: medians of "
+        f"{report['options']['passes']} passes, each taking every contender in turn."
     )
     print(
         f"timeout limit {report['options']['timeout_s']:g} s on a one-worker pool; "
