@@ -30,10 +30,13 @@ from collections.abc import Awaitable, Callable
 
 from sandbox.errors import SandboxError
 from sandbox.profile import TenantProfile
-from sandbox.worker import Listener, WorkerProcess
+from sandbox.worker import Listener, State, WorkerProcess
 from sandbox.zygote import Zygote
 
 _PAGE = 4096
+# A worker's charge until one has been measured: a little over the ~3 MiB of
+# a trivial tenant's worker, so that an unmeasured budget errs towards fewer warm workers.
+_UNMEASURED_CHARGE = 4 * 1024 * 1024
 
 
 class Pool:
@@ -65,11 +68,12 @@ class Pool:
         # Every idle worker, least recently used first (a dict keeps insertion order).
         self._lru: dict[WorkerProcess, None] = {}
         self._idle_bytes = 0
-        self._typical_charge = 0
+        self._typical_charge = _UNMEASURED_CHARGE
         self._starting: dict[str, int] = dict.fromkeys(profiles, 0)
         self._starting_total = 0
         self._starting_for_runs = 0  # starts on a waiting run's behalf
         self._spawn_tasks: set[asyncio.Task[None]] = set()
+        self._measurements: set[asyncio.Future[int]] = set()  # workers' private memory, read in threads
         self._owners: dict[WorkerProcess, Listener] = {}  # dedicated workers and who they serve
         self.last_spawn_error: BaseException | None = None
 
@@ -186,13 +190,36 @@ class Pool:
         self._forget(worker)
 
     def _keep_idle(self, worker: WorkerProcess) -> None:
-        if worker.runs == 1:  # after its first run (imports); before it, the last worker's figure stands in
-            worker.memory_charge = self._typical_charge = _private_bytes(worker.pid)
-        elif worker.runs == 0:
+        if worker.runs <= 1:  # until its first run is measured, the last worker's figure stands in
             worker.memory_charge = self._typical_charge
+        if worker.runs == 1:  # after its first run (imports)
+            self._measure(worker)
         self._idle[worker.tenant].append(worker)
         self._lru[worker] = None
         self._idle_bytes += worker.memory_charge
+
+    def _measure(self, worker: WorkerProcess) -> None:
+        """Charge ``worker`` the private memory it holds, read in a thread.
+
+        Reading ``smaps_rollup`` walks the worker's page tables: about 0.4 ms
+        here, which on the event loop would stall every other run and delay
+        the one that just ended (its caller resumes after this callback).
+        Until the figure arrives, the last measured worker's stands in.
+        """
+        task = asyncio.ensure_future(asyncio.to_thread(_private_bytes, worker.pid))
+        self._measurements.add(task)
+        task.add_done_callback(lambda done: self._charge(worker, done))
+
+    def _charge(self, worker: WorkerProcess, done: asyncio.Future[int]) -> None:
+        self._measurements.discard(done)
+        if done.cancelled() or done.exception() is not None or worker.state is State.DEAD:
+            return
+        charge = done.result()
+        self._typical_charge = charge
+        if worker in self._lru:
+            self._idle_bytes += charge - worker.memory_charge
+        worker.memory_charge = charge
+        self._on_change()  # the warm budget may be over now: the supervisor's pump trims it
 
     def _forget_idle(self, worker: WorkerProcess) -> None:
         del self._lru[worker]
@@ -261,6 +288,8 @@ class Pool:
     # --- shutdown ----------------------------------------------------------------------
 
     async def close(self) -> None:
+        for measurement in list(self._measurements):
+            measurement.cancel()
         for task in list(self._spawn_tasks):
             task.cancel()
         await asyncio.gather(*self._spawn_tasks, return_exceptions=True)
