@@ -161,9 +161,7 @@ def _run(args: argparse.Namespace) -> int:
     if args.server is not None:
         if args.policy is not None:
             raise _UsageError("--policy applies to a local run; the server's own policy file governs --server")
-        if files or args.out is not None:
-            raise _UsageError("--file and --out apply to a local run, not to --server")
-        execute = _remote_run(args.server, code, inputs, args.tenant, args.timeout)
+        execute = _remote_run(args.server, code, inputs, args.tenant, args.timeout, str(args.file), files)
     else:
         tenant = args.tenant or DEFAULT_TENANT
         execute = _local_run(_tenants(args), code, inputs, tenant, args.timeout, str(args.file), files)
@@ -235,12 +233,18 @@ async def _local_run(
 
 
 async def _remote_run(
-    server: str, code: str, inputs: dict[str, object], tenant: str | None, timeout: float | None
+    server: str,
+    code: str,
+    inputs: dict[str, object],
+    tenant: str | None,
+    timeout: float | None,
+    filename: str,
+    files: dict[str, bytes],
 ) -> Result:
     from sandbox.client import Client
 
     async with Client(server, os.environ.get("SANDBOX_API_KEY")) as client:
-        return await client.run(code, inputs, tenant=tenant, timeout=timeout)
+        return await client.run(code, inputs, tenant=tenant, timeout=timeout, filename=filename, files=files)
 
 
 def _parse_input(item: str) -> tuple[str, object]:

@@ -55,13 +55,19 @@ class ServiceError(SandboxError):
 
 
 def _run_body(
-    code: str, inputs: Mapping[str, object] | None, timeout: float | None, files: Mapping[str, bytes] | None
+    code: str,
+    inputs: Mapping[str, object] | None,
+    timeout: float | None,
+    files: Mapping[str, bytes] | None,
+    filename: str = "<code>",
 ) -> dict[str, JSON]:
     body: dict[str, JSON] = {"code": code, "inputs": encode_mapping(inputs or {})}
     if timeout is not None:
         body["timeout"] = timeout
     if files:
         body["files"] = encode_files(files)
+    if filename != "<code>":
+        body["filename"] = filename
     return body
 
 
@@ -171,8 +177,9 @@ class RemoteSession:
         *,
         timeout: float | None = None,
         files: Mapping[str, bytes] | None = None,
+        filename: str = "<code>",
     ) -> Result:
-        body = _run_body(code, inputs, timeout, files)
+        body = _run_body(code, inputs, timeout, files, filename)
         return result_from_body(_answer(await self._client.http.post(f"/v1/sessions/{self.id}/runs", json=body)))
 
     def stream(
@@ -182,9 +189,10 @@ class RemoteSession:
         *,
         timeout: float | None = None,
         files: Mapping[str, bytes] | None = None,
+        filename: str = "<code>",
     ) -> RemoteStream:
         return RemoteStream(
-            self._client, f"/v1/sessions/{self.id}/runs/stream", _run_body(code, inputs, timeout, files)
+            self._client, f"/v1/sessions/{self.id}/runs/stream", _run_body(code, inputs, timeout, files, filename)
         )
 
 
@@ -241,10 +249,11 @@ class Client:
         tenant: str | None = None,
         timeout: float | None = None,
         files: Mapping[str, bytes] | None = None,
+        filename: str = "<code>",
     ) -> Result:
         """``Sandbox.run`` through the server."""
         await self.check_tenant(tenant)
-        response = await self.http.post("/v1/runs", json=_run_body(code, inputs, timeout, files))
+        response = await self.http.post("/v1/runs", json=_run_body(code, inputs, timeout, files, filename))
         return result_from_body(_answer(response))
 
     def stream(
@@ -255,9 +264,10 @@ class Client:
         tenant: str | None = None,
         timeout: float | None = None,
         files: Mapping[str, bytes] | None = None,
+        filename: str = "<code>",
     ) -> RemoteStream:
         """``Sandbox.stream`` through the server (Server-Sent Events)."""
-        return RemoteStream(self, "/v1/runs/stream", _run_body(code, inputs, timeout, files), tenant)
+        return RemoteStream(self, "/v1/runs/stream", _run_body(code, inputs, timeout, files, filename), tenant)
 
     def session(self, *, tenant: str | None = None) -> RemoteSession:
         """``Sandbox.session`` through the server."""

@@ -239,6 +239,38 @@ def test_sandbox_run_with_server_uses_the_key_from_the_environment(server: Serve
     assert failed.returncode == 1 and "401" in failed.stderr
 
 
+def test_sandbox_run_with_server_carries_files_and_the_file_name(server: Server, tmp_path: Path) -> None:
+    """--file and --out work through the server as they do locally, and tracebacks name the file."""
+    data = tmp_path / "data.txt"
+    data.write_text("seven")
+    node = tmp_path / "node.py"
+    node.write_text("text = open('data.txt').read()\nopen('out/copy.txt', 'w').write(text.upper())\n")
+    out = tmp_path / "out"
+    command = [sys.executable, "-m", "sandbox", "run", str(node), "--server", server.url]
+    env = environment_with(SANDBOX_API_KEY=server.keys["other"])
+    done = subprocess.run(
+        [*command, "--file", f"data.txt={data}", "--out", str(out)], capture_output=True, text=True, timeout=60, env=env
+    )
+    assert done.returncode == 0, done.stderr
+    assert '"text": "seven"' in done.stdout and (out / "copy.txt").read_text() == "SEVEN"
+    node.write_text("x = 1\n1 / 0\n")
+    failed = subprocess.run(command, capture_output=True, text=True, timeout=60, env=env)
+    assert failed.returncode == 1 and f'File "{node}", line 2' in failed.stderr, failed.stderr
+
+
+@module_loop
+async def test_a_file_name_reaches_tracebacks_locally_and_remotely(local: Sandbox, remote: Client) -> None:
+    code = "x = 1\nraise ValueError('no')\n"
+    for runner in (local, remote):
+        with pytest.raises(CodeError) as raised:
+            await runner.run(code, filename="node.py")
+        assert 'File "node.py", line 2' in raised.value.traceback
+    async with remote.session() as session:
+        with pytest.raises(CodeError) as raised:
+            await session.run(code, filename="cell-3")
+        assert 'File "cell-3", line 2' in raised.value.traceback
+
+
 # --- streaming and sessions (the Sandbox's stream and session) -------------------------------------------------
 
 

@@ -79,7 +79,7 @@ def test_health_ready_and_openapi_match_the_routes(http: httpx.Client) -> None:
     }
     assert set(paths["/v1/sessions/{session_id}"]) == {"delete"}
     run_body = http.get("/openapi.json").json()["components"]["schemas"]["RunRequest"]
-    assert set(run_body["properties"]) == {"code", "inputs", "timeout", "files"}
+    assert set(run_body["properties"]) == {"code", "inputs", "timeout", "files", "filename"}
 
 
 def test_metrics_count_runs_by_tenant_and_outcome(http: httpx.Client) -> None:
@@ -191,6 +191,8 @@ def test_a_failed_run_is_a_200_naming_the_error_type(http: httpx.Client) -> None
         ({"code": "x = 1", "inputs": {"v": {"$type": "bytes", "base64": "!!"}}}, ["body", "inputs"]),
         ({"code": "x = 1", "colour": "red"}, ["body", "colour"]),
         ({"code": "x = 1", "files": {"a.txt": "not base64!"}}, ["body", "files"]),
+        ({"code": "x = 1", "filename": "x" * 256}, ["body", "filename"]),
+        ({"code": "x = 1", "filename": ""}, ["body", "filename"]),
     ],
 )
 def test_a_malformed_body_gets_422_naming_the_field(http: httpx.Client, body: dict, field: list[str]) -> None:

@@ -89,6 +89,9 @@ class RunRequest(_Body):
     inputs: dict[str, Any] = Field(default_factory=dict, description="variables to bind, in the tagged JSON form")
     timeout: float | None = Field(None, gt=0, description="shortens the tenant's wall_time_s, never extends it")
     files: dict[str, str] | None = Field(None, description="files placed in the run's directory: path -> base64")
+    filename: str = Field(
+        "<code>", min_length=1, max_length=255, description="what tracebacks call the code (a file's name, say)"
+    )
 
     @field_validator("inputs")
     @classmethod
@@ -109,8 +112,8 @@ class RunRequest(_Body):
     def run_arguments(self) -> dict[str, Any]:
         """Keyword arguments for ``Sandbox.run``/``stream``. ``files`` is passed
         only when the request has files, so a run without files is exactly
-        ``Sandbox.run(code, inputs, tenant=..., timeout=...)``."""
-        arguments: dict[str, Any] = {"timeout": self.timeout}
+        ``Sandbox.run(code, inputs, tenant=..., timeout=..., filename=...)``."""
+        arguments: dict[str, Any] = {"timeout": self.timeout, "filename": self.filename}
         if self.files:
             arguments["files"] = self.files
         return arguments
