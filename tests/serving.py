@@ -9,7 +9,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -57,9 +57,12 @@ def write_files(directory: Path) -> tuple[Path, Path, dict[str, str]]:
 
 
 @contextmanager
-def running_server(directory: Path, *extra: str, timeout_s: float = 60.0) -> Iterator[Server]:
+def running_server(
+    directory: Path, *extra: str, timeout_s: float = 60.0, launcher: Sequence[str] = (sys.executable, "-m", "sandbox")
+) -> Iterator[Server]:
+    """``sandbox serve`` started by ``launcher`` (the command that stands for ``sandbox``)."""
     policy, keys_file, keys = write_files(directory)
-    command = [sys.executable, "-m", "sandbox", "serve", "--policy", str(policy), "--keys", str(keys_file)]
+    command = [*launcher, "serve", "--policy", str(policy), "--keys", str(keys_file)]
     command += ["--host", "127.0.0.1", "--port", "0", "--workers", "2", *extra]
     log = directory / "serve.log"
     with log.open("w") as stderr:

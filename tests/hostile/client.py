@@ -150,7 +150,7 @@ def _reachability_mounts() -> tuple[str, str] | None:
     return next(iter(needed), None)
 
 
-def _stage_sources() -> str:
+def stage_sources() -> str:
     """A fresh 0755 copy of the package under test (its linked subpackages
     copied as folders) and of the harness."""
     stage = tempfile.mkdtemp(prefix="hostile-stage-")
@@ -176,6 +176,32 @@ if [ -n "$blocked" ]; then
 fi
 exec setpriv --reuid={UNPRIVILEGED_UID} --regid={UNPRIVILEGED_UID} --clear-groups "$@"
 """
+
+
+def unprivileged_command(stage: str, arguments: list[str]) -> list[str]:
+    """This interpreter, run with ``arguments`` as uid 65534 in a private mount
+    and PID namespace where it can reach itself (see the module docstring);
+    ``stage`` is a directory from :func:`stage_sources`."""
+    blocked, keep = _reachability_mounts() or ("", "")
+    python = sys.executable  # not resolved: a virtual environment is found through it
+    return [
+        "unshare",
+        "--mount",
+        "--pid",
+        "--fork",
+        "--kill-child",
+        "--mount-proc",
+        "sh",
+        "-c",
+        _DROP_PRIVILEGES,
+        "sh",
+        blocked,
+        keep,
+        os.path.join(stage, "aside"),
+        python,
+        "-I",
+        *arguments,
+    ]
 
 
 class HarnessProcess:
@@ -207,28 +233,8 @@ class HarnessProcess:
                 namespace.insert(1, "--map-current-user")
             return [*namespace, python, "-I", str(HARNESS), str(REPO), config]
         if self._stage is None:
-            self._stage = _stage_sources()
-        blocked, keep = _reachability_mounts() or ("", "")
-        return [
-            "unshare",
-            "--mount",
-            "--pid",
-            "--fork",
-            "--kill-child",
-            "--mount-proc",
-            "sh",
-            "-c",
-            _DROP_PRIVILEGES,
-            "sh",
-            blocked,
-            keep,
-            os.path.join(self._stage, "aside"),
-            python,
-            "-I",
-            os.path.join(self._stage, HARNESS.name),
-            self._stage,
-            config,
-        ]
+            self._stage = stage_sources()
+        return unprivileged_command(self._stage, [os.path.join(self._stage, HARNESS.name), self._stage, config])
 
     def start(self) -> None:
         self._cgroups = ThrowawayCgroups.create()
