@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import subprocess
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -21,7 +22,13 @@ import pytest
 
 from tests.hostile import attacks
 from tests.hostile.attacks import escaped
-from tests.hostile.client import UNPRIVILEGED_UID, stage_sources, unprivileged_command, unprivileged_unavailable
+from tests.hostile.client import (
+    UNPRIVILEGED_UID,
+    kill_namespace,
+    stage_sources,
+    unprivileged_command,
+    unprivileged_unavailable,
+)
 from tests.serving import Server, running_server
 
 UNAVAILABLE = unprivileged_unavailable()
@@ -37,15 +44,25 @@ def server() -> Iterator[Server]:
     boot = f"import sys; sys.path.insert(0, {stage!r}); from sandbox.cli import main; sys.exit(main())"
     try:
         with running_server(directory, launcher=unprivileged_command(stage, ["-c", boot])) as running:
-            yield running
-            # A SIGTERM to unshare does not reach the server: the server itself is asked to drain and stop.
-            for process in _service_processes(running):
-                if "serve" in process.cmdline():
-                    process.terminate()
-            running.process.wait(timeout=30)
+            try:
+                yield running
+            finally:
+                _stop(running)
     finally:
         shutil.rmtree(directory, ignore_errors=True)
         shutil.rmtree(stage, ignore_errors=True)
+
+
+def _stop(server: Server) -> None:
+    """A SIGTERM to unshare does not reach the server: the server itself is
+    asked to drain and stop, and its namespace is killed if it does not."""
+    for process in _service_processes(server):
+        if "serve" in process.cmdline():
+            process.terminate()
+    try:
+        server.process.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        kill_namespace(server.process)
 
 
 def _run(server: Server, code: str, inputs: dict | None = None) -> dict:

@@ -35,6 +35,8 @@ import time
 from pathlib import Path
 from typing import IO
 
+import psutil
+
 from sandbox.cgroups import own_group
 from tests.hostile.harness import SECRET_VARIABLE
 
@@ -178,6 +180,23 @@ exec setpriv --reuid={UNPRIVILEGED_UID} --regid={UNPRIVILEGED_UID} --clear-group
 """
 
 
+def kill_namespace(unshare: subprocess.Popen) -> None:
+    """SIGKILL the PID namespace that ``unshare --fork`` (the ``unshare`` process) made.
+
+    Its first process is the namespace's init, whose death takes every
+    other process of the namespace with it. ``--kill-child`` alone does not
+    do that once ``setpriv`` has dropped the child's uid: the kernel clears
+    the parent-death signal when a process's credentials change.
+    """
+    try:
+        for child in psutil.Process(unshare.pid).children():
+            child.kill()
+    except psutil.Error:
+        pass
+    unshare.kill()
+    unshare.wait()
+
+
 def unprivileged_command(stage: str, arguments: list[str]) -> list[str]:
     """This interpreter, run with ``arguments`` as uid 65534 in a private mount
     and PID namespace where it can reach itself (see the module docstring);
@@ -270,8 +289,7 @@ class HarnessProcess:
             try:
                 self._process.wait(timeout=10)
             except subprocess.TimeoutExpired:
-                self._process.kill()  # unshare dies; --kill-child takes the namespace with it
-                self._process.wait()
+                kill_namespace(self._process)
             self._process.stdout.close()
             self._process = None
         if self._cgroups is not None:
