@@ -59,6 +59,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import collections
 import concurrent.futures
 import datetime
 import itertools
@@ -569,38 +570,41 @@ METRICS = [
 ]
 
 
-# The warm-path figures: measured in every pass, each pass taking every contender in turn.
-_PASSED = ("warm_p50_ms", "warm_p99_ms", "throughput_per_s", "host_cpu_us", "worker_cpu_us")
+def p50_p99_ms(prefix: str, seconds: Sequence[float]) -> dict[str, float]:
+    return {f"{prefix}_p50_ms": percentile(seconds, 50) * 1000, f"{prefix}_p99_ms": percentile(seconds, 99) * 1000}
 
 
 def measure(pool: list[Contender], options: argparse.Namespace, log: Callable[[str], None]) -> dict:
     """Every figure of every contender, interleaved metric by metric; raw samples kept.
 
-    The warm round trips and the throughput, whose ratios are the closest
-    to each other and the most exposed to this VM's drift, are measured in
-    ``options.passes`` passes that take the contenders in turn; each figure
-    is the median over the passes, and every pass's figure is kept in the
-    samples (``<key>_by_pass``).
+    The warm round trips, the throughput, the new-process runs and the fork
+    floor, whose ratios are the closest and the most exposed to this VM's
+    drift, are measured in ``options.passes`` passes that take the
+    contenders in turn; each of their figures is the median over the
+    passes, and every pass's figure is kept in the samples (``<key>_by_pass``).
     """
     figures: dict[str, dict[str, float | None]] = {c.name: {} for c in pool}
     samples: dict[str, dict[str, list[float]]] = {c.name: {} for c in pool}
-    by_pass: dict[str, dict[str, list[float]]] = {c.name: {key: [] for key in _PASSED} for c in pool}
+    passes: dict[str, dict[str, list[float]]] = collections.defaultdict(lambda: collections.defaultdict(list))
+
+    def keep(name: str, **values: float) -> None:
+        for key, value in values.items():
+            passes[name][key].append(value)
+
     for number in range(1, options.passes + 1):
         for contender in pool:
             log(f"warm round trips, pass {number}: {contender.name}")
             trips = contender.round_trips(options.rounds, options.warmup)
-            by_pass[contender.name]["warm_p50_ms"].append(percentile(trips, 50) * 1000)
-            by_pass[contender.name]["warm_p99_ms"].append(percentile(trips, 99) * 1000)
+            keep(contender.name, **p50_p99_ms("warm", trips))
         for contender in pool:
             log(f"throughput, pass {number}: {contender.name}")
             throughput = contender.throughput(options.throughput_runs)
-            by_pass[contender.name]["throughput_per_s"].append(throughput.per_s)
-            by_pass[contender.name]["host_cpu_us"].append(throughput.host_cpu_us)
-            by_pass[contender.name]["worker_cpu_us"].append(throughput.worker_cpu_us)
-    for name, passes in by_pass.items():
-        for key, values in passes.items():
-            figures[name][key] = median(values)
-            samples[name][f"{key}_by_pass"] = values
+            keep(
+                contender.name,
+                throughput_per_s=throughput.per_s,
+                host_cpu_us=throughput.host_cpu_us,
+                worker_cpu_us=throughput.worker_cpu_us,
+            )
     for contender in pool:
         log(f"timeout: {contender.name}")
         first = contender.timeout(options.timeout_s)
@@ -620,28 +624,20 @@ def measure(pool: list[Contender], options: argparse.Namespace, log: Callable[[s
             continue
         samples[contender.name]["cold_start_ms"] = [s * 1000 for s in starts if s is not None]
         figures[contender.name]["cold_start_ms"] = median(samples[contender.name]["cold_start_ms"])
-    # New processes, and the fork floor they are judged against, in passes as well.
-    fresh: dict[str, dict[str, list[float]]] = {}
+    # New processes, and the fork floor they are judged against.
     for number in range(1, options.passes + 1):
         for contender in pool:
             log(f"new process per run, pass {number}: {contender.name}")
             trips = contender.fresh_round_trips(options.fresh_rounds, FRESH_WARMUP)
             if trips:
-                passes = fresh.setdefault(contender.name, {"fresh_p50_ms": [], "fresh_p99_ms": []})
-                passes["fresh_p50_ms"].append(percentile(trips, 50) * 1000)
-                passes["fresh_p99_ms"].append(percentile(trips, 99) * 1000)
+                keep(contender.name, **p50_p99_ms("fresh", trips))
         log(f"fork floor, pass {number}")
         floor = fork_floor_in_fresh_interpreter(options.fresh_rounds)
-        passes = fresh.setdefault("fork floor", {"fresh_p50_ms": [], "fresh_p99_ms": []})
-        passes["fresh_p50_ms"].append(percentile(floor, 50) * 1000)
-        passes["fresh_p99_ms"].append(percentile(floor, 99) * 1000)
-    figures["fork floor"], samples["fork floor"] = {}, {}
-    for contender in pool:
-        figures[contender.name].update(fresh_p50_ms=None, fresh_p99_ms=None)
-    for name, passes in fresh.items():
-        for key, values in passes.items():
-            figures[name][key] = median(values)
-            samples[name][f"{key}_by_pass"] = values
+        keep("fork floor", **p50_p99_ms("fresh", floor))
+    for name, measured in passes.items():
+        for key, values in measured.items():
+            figures.setdefault(name, {})[key] = median(values)
+            samples.setdefault(name, {})[f"{key}_by_pass"] = values
     tenants: dict[str, float] = {}
     for count in options.tenants:
         log(f"{count} tenants round-robin")
@@ -679,9 +675,7 @@ class Target:
         return value, (value <= self.bound if self.at_most else value >= self.bound)
 
 
-def figure_ratio(
-    name: str, key: str, reference: str, reference_key: str | None = None
-) -> Callable[[dict], float | None]:
+def figure_ratio(name: str, key: str, reference: str) -> Callable[[dict], float | None]:
     def value(report: dict) -> float | None:
         figures = report["figures"]
         mine = figures.get(name, {}).get(key)
@@ -712,40 +706,36 @@ def pass_ratios(name: str, key: str, reference: str) -> Callable[[dict], list[fl
     return values
 
 
+def ratio_target(
+    description: str, name: str, key: str, reference: str, bound: float, *, at_most: bool = True
+) -> Target:
+    """A target on ``name``'s ``key`` over ``reference``'s, with the ratio of each pass where the figure has passes."""
+    return Target(
+        description, figure_ratio(name, key, reference), bound, at_most, per_pass=pass_ratios(name, key, reference)
+    )
+
+
 TARGETS = [
-    Target(
-        "warm p50 <= 0.6x PPE, uvloop",
-        figure_ratio("sandbox", "warm_p50_ms", "ProcessPoolExecutor"),
-        0.6,
-        per_pass=pass_ratios("sandbox", "warm_p50_ms", "ProcessPoolExecutor"),
-    ),
-    Target(
-        "warm p50 <= 0.6x PPE, asyncio.run",
-        figure_ratio("sandbox/asyncio", "warm_p50_ms", "ProcessPoolExecutor"),
-        0.6,
-        per_pass=pass_ratios("sandbox/asyncio", "warm_p50_ms", "ProcessPoolExecutor"),
-    ),
-    Target(
+    ratio_target("warm p50 <= 0.6x PPE, uvloop", "sandbox", "warm_p50_ms", "ProcessPoolExecutor", 0.6),
+    ratio_target("warm p50 <= 0.6x PPE, asyncio.run", "sandbox/asyncio", "warm_p50_ms", "ProcessPoolExecutor", 0.6),
+    ratio_target(
         "throughput >= 1.5x PPE.map(chunksize=1), uvloop",
-        figure_ratio("sandbox", "throughput_per_s", "ProcessPoolExecutor"),
+        "sandbox",
+        "throughput_per_s",
+        "ProcessPoolExecutor",
         1.5,
         at_most=False,
-        per_pass=pass_ratios("sandbox", "throughput_per_s", "ProcessPoolExecutor"),
     ),
-    Target(
+    ratio_target(
         "throughput >= 1.5x PPE.map(chunksize=1), asyncio.run",
-        figure_ratio("sandbox/asyncio", "throughput_per_s", "ProcessPoolExecutor"),
+        "sandbox/asyncio",
+        "throughput_per_s",
+        "ProcessPoolExecutor",
         1.5,
         at_most=False,
-        per_pass=pass_ratios("sandbox/asyncio", "throughput_per_s", "ProcessPoolExecutor"),
     ),
-    Target("next run after a timeout kill <= 1.0x pebble", figure_ratio("sandbox", "timeout_usable_ms", "pebble"), 1.0),
-    Target(
-        "fresh process per run p50 <= 2.5x fork floor",
-        figure_ratio("sandbox", "fresh_p50_ms", "fork floor"),
-        2.5,
-        per_pass=pass_ratios("sandbox", "fresh_p50_ms", "fork floor"),
-    ),
+    ratio_target("next run after a timeout kill <= 1.0x pebble", "sandbox", "timeout_usable_ms", "pebble", 1.0),
+    ratio_target("fresh process per run p50 <= 2.5x fork floor", "sandbox", "fresh_p50_ms", "fork floor", 2.5),
     Target("100 tenants round-robin >= 0.5x one tenant", tenant_ratio, 0.5, at_most=False),
     Target("1,000 tenants >= 1 / (1.5 x fork floor) runs/s", thousand_tenants_over_floor, 1.0, at_most=False),
 ]
@@ -756,8 +746,8 @@ def judge_targets(report: dict) -> list[dict[str, object]]:
     for target in TARGETS:
         value, met = target.check(report)
         row: dict[str, object] = {"target": target.description, "value": value, "bound": target.bound, "met": met}
-        if target.per_pass is not None:
-            row["by_pass"] = target.per_pass(report)
+        if target.per_pass is not None and (each_pass := target.per_pass(report)):
+            row["by_pass"] = each_pass
         rows.append(row)
     return rows
 
