@@ -46,6 +46,10 @@ PR_SET_NO_NEW_PRIVS = 38
 PR_CAP_AMBIENT = 47
 PR_CAP_AMBIENT_RAISE = 2
 PR_CAP_AMBIENT_CLEAR_ALL = 4
+# Above any fd a process of the pool holds or a policy lets a run open (RLIMIT_NOFILE):
+# os.closerange() up to it is one close_range() call.
+FD_CEILING = 1 << 20
+
 CAP_NET_ADMIN = 12
 CAP_SYS_ADMIN = 21
 PR_SET_SECCOMP = 22

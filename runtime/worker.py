@@ -40,13 +40,12 @@ import signal
 import sys
 import time
 
-from sandbox.runtime import wire
+from sandbox.runtime import linux, wire
 from sandbox.runtime.codenode import CodeNode, RunOutcome
 from sandbox.runtime.confine import CLEAR_REFS_FD, WORKER_PID_IN_NAMESPACE, Scratch
 from sandbox.runtime.files import OUT_DIR, Collection, InputFileFailed, TooManyFiles, write_inputs
 
 _LEFTOVER_GRACE_S = 1.0  # how long processes killed at the end of a run may take to disappear
-_FD_CEILING = 1 << 20  # above any RLIMIT_NOFILE a policy can set; one close_range() call covers it
 
 
 def serve(channel: int, layers: dict[str, str], scratch: Scratch, settings: dict) -> None:
@@ -86,7 +85,7 @@ def serve(channel: int, layers: dict[str, str], scratch: Scratch, settings: dict
         if allow_processes:
             _end_leftover_processes()
         if not session:
-            os.closerange(first_run_fd, _FD_CEILING)  # fds the run opened and left open die with it
+            os.closerange(first_run_fd, linux.FD_CEILING)  # fds the run opened and left open die with it
         # In a session ./out/ keeps what earlier runs left, like everything else there.
         untouched = not session and scratch.untouched()
         if untouched and not files:

@@ -10,23 +10,26 @@ Owns: the process tree below the supervisor. Data flows like this::
       ▼
     zygote    Z   pid 1 of that namespace. Has imported the whole runtime once,
       │           so a worker costs a fork, not an interpreter start.
-      ├── init I  pid 1 of a fresh PID namespace per worker: reaps orphans and
-      │           exits when the worker does, which makes the kernel kill
-      │           every process the run left behind.
-      └── worker W pid 2 of that namespace, forked by Z right after I. It
-                  confines itself (``runtime.confine``) and serves runs over
-                  its own channel (``runtime.worker``).
+      ├── init forker F  a small interpreter of its own (``runtime.inits``):
+      │   │              forking an init from it costs far less than from Z.
+      │   └── init I     pid 1 of a fresh PID namespace per worker: reaps
+      │                  orphans and exits when the worker does, which makes
+      │                  the kernel kill every process the run left behind.
+      └── worker W pid 2 of that namespace: Z joins I's namespace and forks
+                  W right after F has forked I. W confines itself
+                  (``runtime.confine``) and serves runs over its own
+                  channel (``runtime.worker``).
 
 Z keeps a few (I, W) pairs forked ahead of need ("standbys"): a standby
 holds nothing but its assignment socket until a spawn request hands it a
 config and the worker's fds, so starting a worker costs confinement only,
 not two forks. Z forks replacements while it has nothing else to do.
 
-Z parents both I and W, so it reaps W itself and reports the exact wait
-status and rusage. The supervisor gets pidfds for I and W, so it can kill a
-worker's whole namespace with one race-free ``pidfd_send_signal``. Every
-process has ``PR_SET_PDEATHSIG``: if the supervisor dies, L, Z and then all
-workers die with it.
+Z parents W, so it reaps W itself and reports the exact wait status and
+rusage. The supervisor gets pidfds for I and W, so it can kill a worker's
+whole namespace with one race-free ``pidfd_send_signal``. L, Z and every
+worker have ``PR_SET_PDEATHSIG``: if the supervisor dies, L, Z and then all
+workers die with it (and F and the inits with Z, their namespace's pid 1).
 
 Must never: run user code, hold another worker's channel after a fork, or
 keep a tenant's secrets (environment values go to a worker over its own
@@ -50,11 +53,10 @@ import time
 from collections.abc import Callable, Sequence
 from typing import NamedTuple
 
-from sandbox.runtime import confine, egress, linux, proctitle, wire
+from sandbox.runtime import confine, egress, inits, linux, proctitle, wire
 from sandbox.runtime.files import OUT_DIR
 
 _MAX_CONTROL_MESSAGE = 1 << 20
-_MAX_TITLE_BYTES = 256
 SCRATCH_PREFIX = "sandbox-w"  # then the worker id, the supervisor's owner tag and mkdtemp's suffix
 _CHANNEL_FD, _STDOUT_FD, _STDERR_FD = 3, 1, 2
 
@@ -111,11 +113,11 @@ class _Standby(NamedTuple):
     placeholder limits until the assignment writes the tenant's.
     """
 
-    init_pid: int
+    init: int  # pidfd of the init; of the worker itself when it has no PID namespace (it stands in)
     worker_pid: int
     assignment: socket.socket
     cgroups: list[str]
-    init_title: int  # write end of a pipe: the init's title, once the pair has a tenant
+    init_channel: socket.socket | None  # to the init, for its title; None without PID namespaces
 
 
 class _Zygote:
@@ -125,6 +127,8 @@ class _Zygote:
         proctitle.set_title("sandbox-zygote")
         self.control = control
         self.pid_namespaces = namespaces["pid_namespaces"]
+        # Started first: the small interpreter boots while Z imports the runtime.
+        self.inits = inits.InitForker(_package_root()) if self.pid_namespaces else None
         self.interpreter_paths = interpreter_paths()
         self.own_pidns = os.open("/proc/self/ns/pid", os.O_RDONLY | os.O_CLOEXEC)
         self.empty_netns, netns_error = _namespace_from_child(lambda: linux.unshare(linux.CLONE_NEWNET), "net")
@@ -156,7 +160,7 @@ class _Zygote:
             watched: list[socket.socket | int] = [self.control, self.wakeup_r]
             ready, _, _ = select.select(watched, [], [], idle_timeout)
             if self.wakeup_r in ready:
-                _drain(self.wakeup_r)
+                inits.drain_wakeup_pipe(self.wakeup_r)
             self._reap()
             if self.control in ready:
                 try:
@@ -210,10 +214,9 @@ class _Zygote:
                 os.close(fd)
             if egress_netns is not None:
                 os.close(egress_netns)
-        init_pid, worker_pid = standby.init_pid, standby.worker_pid
         record["cgroups"] = standby.cgroups
-        self.workers[worker_pid] = record
-        pidfds = [os.pidfd_open(init_pid), os.pidfd_open(worker_pid)]
+        self.workers[standby.worker_pid] = record
+        pidfds = [standby.init, os.pidfd_open(standby.worker_pid)]
         try:
             self._send({"op": "spawned", "worker_id": worker_id}, pidfds)
         finally:
@@ -253,16 +256,18 @@ class _Zygote:
             try:
                 config["cgroup_error"] = _set_cgroup_limits(standby.cgroups, config.get("cgroup"))
                 socket.send_fds(standby.assignment, [pickle.dumps(config)], fds)
-                _write_title(standby.init_title, _tenant_label(config))
+                _send_title(standby.init_channel, _tenant_label(config))
                 return standby
             except OSError:
-                os.kill(standby.init_pid, signal.SIGKILL)  # it died while waiting; try the next
+                _kill(standby.init)  # it died while waiting; try the next
+                os.close(standby.init)
                 self.stale_cgroups.extend(standby.cgroups)
                 if not self.stock:
                     raise
             finally:
                 standby.assignment.close()
-                os.close(standby.init_title)
+                if standby.init_channel is not None:
+                    standby.init_channel.close()
 
     def _restock(self) -> None:
         try:
@@ -273,46 +278,54 @@ class _Zygote:
     def _fork_standby(self) -> _Standby:
         cgroups = _make_cgroups(self.standby_cgroups)
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        title_r, title_w = os.pipe2(os.O_CLOEXEC)
         try:
-            init_pid, worker_pid = self._fork_pair(lambda: self._await_assignment(theirs, cgroups), title_r)
+            init, worker_pid, init_channel = self._fork_pair(lambda: self._await_assignment(theirs, cgroups))
         except OSError:
             ours.close()
-            os.close(title_w)
             self.stale_cgroups.extend(cgroups)
             raise
         finally:
             theirs.close()
-            os.close(title_r)
-        return _Standby(init_pid, worker_pid, ours, cgroups, title_w)
+        return _Standby(init, worker_pid, ours, cgroups, init_channel)
 
-    def _fork_pair(self, worker_main: Callable[[], None], init_title: int) -> tuple[int, int]:
-        """Fork init (pid 1) and the worker (pid 2) into a new PID namespace;
-        init reads its title from ``init_title``.
+    def _fork_pair(self, worker_main: Callable[[], None]) -> tuple[int, int, socket.socket | None]:
+        """An init (pid 1, forked by F) and the worker (pid 2) in a new PID
+        namespace: the init's pidfd, the worker's pid and Z's end of the
+        init's channel.
 
         Without PID namespaces the worker is a plain child and stands in
         for its own init.
         """
-        if not self.pid_namespaces:
+        if self.inits is None:
             worker_pid = os.fork()
             if worker_pid == 0:
                 worker_main()
-            return worker_pid, worker_pid
-        linux.unshare(linux.CLONE_NEWPID)
+            return os.pidfd_open(worker_pid), worker_pid, None
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         try:
-            init_pid = os.fork()
-            if init_pid == 0:
-                _run_init(init_title)
+            init, pidns = self.inits.fork_init(theirs)
+        except OSError:
+            ours.close()
+            raise
+        finally:
+            theirs.close()
+        try:
+            linux.setns(pidns, linux.CLONE_NEWPID)
             try:
                 worker_pid = os.fork()
-            except OSError:
-                os.kill(init_pid, signal.SIGKILL)
-                raise
-            if worker_pid == 0:
-                worker_main()
+                if worker_pid == 0:
+                    worker_main()
+            finally:
+                linux.setns(self.own_pidns, linux.CLONE_NEWPID)
+            inits.send_worker(ours, worker_pid)
+        except OSError:
+            _kill(init)  # and with it the worker, if it was forked
+            os.close(init)
+            ours.close()
+            raise
         finally:
-            linux.setns(self.own_pidns, linux.CLONE_NEWPID)
-        return init_pid, worker_pid
+            os.close(pidns)
+        return init, worker_pid, ours
 
     def _await_assignment(self, assignment: socket.socket, cgroups: list[str]) -> None:
         """A standby worker: join its cgroups, then hold nothing but its
@@ -324,9 +337,7 @@ class _Zygote:
             keep = {0, 1, 2, assignment.fileno()}
             if self.empty_netns is not None:
                 keep.add(self.empty_netns)
-            for fd in _open_fds():
-                if fd not in keep:
-                    os.close(fd)
+            _close_fds_except(keep)
             joined = confine.join_cgroups(cgroups)
             message, fds, _, _ = socket.recv_fds(assignment, _MAX_CONTROL_MESSAGE, 5)
             if not message or len(fds) < 3:
@@ -353,9 +364,7 @@ class _Zygote:
             for src, dst in ((devnull, 0), (stdout, _STDOUT_FD), (stderr, _STDERR_FD), (channel, _CHANNEL_FD)):
                 os.dup2(src, dst)
             namespaces = [fd for fd in (netns, *template) if fd is not None]
-            for fd in _open_fds():
-                if fd > _CHANNEL_FD and fd not in namespaces:
-                    os.close(fd)
+            _close_fds_except({0, _STDOUT_FD, _STDERR_FD, _CHANNEL_FD, *namespaces})
             try:
                 layers, scratch = confine.confine(config, netns, template[0] if template else None)
             except confine.ConfinementFailed as exc:
@@ -401,7 +410,7 @@ class _Zygote:
         Only as pid 1 of the namespace holding them all does kill(-1) reach
         exactly them; without PID namespaces each is killed by its pid.
         """
-        targets = [-1] if os.getpid() == 1 else [*self.workers, *(s.init_pid for s in self.stock)]
+        targets = [-1] if os.getpid() == 1 else [*self.workers, *(s.worker_pid for s in self.stock)]
         for pid in targets:
             try:
                 os.kill(pid, signal.SIGKILL)
@@ -442,72 +451,32 @@ class _Zygote:
             os._exit(0)
 
 
-def _run_init(title: int) -> None:
-    """Pid 1 of a worker's namespace: reap orphans, exit when the worker does,
-    and take the title the zygote writes to ``title`` once the pair has a tenant."""
-    try:
-        linux.set_parent_death_signal(signal.SIGKILL)
-        linux.set_dumpable(False)
-        proctitle.set_title("sandbox-init standby")
-        for fd in _open_fds():
-            if fd > 2 and fd != title:
-                os.close(fd)
-        # Reap as soon as a child dies, so a run's killed leftovers vanish at once.
-        wakeup_r, wakeup_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
-        signal.set_wakeup_fd(wakeup_w)
-        signal.signal(signal.SIGCHLD, lambda *_: None)
-        for signum in (signal.SIGINT, signal.SIGTERM):
-            signal.signal(signum, signal.SIG_DFL)
-        worker = None
-        deadline = time.monotonic() + 5
-        while worker is None:
-            try:
-                worker = os.pidfd_open(confine.WORKER_PID_IN_NAMESPACE)
-            except ProcessLookupError:
-                if time.monotonic() > deadline:
-                    os._exit(0)
-                time.sleep(0.0005)
-        watched = [worker, wakeup_r, title]
-        while True:
-            ready, _, _ = select.select(watched, [], [])
-            if title in ready:
-                label = os.read(title, _MAX_TITLE_BYTES).decode(errors="replace")
-                if label:
-                    proctitle.set_title(f"sandbox-init {label}")
-                watched.remove(title)  # one title, or none if the zygote went away
-            if wakeup_r in ready:
-                _drain(wakeup_r)
-            while True:
-                try:
-                    if os.waitpid(-1, os.WNOHANG)[0] == 0:
-                        break
-                except ChildProcessError:
-                    break
-            if worker in ready:
-                os._exit(0)
-    finally:
-        os._exit(0)
-
-
 def _tenant_label(config: dict) -> str:
     return f"tenant={config['worker']['tenant']}"
 
 
-def _write_title(fd: int, label: str) -> None:
+def _send_title(channel: socket.socket | None, label: str) -> None:
     """Hand init its title; a worker without a PID namespace has no init to read it."""
+    if channel is None:
+        return
     try:
-        os.write(fd, label.encode()[:_MAX_TITLE_BYTES])
+        channel.send(label.encode()[: inits.MAX_TITLE_BYTES])
     except OSError:
-        pass  # EPIPE: nobody reads
+        pass  # the init is gone: the worker is too, and its spawn fails on its own
 
 
-def _drain(fd: int) -> None:
-    """Empty a non-blocking signal wakeup pipe."""
+def _kill(pidfd: int) -> None:
     try:
-        while os.read(fd, 4096):
-            pass
-    except BlockingIOError:
+        signal.pidfd_send_signal(pidfd, signal.SIGKILL)
+    except ProcessLookupError:
         pass
+
+
+def _package_root() -> str:
+    """The directory holding the sandbox package, for interpreters the zygote starts."""
+    import sandbox
+
+    return os.path.dirname(os.path.dirname(os.path.abspath(sandbox.__file__)))
 
 
 def interpreter_paths() -> list[str]:
@@ -552,16 +521,19 @@ def _lift(fd: int) -> int:
     return lifted
 
 
-def _open_fds() -> list[int]:
-    return [fd for fd in map(int, os.listdir("/proc/self/fd")) if _is_open(fd)]
+def _close_fds_except(keep: set[int]) -> None:
+    """Close every fd not in ``keep``: one close_range() per gap, no listing of /proc/self/fd.
 
-
-def _is_open(fd: int) -> bool:
-    try:
-        os.fstat(fd)
-        return True
-    except OSError:
-        return False
+    An empty gap is skipped: ``os.closerange(0, 0)`` is not a no-op but
+    closes every fd (CPython passes close_range() an upper bound of -1, that
+    is, the highest fd there is).
+    """
+    low = 0
+    for fd in sorted(keep):
+        if low < fd:
+            os.closerange(low, fd)
+        low = fd + 1
+    os.closerange(low, linux.FD_CEILING)
 
 
 def _namespace_from_child(setup: Callable[[], None], kind: str) -> tuple[int | None, str | None]:

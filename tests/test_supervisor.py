@@ -230,6 +230,26 @@ async def test_a_worker_that_requires_its_mount_namespace_has_no_directory_on_th
             assert glob.glob(pattern) == []
 
 
+async def test_a_killed_init_forker_is_replaced_and_workers_go_on_starting():
+    """The zygote starts a new init forker when the old one is gone; the pairs the old
+    one made go on serving, their inits now reaped by the zygote."""
+
+    def forkers() -> list[int]:
+        return [p.pid for p in descendants() if p.name() == "sandbox-inits"]
+
+    async with Sandbox(quick_policy(fresh_process_per_run=True), workers=2) as sb:
+        assert (await sb.run("x = 1")).outputs == {"x": 1}
+        if not sb.host.pid_namespace:
+            pytest.skip("this host cannot give workers a PID namespace of their own")
+        (old,) = forkers()
+        os.kill(old, 9)
+        for _ in range(8):  # more than the spares and standbys forked before the kill
+            result = await sb.run(ESCAPE + "x = _mod('os').getpid()", timeout=10)
+            assert result.outputs["x"] == 2  # pid 2 of a namespace of its own, under a new init
+        (new,) = forkers()
+        assert new != old
+
+
 async def test_event_loop_stays_responsive_while_workers_spin():
     async with Sandbox(quick_policy(wall_time_s=1.0), workers=2) as sb:
         async with LagMonitor() as lag:

@@ -51,19 +51,22 @@ async def test_each_process_is_titled_by_role_and_tenant_and_no_config_is_on_a_c
         assert titles[default.stats.worker_pid] == ("sandbox-worker", b"sandbox-worker tenant=default\0")
         assert by_title[b"sandbox-zygote"] == "sandbox-zygote"
         assert by_title[b"sandbox-launcher"] == "sandbox-launche"  # comm holds 15 bytes
-        # Each worker's init is its sibling (both are the zygote's children) and bears its tenant,
-        # which the zygote hands it as the pair leaves standby: it may read it a moment later.
+        assert by_title[b"sandbox-inits"] == "sandbox-inits"
+        # The workers are the zygote's children; their inits are the init forker's, the
+        # zygote's other kind of child. Each init bears its tenant, which the zygote hands
+        # it as the pair leaves standby: it may read it a moment later.
         zygote = psutil.Process(free.stats.worker_pid).parent()
         assert zygote is not None and _comm(zygote.pid) == "sandbox-zygote"
+        (forker,) = [p for p in zygote.children() if _comm(p.pid) == "sandbox-inits"]
         wanted = {b"sandbox-init tenant=free\0", b"sandbox-init tenant=default\0"}
         deadline = time.monotonic() + 10
-        while not wanted <= (inits := _inits(zygote)) and time.monotonic() < deadline:
+        while not wanted <= (inits := _inits(forker)) and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
         assert wanted <= inits, inits
 
 
-def _inits(zygote: psutil.Process) -> set[bytes]:
-    return {_cmdline(p.pid) for p in zygote.children() if _comm(p.pid) == "sandbox-init"}
+def _inits(forker: psutil.Process) -> set[bytes]:
+    return {_cmdline(p.pid) for p in forker.children() if _comm(p.pid) == "sandbox-init"}
 
 
 @pytest.mark.skipif(UNPRIVILEGED is not None, reason=f"unprivileged harness unavailable: {UNPRIVILEGED}")

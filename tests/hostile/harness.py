@@ -283,20 +283,26 @@ class Harness:
         """Processes of the namespace that are neither the harness nor the pool.
 
         Expected: pid 1, the harness, the launcher (the zygote handle's
-        process), the zygote (the launcher's child) and the zygote's direct
-        children, which are the (init, worker) pairs of live workers and
-        the standby pairs it forks ahead of need. Everything a run starts
-        lives inside its worker's PID namespace, below such a pair, so any
-        deeper process is left over; so is a pair that served as a worker
-        once and is no longer live.
+        process), the zygote (the launcher's child), the zygote's init
+        forker, and the (init, worker) pairs of live workers and of the
+        standbys forked ahead of need: each worker is the zygote's child,
+        its init the init forker's. Everything a run starts lives inside
+        its worker's PID namespace, below such a pair, so any deeper process
+        is left over; so is a pair that served as a worker once and is no
+        longer live.
         """
-        parents = {p.pid: p.info["ppid"] for p in psutil.process_iter(["ppid"])}
+        processes = {p.pid: (p.info["ppid"], p.info["name"]) for p in psutil.process_iter(["ppid", "name"])}
+        parents = {pid: ppid for pid, (ppid, _) in processes.items()}
         launcher = self.sandbox._pool._zygote._process.pid
         zygotes = {pid for pid, ppid in parents.items() if ppid == launcher}
+        forkers = {pid for pid, (ppid, name) in processes.items() if ppid in zygotes and name == "sandbox-inits"}
         live = self._live_pairs()
         retired = self.seen_pairs - live
-        skeleton = {1, os.getpid(), launcher} | zygotes
-        return {pid for pid, ppid in parents.items() if pid not in skeleton and (ppid not in zygotes or pid in retired)}
+        skeleton = {1, os.getpid(), launcher} | zygotes | forkers
+        pair_parents = zygotes | forkers
+        return {
+            pid for pid, ppid in parents.items() if pid not in skeleton and (ppid not in pair_parents or pid in retired)
+        }
 
     async def _leftovers(self) -> list[dict]:
         """Processes that belong neither to the harness nor to the pool, after a settle."""
