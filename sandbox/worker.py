@@ -475,14 +475,21 @@ class WorkerProcess:
     # --- end of life -------------------------------------------------------------
 
     def kill(self) -> None:
-        """SIGKILL the worker's whole PID namespace and release every fd. Idempotent."""
+        """SIGKILL the worker's whole PID namespace and release every fd. Idempotent.
+
+        One signal, to the namespace's init (the first pidfd; without PID
+        namespaces the zygote hands the worker's own in its place): when
+        the init dies, the kernel kills every other process of its
+        namespace, the worker with it. A second signal, to the worker,
+        would only cost this loop another system call that wakes a process.
+        """
         if self.state is State.DEAD:
             return
         self.state = State.DEAD
         self._cancel_timer()
-        for pidfd in self._pidfds:
+        if self._pidfds:
             try:
-                signal.pidfd_send_signal(pidfd, signal.SIGKILL)
+                signal.pidfd_send_signal(self._pidfds[0], signal.SIGKILL)
             except OSError:
                 pass  # already gone
         self._close_fds()

@@ -178,7 +178,9 @@ os.kill(-1, 9)
 KILL_INIT = """
 os = _mod("os")
 errors = []
-for _signum in (9, 15, 19):
+# SIGKILL, SIGTERM, SIGSTOP, and signals a Python process may handle (SIGINT
+# always is): the init must have no handler for any of them.
+for _signum in (9, 15, 19, 1, 2, 6, 10, 14, 17):
     try:
         os.kill(1, _signum)
         errors.append(None)
