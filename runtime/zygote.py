@@ -218,7 +218,7 @@ class _Zygote:
         self.workers[standby.worker_pid] = record
         pidfds = [standby.init, os.pidfd_open(standby.worker_pid)]
         try:
-            self._send({"op": "spawned", "worker_id": worker_id}, pidfds)
+            self._send({"op": "spawned", "worker_id": worker_id, "cgroups": standby.cgroups}, pidfds)
         finally:
             for fd in pidfds:
                 os.close(fd)

@@ -64,6 +64,21 @@ class CgroupParents:
         files = {"pids": {"pids.max": max_tasks}, "memory": {"memory.limit_in_bytes": memory_bytes}}
         return {directory: files[controller] for directory, controller in self.directories.items()}
 
+    def usage_file(self, worker_groups: tuple[str, ...]) -> str | None:
+        """The file that holds the memory charged to a worker's own group, one
+        of ``worker_groups`` (the zygote's report); None if none of them is a
+        group directly under our memory parent."""
+        for group in worker_groups:
+            parent, name = os.path.split(group)
+            controller = self.directories.get(parent)
+            if controller is None or name in ("", ".", ".."):
+                continue
+            if self.version == 2:
+                return os.path.join(group, "memory.current")
+            if controller == "memory":
+                return os.path.join(group, "memory.usage_in_bytes")
+        return None
+
     def remove(self) -> None:
         for directory in self.directories:
             _remove_tree(directory)

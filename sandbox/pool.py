@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import os
 from collections.abc import Awaitable, Callable
 
 from sandbox.errors import SandboxError
@@ -34,8 +35,9 @@ from sandbox.worker import Listener, State, WorkerProcess
 from sandbox.zygote import Zygote
 
 _PAGE = 4096
-# A worker's charge until one has been measured: a little over the ~3 MiB of
-# a trivial tenant's worker, so that an unmeasured budget errs towards fewer warm workers.
+# A worker's charge until one has been measured: a little over a trivial tenant's
+# worker (~2 MiB by its cgroup, ~3.5 MiB by smaps_rollup), so that an unmeasured
+# budget errs towards fewer warm workers.
 _UNMEASURED_CHARGE = 4 * 1024 * 1024
 
 
@@ -199,22 +201,33 @@ class Pool:
         self._idle_bytes += worker.memory_charge
 
     def _measure(self, worker: WorkerProcess) -> None:
-        """Charge ``worker`` the private memory it holds, read in a thread.
+        """Charge ``worker`` the memory it holds that no other process shares.
 
-        Reading ``smaps_rollup`` walks the worker's page tables: about 0.4 ms
-        here, which on the event loop would stall every other run and delay
-        the one that just ended (its caller resumes after this callback).
-        Until the figure arrives, the last measured worker's stands in.
+        A worker in a memory cgroup of its own is charged what the kernel
+        charged that group (every page it allocated or copied from the
+        zygote, its tmpfs files, its page tables): one small read, done here.
+        Otherwise ``smaps_rollup`` tells its own pages from those it still
+        shares copy-on-write, but reading it walks the worker's page tables,
+        about 0.4 ms here, which on the event loop would stall every other
+        run and delay the one that just ended (its caller resumes after this
+        callback). So that read happens in a thread, and until its figure
+        arrives the last measured worker's stands in.
         """
+        if worker.memory_usage_file is not None:
+            charged = _charged_bytes(worker.memory_usage_file)
+            if charged is not None:
+                self._charge(worker, charged)
+                return
         task = asyncio.ensure_future(asyncio.to_thread(_private_bytes, worker.pid))
         self._measurements.add(task)
-        task.add_done_callback(lambda done: self._charge(worker, done))
+        task.add_done_callback(lambda done: self._charge_measured(worker, done))
 
-    def _charge(self, worker: WorkerProcess, done: asyncio.Future[int]) -> None:
+    def _charge_measured(self, worker: WorkerProcess, done: asyncio.Future[int]) -> None:
         self._measurements.discard(done)
-        if done.cancelled() or done.exception() is not None or worker.state is State.DEAD:
-            return
-        charge = done.result()
+        if not done.cancelled() and done.exception() is None and worker.state is not State.DEAD:
+            self._charge(worker, done.result())
+
+    def _charge(self, worker: WorkerProcess, charge: int) -> None:
         self._typical_charge = charge
         if worker in self._lru:
             self._idle_bytes += charge - worker.memory_charge
@@ -304,6 +317,18 @@ def _start_error(worker: WorkerProcess, exc: BaseException) -> SandboxError:
     if isinstance(exc, SandboxError):
         return exc
     return SandboxError(f"could not start a worker for tenant {worker.tenant!r}: {exc}")
+
+
+def _charged_bytes(usage_file: str) -> int | None:
+    """The bytes a worker's memory cgroup is charged, or None if the file cannot be read."""
+    try:
+        fd = os.open(usage_file, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            return int(os.read(fd, 64))
+        finally:
+            os.close(fd)
+    except (OSError, ValueError):
+        return None
 
 
 def _private_bytes(pid: int) -> int:

@@ -95,6 +95,8 @@ class WorkerProcess:
         self.state = State.STARTING
         self.pid = 0
         self.layers: dict[str, str] = {}
+        # What the kernel charges this worker's own memory cgroup, once its hello says it joined one.
+        self.memory_usage_file: str | None = None
         self.runs = 0
         self.memory_charge = 0  # private bytes, counted against the pool's warm budget while idle
         self.worker_cpu_s = 0.0  # cumulative, as last reported by the worker
@@ -130,7 +132,8 @@ class WorkerProcess:
             config = self.profile.worker_config(self.id, session=self.dedicated)
             if self.profile.egress:
                 config["egress"] = await egress.pin(list(self.profile.egress))
-            self._pidfds = list(await zygote.spawn(self.id, config, [theirs.fileno(), out_w, err_w], self._on_exit))
+            spawned = await zygote.spawn(self.id, config, [theirs.fileno(), out_w, err_w], self._on_exit)
+            self._pidfds = [spawned.init, spawned.worker]
         except SpawnFailed as exc:
             self._close_fds()
             if exc.layer is None:
@@ -170,6 +173,8 @@ class WorkerProcess:
                 reason=reason,
             )
         self.layers = layers
+        if layers.get("cgroup") == "on" and self.profile.cgroups is not None:
+            self.memory_usage_file = self.profile.cgroups.usage_file(spawned.cgroups)
         self._send(wire.frame(pickle.dumps(wire.setup_request(self.profile.env))))
         self.state = State.IDLE
         self.idle_since = self._loop.time()

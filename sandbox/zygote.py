@@ -59,6 +59,17 @@ class SpawnFailed(Exception):
 
 
 @dataclass(frozen=True)
+class Spawned:
+    """A worker the zygote forked: pidfds of its namespace's init (the worker's
+    own where it has no PID namespace) and of the worker, and the cgroups it
+    joined, one per hierarchy (none when no hierarchy is delegated)."""
+
+    init: int
+    worker: int
+    cgroups: tuple[str, ...]
+
+
+@dataclass(frozen=True)
 class ExitInfo:
     """How a worker process ended, as reported by the zygote that reaped it."""
 
@@ -93,7 +104,7 @@ class Zygote:
         self._process = process
         self._control = control
         self._ready: asyncio.Future[dict[str, Any]] = self._loop.create_future()
-        self._spawns: dict[int, asyncio.Future[tuple[int, int]]] = {}
+        self._spawns: dict[int, asyncio.Future[Spawned]] = {}
         self._exit_watchers: dict[int, Callable[[ExitInfo], None]] = {}
         self.alive = True
         self.namespaces: dict[str, Any] = {}
@@ -151,11 +162,11 @@ class Zygote:
 
     async def spawn(
         self, worker_id: int, config: dict[str, Any], fds: list[int], on_exit: Callable[[ExitInfo], None]
-    ) -> tuple[int, int]:
-        """Fork a worker that owns ``fds``; return pidfds of its init and of itself."""
+    ) -> Spawned:
+        """Fork a worker that owns ``fds``; return pidfds of its init and of itself, and its groups."""
         if not self.alive:
             raise SpawnFailed("the zygote is not running")
-        future: asyncio.Future[tuple[int, int]] = self._loop.create_future()
+        future: asyncio.Future[Spawned] = self._loop.create_future()
         self._spawns[worker_id] = future
         self._exit_watchers[worker_id] = on_exit
         message = pickle.dumps({"op": "spawn", "worker_id": worker_id, "config": config})
@@ -166,8 +177,9 @@ class Zygote:
             self._spawns.pop(worker_id, None)
             self._exit_watchers.pop(worker_id, None)
             if future.done() and not future.cancelled() and future.exception() is None:
-                for fd in future.result():
-                    os.close(fd)
+                spawned = future.result()
+                os.close(spawned.init)
+                os.close(spawned.worker)
             raise
 
     async def _send(self, message: bytes, fds: list[int]) -> None:
@@ -209,7 +221,7 @@ class Zygote:
                 for fd in fds:
                     os.close(fd)
                 return
-            future.set_result((fds[0], fds[1]))
+            future.set_result(Spawned(fds[0], fds[1], tuple(map(str, event.get("cgroups", ())))))
         elif op == "spawn_failed":
             future = self._spawns.pop(worker_id, None)
             self._exit_watchers.pop(worker_id, None)

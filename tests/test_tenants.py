@@ -117,6 +117,23 @@ async def test_no_worker_is_kept_warm_without_an_idle_memory_budget():
         assert len(sb._pool.workers) == 0
 
 
+async def test_a_worker_that_holds_more_memory_than_the_warm_budget_is_retired_after_its_run():
+    """Each worker is charged the memory of its own (its memory cgroup's charge where it
+    has one, else its private pages): a tenant that keeps 60 MB does not fit a 40 MB
+    budget and loses its worker, while a trivial tenant's stays warm under the same budget."""
+    keep = "import json\njson._kept = bytearray(60_000_000)\nx = 1"
+    tenants = {"big": quick_policy(memory_mb=256), "small": quick_policy()}
+    async with Sandbox(tenants=tenants, workers=1, idle_memory_mb=40) as sb:
+        small = [(await sb.run("x = 1", tenant="small")).stats.worker_pid for _ in range(2)]
+        first_big = (await sb.run(keep, tenant="big")).stats.worker_pid
+        deadline = time.monotonic() + 5  # without a cgroup of its own, the charge is read in a thread
+        while sb._pool.has_idle("big") and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
+        assert not sb._pool.has_idle("big"), "a 60 MB worker was kept warm within a 40 MB budget"
+        assert small[0] == small[1]
+        assert (await sb.run(keep, tenant="big")).stats.worker_pid != first_big
+
+
 async def test_a_new_tenant_gets_a_worker_without_retiring_a_warm_one():
     """The pool starts its workers for the default tenant; another tenant's
     first run starts a worker of its own while there is room for it."""
