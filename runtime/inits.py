@@ -77,7 +77,11 @@ class InitForker:
                 raise OSError(errno.EAGAIN, f"cannot fork an init: {message.decode(errors='replace')}")
             self._socket.close()
             self._socket = None  # F died or hung; its replacement gets the next try
-        raise OSError(errno.ECHILD, "the init forker does not answer")
+        raise OSError(
+            errno.ECHILD,
+            f"the init forker ({sys.executable} -S -I, runtime/inits.py) exited or did not answer, twice; "
+            "its errors, if any, are on the supervisor's standard error",
+        )
 
     def _start(self) -> socket.socket:
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
