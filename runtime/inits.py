@@ -26,7 +26,8 @@ pid 1, so F and every init die with Z.
 Must never: hold anything of a tenant's (F and I are not confined, and run as
 the zygote's user), give I a signal handler (a namespace's init receives from
 processes inside it only the signals it handles, so with none, no run can
-signal it), or let I hold any fd but its channel and W's pidfd.
+signal it), or let I hold any fd but its standard streams, its channel and
+W's pidfd.
 """
 
 from __future__ import annotations
