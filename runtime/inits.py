@@ -45,7 +45,7 @@ from sandbox.runtime import linux, proctitle
 _BOOT = "import sys; sys.path.insert(0, sys.argv[1]); from sandbox.runtime.inits import main; main(sys.argv[2:])"
 _REPLY_TIMEOUT_S = 5.0  # F answers in well under a millisecond; longer means it is stuck
 _MAX_MESSAGE = 1024
-MAX_TITLE_BYTES = 256
+_MAX_TITLE_BYTES = 256
 _WORKER_PIDFD = b"w"  # the payload of the message that carries W's pidfd
 
 
@@ -111,6 +111,14 @@ def send_worker(channel: socket.socket, worker_pid: int) -> None:
         socket.send_fds(channel, [_WORKER_PIDFD], [pidfd])
     finally:
         os.close(pidfd)
+
+
+def send_title(channel: socket.socket, label: str) -> None:
+    """Hand a new init its title, once its pair has a tenant (Z calls this at the assignment)."""
+    try:
+        channel.send(label.encode()[:_MAX_TITLE_BYTES])
+    except OSError:
+        pass  # the init is gone: the worker is too, and its spawn fails on its own
 
 
 def main(argv: list[str]) -> None:
@@ -203,7 +211,7 @@ def _be_init(channel_fd: int) -> NoReturn:
             ready, _, _ = select.select(watched, [], [])
             if worker in ready:
                 os._exit(0)
-            label = channel.recv(MAX_TITLE_BYTES).decode(errors="replace")
+            label = channel.recv(_MAX_TITLE_BYTES).decode(errors="replace")
             if label:
                 proctitle.set_title(f"sandbox-init {label}")
             watched.remove(channel)  # one title, or none if Z went away

@@ -256,7 +256,8 @@ class _Zygote:
             try:
                 config["cgroup_error"] = _set_cgroup_limits(standby.cgroups, config.get("cgroup"))
                 socket.send_fds(standby.assignment, [pickle.dumps(config)], fds)
-                _send_title(standby.init_channel, _tenant_label(config))
+                if standby.init_channel is not None:  # without a PID namespace there is no init to title
+                    inits.send_title(standby.init_channel, _tenant_label(config))
                 return standby
             except OSError:
                 _kill(standby.init)  # it died while waiting; try the next
@@ -453,16 +454,6 @@ class _Zygote:
 
 def _tenant_label(config: dict) -> str:
     return f"tenant={config['worker']['tenant']}"
-
-
-def _send_title(channel: socket.socket | None, label: str) -> None:
-    """Hand init its title; a worker without a PID namespace has no init to read it."""
-    if channel is None:
-        return
-    try:
-        channel.send(label.encode()[: inits.MAX_TITLE_BYTES])
-    except OSError:
-        pass  # the init is gone: the worker is too, and its spawn fails on its own
 
 
 def _kill(pidfd: int) -> None:

@@ -192,13 +192,14 @@ class Pool:
         self._forget(worker)
 
     def _keep_idle(self, worker: WorkerProcess) -> None:
+        """Count ``worker`` idle; every caller then has the supervisor pump, which trims the budget."""
         if worker.runs <= 1:  # until its first run is measured, the last worker's figure stands in
             worker.memory_charge = self._typical_charge
-        if worker.runs == 1:  # after its first run (imports)
-            self._measure(worker)
         self._idle[worker.tenant].append(worker)
         self._lru[worker] = None
         self._idle_bytes += worker.memory_charge
+        if worker.runs == 1:  # after its first run (imports)
+            self._measure(worker)
 
     def _measure(self, worker: WorkerProcess) -> None:
         """Charge ``worker`` the memory it holds that no other process shares.
@@ -211,7 +212,8 @@ class Pool:
         about 0.4 ms here, which on the event loop would stall every other
         run and delay the one that just ended (its caller resumes after this
         callback). So that read happens in a thread, and until its figure
-        arrives the last measured worker's stands in.
+        arrives the last measured worker's stands in, and its arrival has
+        the supervisor pump again.
         """
         if worker.memory_usage_file is not None:
             charged = _charged_bytes(worker.memory_usage_file)
@@ -226,13 +228,13 @@ class Pool:
         self._measurements.discard(done)
         if not done.cancelled() and done.exception() is None and worker.state is not State.DEAD:
             self._charge(worker, done.result())
+            self._on_change()  # the warm budget may be over now: the supervisor's pump trims it
 
     def _charge(self, worker: WorkerProcess, charge: int) -> None:
         self._typical_charge = charge
         if worker in self._lru:
             self._idle_bytes += charge - worker.memory_charge
         worker.memory_charge = charge
-        self._on_change()  # the warm budget may be over now: the supervisor's pump trims it
 
     def _forget_idle(self, worker: WorkerProcess) -> None:
         del self._lru[worker]
