@@ -40,6 +40,7 @@ import math
 import os
 import select
 import struct
+import time
 from dataclasses import dataclass, field
 
 FRAME_HEADER = struct.Struct("<I")
@@ -129,6 +130,15 @@ class FrameReader:
     and a cross-CPU wake-up in the host's recv() (two switches per run
     counted in /proc/PID/status, one with the poll). poll() wakes only for
     data or the end of the channel.
+
+    ``next(spin_s)`` first looks for data without sleeping for up to
+    ``spin_s`` seconds, yielding the CPU between looks. On this kind of VM
+    an idle vCPU halts, and waking it for the next request costs tens of
+    microseconds, a fifth of a warm run (docs/BENCHMARKS.md, "Waiting for
+    the next run"). A task that is still looking when the request lands
+    needs no wake-up at all. ``sched_yield`` between looks hands the CPU to
+    any other runnable task on it, so the look takes only time nobody else
+    wanted. The caller decides when the look may pay (``runtime.worker``).
     """
 
     def __init__(self, fd: int) -> None:
@@ -137,7 +147,7 @@ class FrameReader:
         self._readable = select.poll()
         self._readable.register(fd, select.POLLIN)
 
-    def next(self) -> bytes | None:
+    def next(self, spin_s: float = 0.0) -> bytes | None:
         """The next payload, or None on a clean end of file."""
         buffer = self.buffer
         while True:
@@ -149,6 +159,9 @@ class FrameReader:
                     del buffer[:end]
                     return payload
                 missing = end - len(buffer)
+            if spin_s:
+                self._look_for_data(spin_s)
+                spin_s = 0.0
             self._readable.poll()
             chunk = os.read(self.fd, max(missing, 1 << 16))
             if not chunk:
@@ -156,6 +169,13 @@ class FrameReader:
                     raise EOFError("channel closed in the middle of a frame")
                 return None
             buffer += chunk
+
+    def _look_for_data(self, spin_s: float) -> None:
+        """Return when data is there, or after ``spin_s`` seconds, never sleeping meanwhile."""
+        readable = self._readable.poll
+        deadline = time.perf_counter() + spin_s
+        while not readable(0) and time.perf_counter() < deadline:
+            os.sched_yield()
 
 
 def write_all(fd: int, data: bytes) -> None:

@@ -46,6 +46,10 @@ from sandbox.runtime.confine import CLEAR_REFS_FD, WORKER_PID_IN_NAMESPACE, Scra
 from sandbox.runtime.files import OUT_DIR, Collection, InputFileFailed, TooManyFiles, write_inputs
 
 _LEFTOVER_GRACE_S = 1.0  # how long processes killed at the end of a run may take to disappear
+# How long a worker looks for its next request before it sleeps (wire.FrameReader):
+# longer than the host takes to answer a reply with the next run when runs
+# follow each other (about 100 us here), short against a run's own cost.
+_LOOK_FOR_NEXT_S = 200e-6
 
 
 def serve(channel: int, layers: dict[str, str], scratch: Scratch, settings: dict) -> None:
@@ -65,11 +69,15 @@ def serve(channel: int, layers: dict[str, str], scratch: Scratch, settings: dict
     first_run_fd = CLEAR_REFS_FD + 1 if scratch.clear_refs else CLEAR_REFS_FD
     requests = wire.FrameReader(channel)
     wire.write_all(channel, wire.frame(wire.encode_hello(layers, None)))
+    reused = not settings["single_run"]
+    look_s = 0.0
     while True:
+        waiting_since = time.perf_counter()
         try:
-            payload = requests.next()
+            payload = requests.next(look_s)
         except OSError:
             os._exit(wire.EXIT_CHANNEL_LOST)
+        waited_s, look_s = time.perf_counter() - waiting_since, 0.0
         if payload is None:
             return
         request = pickle.loads(payload)
@@ -112,6 +120,11 @@ def serve(channel: int, layers: dict[str, str], scratch: Scratch, settings: dict
             wire.write_all(channel, wire.frame(reply))
         except OSError:
             os._exit(wire.EXIT_CHANNEL_LOST)
+        # Look for the next run before sleeping only while runs come back to
+        # back: one long wait stops it until they do again, and a worker the
+        # host stops now has no next run.
+        if reused and not retire and waited_s < _LOOK_FOR_NEXT_S:
+            look_s = _LOOK_FOR_NEXT_S
 
 
 def _run(node: CodeNode, scratch: Scratch, request: tuple) -> tuple[RunOutcome, dict]:

@@ -84,7 +84,7 @@ class TenantProfile:
             cpu = math.ceil(self.policy.cpu_time_s)
             cpu_hard = math.ceil(self.policy.session_max_s) + 2 * cpu + 1
             config["rlimits"] = {**config["rlimits"], "cpu": (cpu_hard, cpu_hard)}
-            config["worker"] = {**config["worker"], "session": True}
+            config["worker"] = {**config["worker"], "session": True, "single_run": False}
         if config.pop("dedicated_uid"):
             config["uid"] = config["gid"] = UID_BASE + worker_id % UID_SPAN
         if self.cgroups is not None and "cgroup" in config["layers"]:
@@ -165,6 +165,7 @@ def build_profile(name: str, policy: Policy, host: HostSupport) -> TenantProfile
             "network": policy.network,
             "egress": bool(egress),
             "session": False,
+            "single_run": policy.fresh_process_per_run,
         },
     }
     env = {

@@ -11,8 +11,10 @@ from __future__ import annotations
 import asyncio
 import gc
 import math
+import socket
 import struct
 import textwrap
+import threading
 import time
 from pathlib import Path
 
@@ -276,6 +278,47 @@ def test_a_header_that_contradicts_itself_is_refused(payload):
 def test_a_malformed_hello_is_refused(payload):
     with pytest.raises(wire.ProtocolError):
         wire.decode_hello(payload)
+
+
+# --- the worker's reader: looking for a request before sleeping -------------------------
+
+
+@pytest.fixture
+def channel():
+    ours, theirs = socket.socketpair()
+    with ours, theirs:
+        yield ours, theirs
+
+
+def test_a_request_already_there_is_read_at_once_when_looking(channel):
+    ours, theirs = channel
+    theirs.sendall(wire.frame(b"first") + wire.frame(b"second"))
+    reader = wire.FrameReader(ours.fileno())
+    assert reader.next(0.5) == b"first"
+    started = time.perf_counter()
+    assert reader.next(0.5) == b"second"
+    assert time.perf_counter() - started < 0.25  # taken from the buffer, not looked for
+
+
+def test_a_request_after_the_look_is_waited_for_asleep(channel):
+    ours, theirs = channel
+    reader = wire.FrameReader(ours.fileno())
+    sender = threading.Timer(0.3, theirs.sendall, (wire.frame(b"late"),))
+    sender.start()
+    started_cpu, started = time.thread_time(), time.perf_counter()
+    try:
+        assert reader.next(0.01) == b"late"
+    finally:
+        sender.join()
+    assert time.perf_counter() - started >= 0.25
+    assert time.thread_time() - started_cpu < 0.1  # looked for 10 ms, then slept
+
+
+def test_the_end_of_the_channel_during_the_look_ends_the_reader(channel):
+    ours, theirs = channel
+    reader = wire.FrameReader(ours.fileno())
+    threading.Timer(0.005, theirs.shutdown, (socket.SHUT_WR,)).start()
+    assert reader.next(1.0) is None
 
 
 # --- frames from user code ----------------------------------------------------------

@@ -297,6 +297,19 @@ async def test_blocked_workers_do_not_delay_runs_on_other_workers():
             await stuck
 
 
+async def test_a_worker_between_runs_looks_for_the_next_one_only_briefly():
+    """Back-to-back runs make a worker look for its next request before it
+    sleeps (runtime.wire.FrameReader); once they stop, it must sleep."""
+    async with Sandbox(quick_policy(), workers=1) as sb:
+        results = [await sb.run("x = 1") for _ in range(50)]
+        assert {r.stats.worker_pid for r in results} == {results[0].stats.worker_pid}
+        worker = psutil.Process(results[0].stats.worker_pid)
+        before = sum(worker.cpu_times()[:2])
+        await asyncio.sleep(0.5)
+        assert sum(worker.cpu_times()[:2]) - before < 0.02
+        assert (await sb.run("x = 2")).outputs == {"x": 2}
+
+
 def test_works_on_a_plain_asyncio_loop_too():
     async def scenario():
         async with Sandbox(quick_policy(), workers=1) as sb:
