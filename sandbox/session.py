@@ -232,7 +232,8 @@ class Session:
                 self._end_by_run(f"run {self._job_number} ended the session's worker", self._job_number)
             else:
                 after = f"after run {self._job_number}" if self._job_number else "before its first run"
-                self._end(_lost(f"the session's worker ended between runs ({after})", self._job_number or None))
+                why = f": {worker.end_reason}" if worker.end_reason else ""
+                self._end(_lost(f"the session's worker ended between runs ({after}){why}", self._job_number or None))
 
 
 def _lost(message: str, run: int | None = None) -> SessionLost:

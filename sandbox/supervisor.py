@@ -37,6 +37,7 @@ from sandbox import leftovers, outcome, values
 from sandbox.cgroups import CgroupParents
 from sandbox.errors import InputError, QuotaExceeded, SandboxClosed, SandboxError
 from sandbox.files import check_files
+from sandbox.idlewatch import IdleCpuWatch
 from sandbox.inputs import encode_inputs
 from sandbox.job import Job, OutputObserver
 from sandbox.layers import probe
@@ -513,8 +514,10 @@ class Sandbox:
         The kernel limits (RLIMIT_DATA, the memory cgroup, RLIMIT_CPU) are the
         first line; this samples busy workers' RSS and CPU time from /proc so
         that a run over its limit ends as MemoryLimitExceeded or
-        TimeLimitExceeded even where a kernel limit is unavailable.
+        TimeLimitExceeded even where a kernel limit is unavailable. Idle
+        workers that use CPU all the same are ended (``sandbox.idlewatch``).
         """
+        idle_cpu = IdleCpuWatch()
         processes: dict[WorkerProcess, psutil.Process] = {}
         # CPU time each run started from: the worker's own report, unless the
         # first sample is lower (a worker that lied to gain headroom loses it).
@@ -554,6 +557,7 @@ class Sandbox:
                     )
             for worker in [w for w in processes if w.state is State.DEAD]:
                 del processes[worker]
+            idle_cpu.sample(self._open_pool.workers)
             if self._idle_timeout_s is not None:
                 self._open_pool.retire_idle_since(now - self._idle_timeout_s)
 

@@ -104,6 +104,7 @@ class WorkerProcess:
         self.idle_since = 0.0
         self.job: Job | None = None
         self.exit_info: ExitInfo | None = None
+        self.end_reason: str | None = None  # why the host ended this worker between runs, if it did
         self._listener = listener
         self._loop = asyncio.get_running_loop()
         self._sock: socket.socket | None = None
@@ -478,6 +479,14 @@ class WorkerProcess:
         return "".join(out), "".join(err)
 
     # --- end of life -------------------------------------------------------------
+
+    def end_idle(self, reason: str) -> None:
+        """End this worker between runs, for ``reason``; its pool, and its session if it has one, hear of the loss."""
+        if self.state is not State.IDLE:
+            return
+        self.end_reason = reason
+        self.kill()
+        self._listener.worker_lost(self)
 
     def kill(self) -> None:
         """SIGKILL the worker's whole PID namespace and release every fd. Idempotent.

@@ -471,6 +471,44 @@ else:
     os.dup2(_theirs.fileno(), 3)
 """
 
+# --- CPU used after the run, while the worker has none --------------------------------------
+
+# Each leaves something behind that spins once the run's reply is out, so
+# the worker looks idle to the pool while it burns a CPU.
+IDLE_TIMER_HANDLER = """
+signal, time = _mod("signal"), _mod("time")
+def _burn(*_):
+    end = time.monotonic() + 0.09
+    while time.monotonic() < end:
+        pass
+signal.signal(signal.SIGALRM, _burn)
+signal.setitimer(signal.ITIMER_REAL, 0.05, 0.1)
+armed = True
+"""
+
+SPIN_AFTER_REPLY = """
+os = _mod("os")
+_write = os.write
+def _spin_after(fd, data):
+    written = _write(fd, data)
+    if fd == 3:  # the reply is out: spin where the worker would wait for its next run
+        while True:
+            pass
+    return written
+os.write = _spin_after
+armed = True
+"""
+
+PROFILE_HOOK_SPIN = """
+sys = _mod("sys")
+def _hook(frame, event, arg):
+    if event == "call" and frame.f_code.co_name == "next":  # the worker's wait for its next run
+        while True:
+            pass
+sys.setprofile(_hook)
+armed = True
+"""
+
 # --- crashes, stops and hogs -----------------------------------------------------------------
 
 NULL_DEREFERENCE = """

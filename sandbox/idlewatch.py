@@ -1,0 +1,92 @@
+"""Workers that use CPU while they have no run, and their end.
+
+Owns: sampling the CPU time of workers in ``State.IDLE`` (warm ones in the
+pool and sessions' workers between runs), a few per watchdog tick, and
+ending any that used more than ``IDLE_CPU_ALLOWANCE_S`` since its last run.
+
+Why the host must look: a worker between runs should be asleep, waiting for
+its next request (after at most a 200 µs look for it, ``runtime.wire``).
+But everything in a worker shares a process with the code its runs left
+behind, which can rewrite any of it: a signal handler on an interval timer,
+an ``os.write`` that spins once the reply is out, a replaced poll object.
+Such a worker looks idle to the pool and burns a CPU that other tenants'
+runs need, for as long as its RLIMIT_CPU lasts (twice a run's budget and a
+second), while no run, and so no wall-clock or CPU watchdog, is charged
+for it. Nothing inside the worker can be trusted to stop that; the kernel's
+count of the process's CPU time can.
+
+The baseline of an idle period is its first sample, not the CPU time the
+worker's last reply reported: that figure is the worker's word, and it is
+taken before the reply is encoded and written, which costs honest CPU in
+proportion to the reply's size. A worker that burns from its
+reply on gets, on top of the allowance, the time until its first sample:
+one tick (50 ms) while at most ``_SAMPLED_PER_TICK`` workers are idle.
+
+Must never: end a worker that is starting or running (those are the
+watchdog's and the wall-clock timer's), or read more than
+``_SAMPLED_PER_TICK`` workers' CPU times per tick however many are idle.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable
+
+from sandbox.worker import State, WorkerProcess
+
+# CPU a worker may use in one idle period: its look for the next request
+# takes at most 0.2 ms, and /proc counts in clock ticks of 10 ms.
+IDLE_CPU_ALLOWANCE_S = 0.1
+# About 9 us each: 0.15 ms of the loop per tick. 256 idle workers (the
+# default max_idle_workers) are all seen every 16 ticks, 0.8 s.
+_SAMPLED_PER_TICK = 16
+_CLOCK_TICKS_PER_S = os.sysconf("SC_CLK_TCK")
+
+
+class IdleCpuWatch:
+    def __init__(self) -> None:
+        # Per worker: (its completed runs when the idle period began, its CPU seconds at the period's first sample).
+        self._baselines: dict[WorkerProcess, tuple[int, float]] = {}
+        self._last_id = 0  # the highest worker id sampled last tick; the next tick goes on after it
+
+    def sample(self, workers: Iterable[WorkerProcess]) -> None:
+        """Sample the next few idle workers, in the order of their ids, and end those over the allowance."""
+        idle = sorted((w for w in workers if w.state is State.IDLE), key=lambda w: w.id)
+        for gone in [w for w in self._baselines if w.state is State.DEAD]:
+            del self._baselines[gone]
+        if not idle:
+            return
+        later = [w for w in idle if w.id > self._last_id]
+        batch = (later + idle[: len(idle) - len(later)])[:_SAMPLED_PER_TICK]
+        self._last_id = batch[-1].id
+        for worker in batch:
+            used = _process_cpu_seconds(worker.pid)
+            if used is None:
+                continue
+            period = self._baselines.get(worker)
+            if period is None or period[0] != worker.runs:  # the first sample of a new idle period
+                self._baselines[worker] = (worker.runs, used)
+                continue
+            baseline = period[1]
+            if used - baseline > IDLE_CPU_ALLOWANCE_S:
+                worker.end_idle(
+                    f"it used {used - baseline:.2f} s of CPU while it had no run, over the "
+                    f"{IDLE_CPU_ALLOWANCE_S:g} s a worker may use between runs; something the last run "
+                    "left behind (a timer's signal handler, a patched function) kept running"
+                )
+
+
+def _process_cpu_seconds(pid: int) -> float | None:
+    """User and system CPU time of every thread of process ``pid``, from
+    /proc/PID/stat; None if it is gone or unreadable. (psutil reads the same
+    file for twice the time, which this loop pays per sampled worker.)"""
+    try:
+        fd = os.open(f"/proc/{pid}/stat", os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            data = os.read(fd, 4096)
+        finally:
+            os.close(fd)
+        fields = data[data.rindex(b")") + 2 :].split()  # the name in parentheses may hold spaces
+        return (int(fields[11]) + int(fields[12])) / _CLOCK_TICKS_PER_S  # utime, stime: fields 14 and 15
+    except (OSError, ValueError, IndexError):
+        return None
