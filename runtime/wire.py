@@ -40,8 +40,8 @@ import math
 import os
 import select
 import struct
-import time
 from dataclasses import dataclass, field
+from time import perf_counter  # bound at import: a run may replace time.perf_counter
 
 FRAME_HEADER = struct.Struct("<I")
 MAX_HELLO_BYTES = 64 * 1024
@@ -173,8 +173,8 @@ class FrameReader:
     def _look_for_data(self, spin_s: float) -> None:
         """Return when data is there, or after ``spin_s`` seconds, never sleeping meanwhile."""
         readable = self._readable.poll
-        deadline = time.perf_counter() + spin_s
-        while not readable(0) and time.perf_counter() < deadline:
+        deadline = perf_counter() + spin_s
+        while not readable(0) and perf_counter() < deadline:
             os.sched_yield()
 
 

@@ -65,6 +65,18 @@ async def test_a_session_whose_worker_uses_cpu_between_runs_ends_and_says_why():
             await session.run("x = 1")
 
 
+async def test_a_patched_time_module_does_not_make_the_worker_look_for_ever():
+    """``time`` is an allowed module, and the worker's look for its next run
+    is timed with ``perf_counter``: it must be the worker's own, bound at import."""
+    async with Sandbox(quick_policy(), workers=1) as sb:
+        runs = [await sb.run("import time\ntime.perf_counter = lambda: 0.0\nx = 1") for _ in range(20)]
+        worker = psutil.Process(runs[-1].stats.worker_pid)
+        before = sum(worker.cpu_times()[:2])
+        await asyncio.sleep(0.5)
+        assert sum(worker.cpu_times()[:2]) - before < 0.05
+        assert (await sb.run("x = 2")).stats.worker_pid == worker.pid
+
+
 async def test_a_worker_that_sleeps_between_runs_is_kept():
     """The look for the next run (runtime.wire) stays far inside the allowance."""
     async with Sandbox(quick_policy(), workers=1) as sb:
