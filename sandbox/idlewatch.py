@@ -2,7 +2,7 @@
 
 Owns: sampling the CPU time of workers in ``State.IDLE`` (warm ones in the
 pool and sessions' workers between runs), a few per watchdog tick, and
-ending any that used more than ``IDLE_CPU_ALLOWANCE_S`` since its last run.
+ending any that used more than ``IDLE_CPU_ALLOWANCE_S`` in one idle period.
 
 Why the host must look: a worker between runs should be asleep, waiting for
 its next request (after at most a 200 µs look for it, ``runtime.wire``).
@@ -18,9 +18,11 @@ count of the process's CPU time can.
 The baseline of an idle period is its first sample, not the CPU time the
 worker's last reply reported: that figure is the worker's word, and it is
 taken before the reply is encoded and written, which costs honest CPU in
-proportion to the reply's size. A worker that burns from its
-reply on gets, on top of the allowance, the time until its first sample:
-one tick (50 ms) while at most ``_SAMPLED_PER_TICK`` workers are idle.
+proportion to the reply's size. A worker that burns from its reply on
+gets, on top of the allowance, the time until its first sample: one tick
+(50 ms) while at most ``_SAMPLED_PER_TICK`` workers are idle. Where /proc
+cannot be read (a ``hidepid`` mount), nothing is sampled, as for the
+watchdog's RSS and CPU samples of busy workers.
 
 Must never: end a worker that is starting or running (those are the
 watchdog's and the wall-clock timer's), or read more than
@@ -44,6 +46,8 @@ _CLOCK_TICKS_PER_S = os.sysconf("SC_CLK_TCK")
 
 
 class IdleCpuWatch:
+    """The supervisor's watchdog calls ``sample`` once per tick with every worker of the pool."""
+
     def __init__(self) -> None:
         # Per worker: (its completed runs when the idle period began, its CPU seconds at the period's first sample).
         self._baselines: dict[WorkerProcess, tuple[int, float]] = {}
