@@ -26,6 +26,8 @@ LEFT_BEHIND = {
     "timer-handler": attacks.escaped("subclass_walk", attacks.IDLE_TIMER_HANDLER),
     "spin-after-reply": attacks.escaped("subclass_walk", attacks.SPIN_AFTER_REPLY),
     "profile-hook": attacks.escaped("subclass_walk", attacks.PROFILE_HOOK_SPIN),
+    "thread-from-a-later-signal": attacks.escaped("subclass_walk", attacks.THREAD_FROM_A_LATER_SIGNAL),
+    "misleading-name": attacks.escaped("subclass_walk", attacks.MISLEADING_NAME_THEN_SPIN),
 }
 
 

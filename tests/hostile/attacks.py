@@ -499,6 +499,24 @@ os.write = _spin_after
 armed = True
 """
 
+THREAD_FROM_A_LATER_SIGNAL = """
+signal, threading = _mod("signal"), _mod("threading")
+def _start(*_):  # runs once the run is over, so the worker's thread count saw none
+    threading.Thread(target=lambda: [None for _ in iter(int, 1)], daemon=True).start()
+signal.signal(signal.SIGALRM, _start)
+signal.setitimer(signal.ITIMER_REAL, 0.2)
+armed = True
+"""
+
+# A name that makes /proc/PID/stat look like it ends early, for a parser
+# that splits at the first ")"; then a timer that spins.
+MISLEADING_NAME_THEN_SPIN = (
+    """
+_mod("ctypes").CDLL(None).prctl(15, b"x) S 0 0 0 0 0")  # PR_SET_NAME
+"""
+    + IDLE_TIMER_HANDLER
+)
+
 PROFILE_HOOK_SPIN = """
 sys = _mod("sys")
 def _hook(frame, event, arg):
