@@ -33,15 +33,18 @@ LEFT_BEHIND = {
 
 async def _idle_cpu_until_gone(pid: int, within_s: float) -> float | None:
     """CPU seconds ``pid`` used from now until it was gone; None if it outlived ``within_s``."""
-    process = psutil.Process(pid)
-    start = last = sum(process.cpu_times()[:2])
+    try:
+        process = psutil.Process(pid)
+        start = last = sum(process.cpu_times()[:2])
+    except psutil.NoSuchProcess:
+        return 0.0  # ended before the first look
     deadline = time.monotonic() + within_s
     while time.monotonic() < deadline:
         try:
             last = sum(process.cpu_times()[:2])
+            if process.status() == psutil.STATUS_ZOMBIE:
+                return last - start
         except psutil.NoSuchProcess:
-            return last - start
-        if process.status() == psutil.STATUS_ZOMBIE:
             return last - start
         await asyncio.sleep(0.01)
     return None
