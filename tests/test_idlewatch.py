@@ -4,7 +4,8 @@ A run can leave code behind that runs after its reply, in the worker the
 pool then keeps warm: a timer's signal handler, a patched function the
 worker's own loop calls, a profile hook. These tests leave each behind, and
 check from the host that the worker is ended soon, having used little CPU,
-and that the tenant's next run, or the session's end, says so.
+and that the tenant's next run gets a new worker, or the session ends
+saying why.
 """
 
 from __future__ import annotations
