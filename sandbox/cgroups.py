@@ -68,15 +68,23 @@ class CgroupParents:
         """The file that holds the memory charged to a worker's own group, one
         of ``worker_groups`` (the zygote's report); None if none of them is a
         group directly under our memory parent."""
+        return self._own_file(
+            worker_groups, "memory", "memory.current" if self.version == 2 else "memory.usage_in_bytes"
+        )
+
+    def processes_file(self, worker_groups: tuple[str, ...]) -> str | None:
+        """The list of every process in a worker's own pids group (the worker
+        and whatever it started, wherever those were reparented); None as above."""
+        return self._own_file(worker_groups, "pids", "cgroup.procs")
+
+    def _own_file(self, worker_groups: tuple[str, ...], controller: str, name: str) -> str | None:
         for group in worker_groups:
-            parent, name = os.path.split(group)
-            controller = self.directories.get(parent)
-            if controller is None or name in ("", ".", ".."):
+            parent, leaf = os.path.split(group)
+            found = self.directories.get(parent)
+            if found is None or leaf in ("", ".", ".."):
                 continue
-            if self.version == 2:
-                return os.path.join(group, "memory.current")
-            if controller == "memory":
-                return os.path.join(group, "memory.usage_in_bytes")
+            if self.version == 2 or found == controller:
+                return os.path.join(group, name)
         return None
 
     def remove(self) -> None:

@@ -2,7 +2,8 @@
 
 Owns: sampling the CPU time of workers in ``State.IDLE`` (warm ones in the
 pool and sessions' workers between runs), a few per watchdog tick, and
-ending any that used more than ``IDLE_CPU_ALLOWANCE_S`` in one idle period.
+ending any that used more than ``IDLE_CPU_ALLOWANCE_S`` in one idle period,
+or that has a process besides itself.
 
 Why the host must look: a worker between runs should be asleep, waiting for
 its next request (after at most a 200 µs look for it, ``runtime.wire``).
@@ -23,6 +24,15 @@ gets, on top of the allowance, the time until its first sample: one tick
 (50 ms) while at most ``_SAMPLED_PER_TICK`` workers are idle. Where /proc
 cannot be read (a ``hidepid`` mount), nothing is sampled, as for the
 watchdog's RSS and CPU samples of busy workers.
+
+Processes are the other half. A worker whose policy allows them kills
+every process of its PID namespace after each run and waits until they are
+gone, before it replies; but that code too can be undone by the run, and a
+process the run left behind spins in the worker's namespace, where the
+worker's own CPU time does not count it. Such processes stay in the
+worker's pids cgroup wherever they are reparented, so where the worker has
+one (``WorkerProcess.processes_file``), any process listed there but the
+worker itself ends the worker at once, whatever it uses.
 
 Must never: end a worker that is starting or running (those are the
 watchdog's and the wall-clock timer's), or read more than
@@ -64,6 +74,12 @@ class IdleCpuWatch:
         batch = (later + idle[: len(idle) - len(later)])[:_SAMPLED_PER_TICK]
         self._last_id = batch[-1].id
         for worker in batch:
+            if worker.processes_file is not None and _other_processes(worker.processes_file, worker.pid):
+                worker.end_idle(
+                    "a process its last run started was still there after the run, which the worker's own "
+                    "clean-up should have made impossible; processes never outlive their run"
+                )
+                continue
             used = _process_cpu_seconds(worker.pid)
             if used is None:
                 continue
@@ -94,3 +110,16 @@ def _process_cpu_seconds(pid: int) -> float | None:
         return (int(fields[11]) + int(fields[12])) / _CLOCK_TICKS_PER_S  # utime, stime: fields 14 and 15
     except (OSError, ValueError, IndexError):
         return None
+
+
+def _other_processes(processes_file: str, worker_pid: int) -> bool:
+    """Whether the cgroup's list of processes names any but ``worker_pid``; False if unreadable."""
+    try:
+        fd = os.open(processes_file, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            listed = os.read(fd, 4096).split()
+        finally:
+            os.close(fd)
+        return any(int(pid) != worker_pid for pid in listed)
+    except (OSError, ValueError):
+        return False

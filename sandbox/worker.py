@@ -97,6 +97,9 @@ class WorkerProcess:
         self.layers: dict[str, str] = {}
         # What the kernel charges this worker's own memory cgroup, once its hello says it joined one.
         self.memory_usage_file: str | None = None
+        # Every process of its own pids cgroup, where it may have processes besides
+        # itself (they are allowed, or no seccomp filter forbids them).
+        self.processes_file: str | None = None
         self.runs = 0
         self.memory_charge = 0  # private bytes, counted against the pool's warm budget while idle
         self.worker_cpu_s = 0.0  # cumulative, as last reported by the worker
@@ -176,6 +179,8 @@ class WorkerProcess:
         self.layers = layers
         if layers.get("cgroup") == "on" and self.profile.cgroups is not None:
             self.memory_usage_file = self.profile.cgroups.usage_file(spawned.cgroups)
+            if self.profile.policy.allow_processes or layers.get("seccomp") != "on":
+                self.processes_file = self.profile.cgroups.processes_file(spawned.cgroups)
         self._send(wire.frame(pickle.dumps(wire.setup_request(self.profile.env))))
         self.state = State.IDLE
         self.idle_since = self._loop.time()

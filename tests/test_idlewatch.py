@@ -18,7 +18,7 @@ import pytest
 
 from sandbox import Sandbox, SessionLost
 from sandbox.idlewatch import IDLE_CPU_ALLOWANCE_S
-from tests.conftest import quick_policy
+from tests.conftest import IS_ROOT, quick_policy
 from tests.hostile import attacks
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
@@ -61,6 +61,22 @@ async def test_a_warm_worker_that_uses_cpu_between_runs_is_ended(code):
         assert used < IDLE_CPU_ALLOWANCE_S + 0.6
         after = await sb.run("x = 1")
         assert after.outputs == {"x": 1} and after.stats.worker_pid != result.stats.worker_pid
+
+
+@pytest.mark.skipif(not IS_ROOT, reason="processes need PID namespaces and the pids cgroup, as root")
+@pytest.mark.parametrize("spin", [True, False], ids=["spinning", "asleep"])
+async def test_a_process_left_behind_ends_its_worker_and_goes_with_it(spin):
+    policy = quick_policy(allow_processes=True, max_processes=4)
+    async with Sandbox(policy, workers=1) as sb:
+        code = attacks.escaped("subclass_walk", attacks.LEFTOVER_AFTER_UNDOING_CLEANUP)
+        result = await sb.run(code, {"spin": spin})
+        assert result.outputs == {"armed": True}
+        worker = psutil.Process(result.stats.worker_pid)
+        (left,) = worker.children()
+        assert await _idle_cpu_until_gone(worker.pid, within_s=3.0) is not None
+        assert await _idle_cpu_until_gone(left.pid, within_s=3.0) is not None
+        after = await sb.run("x = 1")
+        assert after.outputs == {"x": 1} and after.stats.worker_pid != worker.pid
 
 
 async def test_a_session_whose_worker_uses_cpu_between_runs_ends_and_says_why():

@@ -147,6 +147,20 @@ daemon = int(os.read(_r, 100))
 seen_during_run = daemon in [int(p) for p in os.listdir("/proc") if p.isdigit()]
 """
 
+# Undo the worker's clean-up of the run's processes, then leave one behind:
+# spinning, or asleep (it must go either way).
+LEFTOVER_AFTER_UNDOING_CLEANUP = """
+os = _mod("os")
+_mod("sys").modules["sandbox.runtime.worker"]._end_leftover_processes = lambda: None
+if os.fork() == 0:
+    if spin:
+        while True:
+            pass
+    _mod("time").sleep(3600)
+    os._exit(0)
+armed = True
+"""
+
 LIST_PROCESSES = """
 os = _mod("os")
 pids = sorted(int(p) for p in os.listdir("/proc") if p.isdigit())
