@@ -32,7 +32,11 @@ process the run left behind spins in the worker's namespace, where the
 worker's own CPU time does not count it. Such processes stay in the
 worker's pids cgroup wherever they are reparented, so where the worker has
 one (``WorkerProcess.processes_file``), any process listed there but the
-worker itself ends the worker at once, whatever it uses.
+worker itself ends the worker at once, whatever it uses. Without a cgroup
+(unprivileged), the namespace tells the same: a process the run left is a
+child of one of the worker's threads, or, orphaned, of the namespace's
+init, which otherwise has no child at all (the worker is the zygote's
+child): ``/proc/PID/task/TID/children``.
 
 Must never: end a worker that is starting or running (those are the
 watchdog's and the wall-clock timer's), or read more than
@@ -74,7 +78,7 @@ class IdleCpuWatch:
         batch = (later + idle[: len(idle) - len(later)])[:_SAMPLED_PER_TICK]
         self._last_id = batch[-1].id
         for worker in batch:
-            if worker.processes_file is not None and _other_processes(worker.processes_file, worker.pid):
+            if _has_other_processes(worker):
                 worker.end_idle(
                     "a process its last run started was still there after the run, which the worker's own "
                     "clean-up should have made impossible; processes never outlive their run"
@@ -112,14 +116,26 @@ def _process_cpu_seconds(pid: int) -> float | None:
         return None
 
 
-def _other_processes(processes_file: str, worker_pid: int) -> bool:
-    """Whether the cgroup's list of processes names any but ``worker_pid``; False if unreadable."""
+def _has_other_processes(worker: WorkerProcess) -> bool:
+    """Whether a process besides the worker (and its init) is left in its cgroup
+    or its PID namespace; False where neither can tell."""
     try:
-        fd = os.open(processes_file, os.O_RDONLY | os.O_CLOEXEC)
-        try:
-            listed = os.read(fd, 4096).split()
-        finally:
-            os.close(fd)
-        return any(int(pid) != worker_pid for pid in listed)
+        if worker.processes_file is not None:
+            return any(pid != worker.pid for pid in _read_pids(worker.processes_file))
+        if worker.init_pid:
+            init = worker.init_pid
+            if _read_pids(f"/proc/{init}/task/{init}/children"):
+                return True
+            threads = os.listdir(f"/proc/{worker.pid}/task")
+            return any(_read_pids(f"/proc/{worker.pid}/task/{tid}/children") for tid in threads)
     except (OSError, ValueError):
-        return False
+        pass
+    return False
+
+
+def _read_pids(path: str) -> list[int]:
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        return [int(pid) for pid in os.read(fd, 65536).split()]
+    finally:
+        os.close(fd)

@@ -97,9 +97,11 @@ class WorkerProcess:
         self.layers: dict[str, str] = {}
         # What the kernel charges this worker's own memory cgroup, once its hello says it joined one.
         self.memory_usage_file: str | None = None
-        # Every process of its own pids cgroup, where it may have processes besides
-        # itself (they are allowed, or no seccomp filter forbids them).
+        # Where it may have processes besides itself (they are allowed, or no
+        # seccomp filter forbids them): the list of every process of its own
+        # pids cgroup, or without one, the host pid of its PID namespace's init.
         self.processes_file: str | None = None
+        self.init_pid = 0
         self.runs = 0
         self.memory_charge = 0  # private bytes, counted against the pool's warm budget while idle
         self.worker_cpu_s = 0.0  # cumulative, as last reported by the worker
@@ -177,10 +179,13 @@ class WorkerProcess:
                 reason=reason,
             )
         self.layers = layers
-        if layers.get("cgroup") == "on" and self.profile.cgroups is not None:
-            self.memory_usage_file = self.profile.cgroups.usage_file(spawned.cgroups)
-            if self.profile.policy.allow_processes or layers.get("seccomp") != "on":
-                self.processes_file = self.profile.cgroups.processes_file(spawned.cgroups)
+        cgroups = self.profile.cgroups if layers.get("cgroup") == "on" else None
+        if cgroups is not None:
+            self.memory_usage_file = cgroups.usage_file(spawned.cgroups)
+        if self.profile.policy.allow_processes or layers.get("seccomp") != "on":
+            self.processes_file = cgroups.processes_file(spawned.cgroups) if cgroups is not None else None
+            if self.processes_file is None and layers.get("pidns") == "on":
+                self.init_pid = _host_pid(self._pidfds[0])
         self._send(wire.frame(pickle.dumps(wire.setup_request(self.profile.env))))
         self.state = State.IDLE
         self.idle_since = self._loop.time()

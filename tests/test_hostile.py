@@ -133,6 +133,18 @@ def test_a_daemon_where_processes_are_allowed_does_not_outlive_its_run(
     assert output_value(after, "pids") == [1, 2], "the next run of the tenant still sees the daemon"
 
 
+@pytest.mark.parametrize("spin", [True, False], ids=["spinning", "asleep"])
+def test_a_process_left_behind_by_undoing_the_clean_up_goes_with_its_worker(
+    harness: HarnessProcess, targets: Targets, spin: bool
+) -> None:
+    """The worker's own clean-up of a run's processes can be undone by the run;
+    the host's idle watch (its pids cgroup here) still ends the worker and the leftover."""
+    code = escaped("subclass_walk", attacks.LEFTOVER_AFTER_UNDOING_CLEANUP)
+    report = attack(harness, targets, code, tenant="procs", extra_inputs={"spin": spin})
+    assert output_value(report, "armed") is True
+    assert report["worker_pid"] not in report["workers_after"], "the worker with a process left behind was kept"
+
+
 def test_a_thread_left_running_retires_its_worker(harness: HarnessProcess, targets: Targets) -> None:
     report = attack(harness, targets, escaped("traceback_frames", attacks.THREAD_LEFT_RUNNING))
     assert output_value(report, "started") is True

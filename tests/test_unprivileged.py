@@ -24,7 +24,8 @@ from tests.hostile.contract import check_sample
 
 POLICY = {"wall_time_s": 1.5, "cpu_time_s": 1, "max_output_bytes": 256 * 1024}
 DATA_POLICY = {**POLICY, "wall_time_s": 10, "cpu_time_s": 5, "allowed_modules": ["numpy.*", "pandas.*", "asyncio"]}
-TENANTS = {"default": POLICY, "other": POLICY, "data": DATA_POLICY}
+PROCS_POLICY = {**POLICY, "allow_processes": True, "max_processes": 16}
+TENANTS = {"default": POLICY, "other": POLICY, "data": DATA_POLICY, "procs": PROCS_POLICY}
 LIMITS = Policy(**POLICY)
 MiB = 1024 * 1024
 MEMFD_FILES = 30  # 30 x 16 MiB = 480 MiB of memfd memory, far over memory_mb
@@ -178,6 +179,17 @@ def test_memory_in_memfd_files_is_refused_without_a_memory_cgroup(harness: Harne
     # Without a memory cgroup nothing else would count memfd pages written but never mapped.
     report = attack(harness, targets, escaped("random_os", attacks.MEMFD_HOG), extra_inputs={"files": MEMFD_FILES})
     assert report["outcome"] == "CodeError" and report["message"].startswith("PermissionError"), report["message"]
+
+
+@pytest.mark.parametrize("spin", [True, False], ids=["spinning", "asleep"])
+def test_a_process_left_behind_goes_with_its_worker_without_a_cgroup(
+    harness: HarnessProcess, targets: Targets, spin: bool
+) -> None:
+    """Without a pids cgroup, the idle watch finds the leftover in the worker's PID namespace."""
+    code = escaped("subclass_walk", attacks.LEFTOVER_AFTER_UNDOING_CLEANUP)
+    report = attack(harness, targets, code, tenant="procs", extra_inputs={"spin": spin})
+    assert output_value(report, "armed") is True
+    assert report["worker_pid"] not in report["workers_after"], "the worker with a process left behind was kept"
 
 
 def test_a_thread_bomb_is_bounded_without_a_pids_cgroup(harness: HarnessProcess, targets: Targets) -> None:

@@ -170,7 +170,8 @@ class Harness:
         The answer holds the run's ``outcome`` ("ok" or the error class),
         ``message``, ``attributes`` (the error's plain fields), ``stdout``,
         ``stderr``, ``outputs`` (name -> {repr, value when JSON can hold it,
-        opaque, type, reason}), ``skipped`` and ``elapsed_s``; then
+        opaque, type, reason}), ``skipped``, ``worker_pid`` (when it returned)
+        and ``elapsed_s``; then
         ``max_lag_s`` over the run and its settling, ``rlimits_changed`` (the
         supervisor's own), ``pool_rlimits_changed`` (launcher and zygote),
         ``leftovers`` (processes that are neither the harness nor the pool),
@@ -395,6 +396,7 @@ def _describe_result(result: Result) -> dict:
         "skipped": dict(result.skipped),
         "files": {path: base64.b64encode(data).decode() for path, data in result.files.items()},
         "skipped_files": dict(result.skipped_files),
+        "worker_pid": result.stats.worker_pid,
     }
 
 
