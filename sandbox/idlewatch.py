@@ -48,6 +48,7 @@ from __future__ import annotations
 import os
 from collections.abc import Iterable
 
+from sandbox import procfs
 from sandbox.worker import State, WorkerProcess
 
 # CPU a worker may use in one idle period: its look for the next request
@@ -56,7 +57,6 @@ IDLE_CPU_ALLOWANCE_S = 0.1
 # About 9 us each: 0.15 ms of the loop per tick. 256 idle workers (the
 # default max_idle_workers) are all seen every 16 ticks, 0.8 s.
 _SAMPLED_PER_TICK = 16
-_CLOCK_TICKS_PER_S = os.sysconf("SC_CLK_TCK")
 
 
 class IdleCpuWatch:
@@ -84,7 +84,7 @@ class IdleCpuWatch:
                     "clean-up should have made impossible; processes never outlive their run"
                 )
                 continue
-            used = _process_cpu_seconds(worker.pid)
+            used = procfs.process_cpu_seconds(worker.pid)
             if used is None:
                 continue
             period = self._baselines.get(worker)
@@ -100,42 +100,18 @@ class IdleCpuWatch:
                 )
 
 
-def _process_cpu_seconds(pid: int) -> float | None:
-    """User and system CPU time of every thread of process ``pid``, from
-    /proc/PID/stat; None if it is gone or unreadable. (psutil reads the same
-    file for twice the time, which this loop pays per sampled worker.)"""
-    try:
-        fd = os.open(f"/proc/{pid}/stat", os.O_RDONLY | os.O_CLOEXEC)
-        try:
-            data = os.read(fd, 4096)
-        finally:
-            os.close(fd)
-        fields = data[data.rindex(b")") + 2 :].split()  # the name in parentheses may hold spaces
-        return (int(fields[11]) + int(fields[12])) / _CLOCK_TICKS_PER_S  # utime, stime: fields 14 and 15
-    except (OSError, ValueError, IndexError):
-        return None
-
-
 def _has_other_processes(worker: WorkerProcess) -> bool:
     """Whether a process besides the worker (and its init) is left in its cgroup
     or its PID namespace; False where neither can tell."""
     try:
         if worker.processes_file is not None:
-            return any(pid != worker.pid for pid in _read_pids(worker.processes_file))
+            return any(pid != worker.pid for pid in procfs.read_pids(worker.processes_file))
         if worker.init_pid:
             init = worker.init_pid
-            if _read_pids(f"/proc/{init}/task/{init}/children"):
+            if procfs.read_pids(f"/proc/{init}/task/{init}/children"):
                 return True
             threads = os.listdir(f"/proc/{worker.pid}/task")
-            return any(_read_pids(f"/proc/{worker.pid}/task/{tid}/children") for tid in threads)
+            return any(procfs.read_pids(f"/proc/{worker.pid}/task/{tid}/children") for tid in threads)
     except (OSError, ValueError):
         pass
     return False
-
-
-def _read_pids(path: str) -> list[int]:
-    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    try:
-        return [int(pid) for pid in os.read(fd, 65536).split()]
-    finally:
-        os.close(fd)

@@ -26,9 +26,9 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-import os
 from collections.abc import Awaitable, Callable
 
+from sandbox import procfs
 from sandbox.errors import SandboxError
 from sandbox.profile import TenantProfile
 from sandbox.worker import Listener, State, WorkerProcess
@@ -216,8 +216,11 @@ class Pool:
         the supervisor pump again.
         """
         if worker.memory_usage_file is not None:
-            charged = _charged_bytes(worker.memory_usage_file)
-            if charged is not None:
+            try:
+                charged = int(procfs.read_bytes(worker.memory_usage_file, 64))
+            except (OSError, ValueError):
+                pass  # measured below, as a worker without a cgroup of its own
+            else:
                 self._charge(worker, charged)
                 return
         task = asyncio.ensure_future(asyncio.to_thread(_private_bytes, worker.pid))
@@ -319,18 +322,6 @@ def _start_error(worker: WorkerProcess, exc: BaseException) -> SandboxError:
     if isinstance(exc, SandboxError):
         return exc
     return SandboxError(f"could not start a worker for tenant {worker.tenant!r}: {exc}")
-
-
-def _charged_bytes(usage_file: str) -> int | None:
-    """The bytes a worker's memory cgroup is charged, or None if the file cannot be read."""
-    try:
-        fd = os.open(usage_file, os.O_RDONLY | os.O_CLOEXEC)
-        try:
-            return int(os.read(fd, 64))
-        finally:
-            os.close(fd)
-    except (OSError, ValueError):
-        return None
 
 
 def _private_bytes(pid: int) -> int:

@@ -40,7 +40,7 @@ import socket
 from collections.abc import Callable
 from typing import Protocol
 
-from sandbox import egress, outcome
+from sandbox import egress, outcome, procfs
 from sandbox.errors import ConfinementUnavailable, SandboxError
 from sandbox.job import Job
 from sandbox.profile import MAX_ERROR_TEXT_BYTES, TenantProfile
@@ -156,7 +156,7 @@ class WorkerProcess:
             theirs.close()
             os.close(out_w)
             os.close(err_w)
-        self.pid = _host_pid(self._pidfds[1])
+        self.pid = procfs.pidfd_pid(self._pidfds[1])
         ours.setblocking(False)
         for fd in self._pipes:
             os.set_blocking(fd, False)
@@ -185,7 +185,7 @@ class WorkerProcess:
         if self.profile.policy.allow_processes or layers.get("seccomp") != "on":
             self.processes_file = cgroups.processes_file(spawned.cgroups) if cgroups is not None else None
             if self.processes_file is None and layers.get("pidns") == "on":
-                self.init_pid = _host_pid(self._pidfds[0])
+                self.init_pid = procfs.pidfd_pid(self._pidfds[0])
         self._send(wire.frame(pickle.dumps(wire.setup_request(self.profile.env))))
         self.state = State.IDLE
         self.idle_since = self._loop.time()
@@ -537,12 +537,3 @@ class WorkerProcess:
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
-
-
-def _host_pid(pidfd: int) -> int:
-    """The pid of a pidfd's process in our own PID namespace."""
-    with open(f"/proc/self/fdinfo/{pidfd}") as f:
-        for line in f:
-            if line.startswith("Pid:"):
-                return int(line.split()[1])
-    return 0

@@ -20,6 +20,7 @@ from sandbox import Sandbox, SessionLost
 from sandbox.idlewatch import IDLE_CPU_ALLOWANCE_S
 from tests.conftest import IS_ROOT, quick_policy
 from tests.hostile import attacks
+from tests.test_stream import wait_gone
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 
@@ -73,8 +74,8 @@ async def test_a_process_left_behind_ends_its_worker_and_goes_with_it(spin):
         assert result.outputs == {"armed": True}
         worker = psutil.Process(result.stats.worker_pid)
         (left,) = worker.children()
-        assert await _idle_cpu_until_gone(worker.pid, within_s=3.0) is not None
-        assert await _idle_cpu_until_gone(left.pid, within_s=3.0) is not None
+        assert await wait_gone(worker.pid, within_s=3.0)
+        assert await wait_gone(left.pid, within_s=3.0)
         after = await sb.run("x = 1")
         assert after.outputs == {"x": 1} and after.stats.worker_pid != worker.pid
 
@@ -82,7 +83,7 @@ async def test_a_process_left_behind_ends_its_worker_and_goes_with_it(spin):
 async def test_a_session_whose_worker_uses_cpu_between_runs_ends_and_says_why():
     async with Sandbox(quick_policy(), workers=1) as sb, sb.session() as session:
         result = await session.run(LEFT_BEHIND["timer-handler"])
-        assert await _idle_cpu_until_gone(result.stats.worker_pid, within_s=3.0) is not None
+        assert await wait_gone(result.stats.worker_pid, within_s=3.0)
         with pytest.raises(SessionLost, match=r"ended between runs \(after run 1\): it used .* s of CPU while it had"):
             await session.run("x = 1")
 

@@ -39,7 +39,7 @@ if __name__ == "__main__":
 import psutil
 import uvloop
 
-from sandbox import Opaque, Result, Sandbox, SandboxError, leftovers
+from sandbox import Opaque, Result, Sandbox, SandboxError, leftovers, procfs
 from sandbox.policies import Policy
 from sandbox.profile import UID_BASE
 from sandbox.worker import State
@@ -276,7 +276,7 @@ class Harness:
         pids = set()
         for worker in self.sandbox._pool.workers:
             if worker.state is not State.DEAD:
-                pids.update(_pidfd_pid(fd) for fd in worker._pidfds)
+                pids.update(procfs.pidfd_pid(fd) for fd in worker._pidfds)
         self.seen_pairs |= pids
         return pids
 
@@ -458,14 +458,6 @@ def _describe_process(pid: int) -> dict | None:
         return description
     except psutil.NoSuchProcess:
         return None
-
-
-def _pidfd_pid(pidfd: int) -> int:
-    with open(f"/proc/self/fdinfo/{pidfd}") as f:
-        for line in f:
-            if line.startswith("Pid:"):
-                return int(line.split()[1])
-    return 0
 
 
 def _own_rlimits() -> dict[str, tuple[int, int]]:
