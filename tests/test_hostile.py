@@ -19,6 +19,7 @@ from collections.abc import Iterator
 
 import pytest
 
+from sandbox.idlewatch import IDLE_CPU_ALLOWANCE_S
 from sandbox.policies import Policy
 from sandbox.profile import UID_BASE
 from sandbox.zygote import USERNS_INSIDE_ID
@@ -131,6 +132,28 @@ def test_a_daemon_where_processes_are_allowed_does_not_outlive_its_run(
     assert output_value(report, "seen_during_run") is True
     after = attack(harness, targets, escaped("random_os", attacks.LIST_PROCESSES), tenant="procs")
     assert output_value(after, "pids") == [1, 2], "the next run of the tenant still sees the daemon"
+
+
+LEFT_BEHIND = {
+    "timer-handler": attacks.IDLE_TIMER_HANDLER,
+    "spin-after-reply": attacks.SPIN_AFTER_REPLY,
+    "profile-hook": attacks.PROFILE_HOOK_SPIN,
+    "thread-from-a-later-signal": attacks.THREAD_FROM_A_LATER_SIGNAL,
+    "misleading-name": attacks.MISLEADING_NAME_THEN_SPIN,
+}
+
+
+@pytest.mark.parametrize("body", LEFT_BEHIND.values(), ids=LEFT_BEHIND.keys())
+def test_a_warm_worker_that_uses_cpu_between_runs_is_ended(
+    harness: HarnessProcess, targets: Targets, body: str
+) -> None:
+    """Code a run leaves behind that runs after its reply: the host's idle watch ends the worker."""
+    report = attack(harness, targets, escaped("subclass_walk", body), watch_idle_worker_s=3.0)
+    assert output_value(report, "armed") is True
+    used = report["worker_idle_cpu_s"]
+    assert used is not None, "the worker kept burning CPU between runs"
+    assert used < IDLE_CPU_ALLOWANCE_S + 0.6
+    assert report["worker_pid"] not in report["workers_after"]
 
 
 @pytest.mark.parametrize("spin", [True, False], ids=["spinning", "asleep"])

@@ -1,88 +1,51 @@
-"""Workers that use CPU between runs are ended (sandbox.idlewatch).
+"""Between runs, workers sleep (sandbox.idlewatch, the look in runtime.wire).
 
 A run can leave code behind that runs after its reply, in the worker the
-pool then keeps warm: a timer's signal handler, a patched function the
-worker's own loop calls, a profile hook. These tests leave each behind, and
-check from the host that the worker is ended soon, having used little CPU,
-and that the tenant's next run gets a new worker, or the session ends
-saying why.
+pool then keeps warm. The hostile ways to do it, through the escapes, run
+in the hostile harness's throwaway PID namespace (tests/test_hostile.py,
+tests/test_unprivileged.py). Here: what a policy allows (a timer handler
+where ``signal`` is allowed ends its session with a reason; a patched
+``time`` module changes nothing), and workers that sleep between runs, or
+wrote a large reply, are kept.
 """
 
 from __future__ import annotations
 
 import asyncio
-import time
 
 import psutil
 import pytest
 
 from sandbox import Sandbox, SessionLost
-from sandbox.idlewatch import IDLE_CPU_ALLOWANCE_S
-from tests.conftest import IS_ROOT, quick_policy
-from tests.hostile import attacks
+from sandbox.policies.model import DEFAULT_ALLOWED_MODULES, DEFAULT_DENIED_MODULES
+from tests.conftest import quick_policy
 from tests.test_stream import wait_gone
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 
-LEFT_BEHIND = {
-    "timer-handler": attacks.escaped("subclass_walk", attacks.IDLE_TIMER_HANDLER),
-    "spin-after-reply": attacks.escaped("subclass_walk", attacks.SPIN_AFTER_REPLY),
-    "profile-hook": attacks.escaped("subclass_walk", attacks.PROFILE_HOOK_SPIN),
-    "thread-from-a-later-signal": attacks.escaped("subclass_walk", attacks.THREAD_FROM_A_LATER_SIGNAL),
-    "misleading-name": attacks.escaped("subclass_walk", attacks.MISLEADING_NAME_THEN_SPIN),
+# A run of a tenant whose policy allows ``signal`` that leaves a spinning
+# timer handler behind; the hostile variants, through the escapes, are in
+# tests/test_hostile.py.
+TIMER_LEFT_BEHIND = """
+import signal, time
+def burn(*_):
+    end = time.monotonic() + 0.09
+    while time.monotonic() < end:
+        pass
+signal.signal(signal.SIGALRM, burn)
+signal.setitimer(signal.ITIMER_REAL, 0.05, 0.1)
+armed = True
+"""
+SIGNAL_ALLOWED = {
+    "allowed_modules": [*DEFAULT_ALLOWED_MODULES, "signal"],
+    "denied_modules": [m for m in DEFAULT_DENIED_MODULES if m != "signal"],
 }
 
 
-async def _idle_cpu_until_gone(pid: int, within_s: float) -> float | None:
-    """CPU seconds ``pid`` used from now until it was gone; None if it outlived ``within_s``."""
-    try:
-        process = psutil.Process(pid)
-        start = last = sum(process.cpu_times()[:2])
-    except psutil.NoSuchProcess:
-        return 0.0  # ended before the first look
-    deadline = time.monotonic() + within_s
-    while time.monotonic() < deadline:
-        try:
-            last = sum(process.cpu_times()[:2])
-            if process.status() == psutil.STATUS_ZOMBIE:
-                return last - start
-        except psutil.NoSuchProcess:
-            return last - start
-        await asyncio.sleep(0.01)
-    return None
-
-
-@pytest.mark.parametrize("code", LEFT_BEHIND.values(), ids=LEFT_BEHIND.keys())
-async def test_a_warm_worker_that_uses_cpu_between_runs_is_ended(code):
-    async with Sandbox(quick_policy(), workers=1) as sb:
-        result = await sb.run(code)
-        assert result.outputs == {"armed": True}
-        used = await _idle_cpu_until_gone(result.stats.worker_pid, within_s=3.0)
-        assert used is not None, "the worker kept burning CPU between runs"
-        assert used < IDLE_CPU_ALLOWANCE_S + 0.6
-        after = await sb.run("x = 1")
-        assert after.outputs == {"x": 1} and after.stats.worker_pid != result.stats.worker_pid
-
-
-@pytest.mark.skipif(not IS_ROOT, reason="processes need PID namespaces and the pids cgroup, as root")
-@pytest.mark.parametrize("spin", [True, False], ids=["spinning", "asleep"])
-async def test_a_process_left_behind_ends_its_worker_and_goes_with_it(spin):
-    policy = quick_policy(allow_processes=True, max_processes=4)
-    async with Sandbox(policy, workers=1) as sb:
-        code = attacks.escaped("subclass_walk", attacks.LEFTOVER_AFTER_UNDOING_CLEANUP)
-        result = await sb.run(code, {"spin": spin})
-        assert result.outputs == {"armed": True}
-        worker = psutil.Process(result.stats.worker_pid)
-        (left,) = worker.children()
-        assert await wait_gone(worker.pid, within_s=3.0)
-        assert await wait_gone(left.pid, within_s=3.0)
-        after = await sb.run("x = 1")
-        assert after.outputs == {"x": 1} and after.stats.worker_pid != worker.pid
-
-
 async def test_a_session_whose_worker_uses_cpu_between_runs_ends_and_says_why():
-    async with Sandbox(quick_policy(), workers=1) as sb, sb.session() as session:
-        result = await session.run(LEFT_BEHIND["timer-handler"])
+    async with Sandbox(quick_policy(**SIGNAL_ALLOWED), workers=1) as sb, sb.session() as session:
+        result = await session.run(TIMER_LEFT_BEHIND)
+        assert result.outputs["armed"] is True
         assert await wait_gone(result.stats.worker_pid, within_s=3.0)
         with pytest.raises(SessionLost, match=r"ended between runs \(after run 1\): it used .* s of CPU while it had"):
             await session.run("x = 1")

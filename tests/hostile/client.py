@@ -378,6 +378,7 @@ class HarnessProcess:
         check_tenant: str | None = None,
         inspect_scratch: bool = False,
         files: dict[str, bytes] | None = None,
+        watch_idle_worker_s: float = 0.0,
     ) -> dict:
         """Run ``code`` in the harness; the answer is described in ``Harness.run``
         (its ``files`` are base64, as ``files`` here travel)."""
@@ -391,6 +392,7 @@ class HarnessProcess:
                 "probe_concurrently": probe_concurrently,
                 "check_tenant": check_tenant,
                 "inspect_scratch": inspect_scratch,
+                "watch_idle_worker_s": watch_idle_worker_s,
             }
         )
         answer["harness_alive_after"] = self.alive()

@@ -180,7 +180,10 @@ class Harness:
         ``host_can_fork``, ``next_run``, and, when asked, ``probe`` (a benign
         run submitted while this one was running) and ``tenant_check``
         (what another tenant's ``json.dumps`` returns afterwards) and
-        ``scratch_largest`` (the largest file a next run sees where runs write).
+        ``scratch_largest`` (the largest file a next run sees where runs write),
+        and ``worker_idle_cpu_s``: with ``watch_idle_worker_s``, the CPU the
+        run's worker used after the run until it was gone, None if it
+        outlived that many seconds.
         """
         loop = asyncio.get_running_loop()
         tenant = request.get("tenant", "default")
@@ -209,6 +212,8 @@ class Harness:
             answer = _describe_result(result)
             opaque_data = {name: v.data for name, v in result.outputs.items() if isinstance(v, Opaque)}
         answer["elapsed_s"] = loop.time() - start
+        if request.get("watch_idle_worker_s") and "worker_pid" in answer:
+            answer["worker_idle_cpu_s"] = await _cpu_until_gone(answer["worker_pid"], request["watch_idle_worker_s"])
         answer["leftovers"] = await self._leftovers()
         answer["max_lag_s"] = self.lag.worst
         answer["workers_before"] = workers_before
@@ -458,6 +463,25 @@ def _describe_process(pid: int) -> dict | None:
         return description
     except psutil.NoSuchProcess:
         return None
+
+
+async def _cpu_until_gone(pid: int, within_s: float) -> float | None:
+    """CPU seconds ``pid`` used from now until it was gone; None if it outlived ``within_s``."""
+    try:
+        process = psutil.Process(pid)
+        start = last = sum(process.cpu_times()[:2])
+    except psutil.NoSuchProcess:
+        return 0.0  # gone before the first look
+    deadline = time.monotonic() + within_s
+    while time.monotonic() < deadline:
+        try:
+            last = sum(process.cpu_times()[:2])
+            if process.status() == psutil.STATUS_ZOMBIE:
+                return last - start
+        except psutil.NoSuchProcess:
+            return last - start
+        await asyncio.sleep(0.01)
+    return None
 
 
 def _own_rlimits() -> dict[str, tuple[int, int]]:
