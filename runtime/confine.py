@@ -237,8 +237,7 @@ def _open_clear_refs() -> bool:
 def _raise_oom_score() -> None:
     """Make the worker the OOM killer's first choice, never the supervisor."""
     try:
-        with open("/proc/self/oom_score_adj", "w") as f:
-            f.write("1000")
+        linux.write_file("/proc/self/oom_score_adj", b"1000")
     except OSError:
         pass
 
@@ -276,8 +275,7 @@ def join_cgroups(directories: list[str]) -> str | None:
         return "no cgroup hierarchy was delegated to the sandbox"
     try:
         for directory in directories:
-            with open(os.path.join(directory, "cgroup.procs"), "w") as f:
-                f.write("0")
+            linux.write_file(os.path.join(directory, "cgroup.procs"), b"0")
     except OSError as exc:
         return f"cannot join {directory}: {exc.strerror}"
     return None
@@ -386,15 +384,14 @@ def _add_own_mounts(config: dict) -> None:
         os.chmod(f"{_STAGING}/{name}", mode)
     os.chown(f"{_STAGING}/work", uid, gid)
     os.chown(f"{_STAGING}/work/{OUT_DIR}", uid, gid)
-    with open(f"{_STAGING}/passwd", "w") as f:
-        f.write(f"sandbox:x:{uid}:{gid}:sandbox:{SCRATCH_DIR}:/nonexistent\n")
-    with open(f"{_STAGING}/group", "w") as f:
-        f.write(f"sandbox:x:{gid}:\n")
+    linux.write_file(
+        f"{_STAGING}/passwd", f"sandbox:x:{uid}:{gid}:sandbox:{SCRATCH_DIR}:/nonexistent\n".encode(), create=True
+    )
+    linux.write_file(f"{_STAGING}/group", f"sandbox:x:{gid}:\n".encode(), create=True)
     own_files = [("passwd", "/etc/passwd"), ("group", "/etc/group")]
     if config.get("egress") is not None:
         # The names the supervisor resolved and pinned for this worker alone.
-        with open(f"{_STAGING}/hosts", "w") as f:
-            f.write(config["egress"]["hosts"])
+        linux.write_file(f"{_STAGING}/hosts", config["egress"]["hosts"].encode(), create=True)
         own_files.append(("hosts", "/etc/hosts"))
     for source, target in (("work", SCRATCH_DIR), ("tmp", "/tmp"), ("shm", "/dev/shm"), *own_files):
         linux.mount(f"{_STAGING}/{source}", target, None, linux.MS_BIND)
@@ -538,6 +535,4 @@ def _set_rlimits(limits: dict[str, tuple[int, int]]) -> None:
 
 def reset_signals() -> None:
     """Undo what the zygote changed, leaving Python's usual dispositions."""
-    signal.set_wakeup_fd(-1)
-    signal.signal(signal.SIGCHLD, signal.SIG_DFL)
-    signal.pthread_sigmask(signal.SIG_SETMASK, [])
+    linux.reset_signal_state(defaults=(signal.SIGCHLD,))

@@ -191,13 +191,10 @@ def _be_init(channel_fd: int) -> NoReturn:
     """Pid 1 of a worker's namespace: wait for W's pidfd, take the title Z
     sends once the pair has a tenant, and exit when W does."""
     try:
-        signal.set_wakeup_fd(-1)
-        # Ignored, not handled: the kernel reaps each orphan the moment it
-        # dies, so a run's killed leftovers vanish at once, and init keeps
-        # no handler a process of its namespace could signal it with.
-        signal.signal(signal.SIGCHLD, signal.SIG_IGN)
-        for signum in (signal.SIGINT, signal.SIGTERM):
-            signal.signal(signum, signal.SIG_DFL)
+        # SIGCHLD ignored, not handled: the kernel reaps each orphan the
+        # moment it dies, so a run's killed leftovers vanish at once, and
+        # init keeps no handler a process of its namespace could signal it with.
+        linux.reset_signal_state(defaults=(signal.SIGINT, signal.SIGTERM), ignored=(signal.SIGCHLD,))
         os.closerange(3, channel_fd)
         os.closerange(channel_fd + 1, linux.FD_CEILING)
         proctitle.set_title("sandbox-init standby")

@@ -1,7 +1,9 @@
 """Thin ctypes bindings for the Linux calls that confinement needs.
 
 Owns: unshare, setns, mount, pivot_root, prctl, capability dropping,
-landlock and loading a prebuilt seccomp BPF program.
+landlock, loading a prebuilt seccomp BPF program, setting signal
+dispositions and the signal mask in a process just forked, and writing or
+reading a small file (a /proc or cgroup setting) in one call.
 
 Must never: decide policy. Every function here does exactly one system call
 (or a fixed short sequence of them) and raises ``OSError`` on failure, so the
@@ -15,6 +17,7 @@ only hand the finished bytes to the kernel, which is one prctl.
 
 from __future__ import annotations
 
+import _signal  # type: ignore[import-not-found]  # the C half of signal, for reset_signal_state
 import ctypes
 import os
 import platform
@@ -41,6 +44,7 @@ MNT_DETACH = 0x2
 
 PR_SET_PDEATHSIG = 1
 PR_SET_DUMPABLE = 4
+PR_SET_NAME = 15
 PR_CAPBSET_DROP = 24
 PR_SET_NO_NEW_PRIVS = 38
 PR_CAP_AMBIENT = 47
@@ -115,6 +119,65 @@ def prctl(option: int, arg2: int = 0, arg3: int = 0, arg4: int = 0, arg5: int = 
 
 def set_parent_death_signal(signum: int) -> None:
     prctl(PR_SET_PDEATHSIG, signum)
+
+
+def set_name(name: bytes) -> None:
+    """The process's ``comm``; the kernel keeps its first 15 bytes.
+
+    The bytes go to the kernel as they are (a bytes object ends in a NUL),
+    not through ``ctypes.create_string_buffer``: that makes an array type
+    per length, which in a process just forked copied about 50 more pages
+    of its parent per call (docs/BENCHMARKS.md).
+    """
+    _check(
+        _libc.prctl(
+            ctypes.c_int(PR_SET_NAME), ctypes.c_char_p(name), ctypes.c_ulong(0), ctypes.c_ulong(0), ctypes.c_ulong(0)
+        ),
+        "prctl(PR_SET_NAME)",
+    )
+
+
+def reset_signal_state(defaults: tuple[int, ...], ignored: tuple[int, ...] = ()) -> None:
+    """Set these signals to their default disposition, those to ignored,
+    unblock every signal and drop the wakeup fd, in a process just forked.
+
+    Through ``_signal``, not ``signal``: the Python wrappers turn every
+    argument and result into an enum, and touching those enum objects in a
+    child copies a page of its parent per object (each copy-on-write fault
+    costs about 3 us here; docs/BENCHMARKS.md).
+    """
+    _signal.set_wakeup_fd(-1)
+    for signum in defaults:
+        _signal.signal(signum, _signal.SIG_DFL)
+    for signum in ignored:
+        _signal.signal(signum, _signal.SIG_IGN)
+    _signal.pthread_sigmask(_signal.SIG_SETMASK, [])
+
+
+def write_file(path: str, data: bytes, *, create: bool = False) -> None:
+    """Write ``data`` to ``path`` with one write(), creating the file if asked.
+
+    For kernel settings (``oom_score_adj``, ``cgroup.procs``, a cgroup's
+    limits), which take their value in one write, and the few small files a
+    worker makes for itself. Not ``open()``: a text file object costs a
+    process just forked dozens of copied pages (docs/BENCHMARKS.md).
+    """
+    flags = os.O_WRONLY | os.O_CLOEXEC | (os.O_CREAT | os.O_TRUNC if create else 0)
+    fd = os.open(path, flags, 0o666)
+    try:
+        os.write(fd, data)
+    finally:
+        os.close(fd)
+
+
+def read_file(path: str, limit: int = 4096) -> bytes:
+    """At most ``limit`` bytes of ``path``, with one read(): for the small
+    files the kernel generates whole (``memory.events``), as ``write_file``."""
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        return os.read(fd, limit)
+    finally:
+        os.close(fd)
 
 
 def set_dumpable(dumpable: bool) -> None:

@@ -27,7 +27,6 @@ import ctypes
 
 from sandbox.runtime import linux
 
-PR_SET_NAME = 15
 _COMM_BYTES = 15  # TASK_COMM_LEN less its NUL
 
 _argv_block: tuple[int, int] | None = None  # read once; every fork has it at the same address
@@ -35,10 +34,10 @@ _argv_block: tuple[int, int] | None = None  # read once; every fork has it at th
 
 def set_title(title: str) -> None:
     """``comm`` becomes the title's first word, the command line the whole title."""
-    title = "".join(c if c.isprintable() else "?" for c in title)
-    name = ctypes.create_string_buffer(title.split(" ", 1)[0].encode()[:_COMM_BYTES])
+    if not title.isprintable():
+        title = "".join(c if c.isprintable() else "?" for c in title)
     try:
-        linux.prctl(PR_SET_NAME, ctypes.addressof(name))
+        linux.set_name(title.split(" ", 1)[0].encode()[:_COMM_BYTES])
         start, end = _block()
     except OSError:
         return  # a title is for people reading ps, never a reason for a process to fail

@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import fcntl
 import gc
+import itertools
 import json
 import os
 import pickle
@@ -59,6 +60,7 @@ from sandbox.runtime.files import OUT_DIR
 _MAX_CONTROL_MESSAGE = 1 << 20
 SCRATCH_PREFIX = "sandbox-w"  # then the worker id, the supervisor's owner tag and mkdtemp's suffix
 _CHANNEL_FD, _STDOUT_FD, _STDERR_FD = 3, 1, 2
+_group_numbers = itertools.count()  # names of the cgroups this zygote makes (_new_group)
 
 
 def main(argv: list[str]) -> None:
@@ -563,7 +565,7 @@ def _make_cgroups(placeholders: dict[str, dict[str, int]] | None) -> list[str]:
     made: list[str] = []
     try:
         for parent, limits in placeholders.items():
-            directory = tempfile.mkdtemp(prefix="w", dir=parent)
+            directory = _new_group(parent)
             made.append(directory)
             _write_limits(directory, limits)
     except OSError:
@@ -571,6 +573,24 @@ def _make_cgroups(placeholders: dict[str, dict[str, int]] | None) -> list[str]:
             _rmdir(directory)
         return []
     return made
+
+
+def _new_group(parent: str) -> str:
+    """A new, empty group under ``parent``, named by a counter.
+
+    Not ``tempfile.mkdtemp``: its random names are a few dozen lines of
+    Python per start, and only this zygote makes groups under this parent
+    (one per Sandbox, ``sandbox.cgroups``), so a counter cannot collide,
+    except with a group a crashed zygote of the same Sandbox left, which is
+    skipped.
+    """
+    while True:
+        directory = os.path.join(parent, f"w{next(_group_numbers)}")
+        try:
+            os.mkdir(directory, 0o700)
+            return directory
+        except FileExistsError:
+            continue
 
 
 def _set_cgroup_limits(directories: list[str], spec: dict | None) -> str | None:
@@ -589,23 +609,19 @@ def _set_cgroup_limits(directories: list[str], spec: dict | None) -> str | None:
 
 def _write_limits(directory: str, limits: dict[str, int]) -> None:
     for name, value in limits.items():
-        fd = os.open(os.path.join(directory, name), os.O_WRONLY | os.O_CLOEXEC)
-        try:
-            os.write(fd, str(value).encode())
-        finally:
-            os.close(fd)
+        linux.write_file(os.path.join(directory, name), str(value).encode())
 
 
 def _oom_killed(directory: str) -> bool:
     for name in ("memory.events", "memory.oom_control"):
         try:
-            with open(os.path.join(directory, name)) as f:
-                for line in f:
-                    key, _, value = line.partition(" ")
-                    if key == "oom_kill" and int(value) > 0:
-                        return True
-        except (OSError, ValueError):
+            counters = linux.read_file(os.path.join(directory, name))
+        except OSError:
             continue
+        for line in counters.splitlines():
+            key, _, value = line.partition(b" ")
+            if key == b"oom_kill" and value.strip() not in (b"", b"0"):
+                return True
     return False
 
 
