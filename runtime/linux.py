@@ -21,6 +21,7 @@ import _signal  # type: ignore[import-not-found]  # the C half of signal, for re
 import ctypes
 import os
 import platform
+from typing import Any
 
 _libc = ctypes.CDLL(None, use_errno=True)
 
@@ -108,13 +109,26 @@ def pivot_root(new_root: str, put_old: str) -> None:
     _check(_libc.syscall(_syscall_number("pivot_root"), new_root.encode(), put_old.encode()), "pivot_root")
 
 
+def _prototype(name: str, *argtypes: type) -> Any:
+    """A libc function of its own, whose arguments ctypes converts in C.
+
+    Declared once, at import: wrapping each argument in a ctypes object per
+    call (``ctypes.c_ulong(x)``) touches so many objects of the zygote that
+    a worker's 41 prctl calls dropping its bounding set copied about 90
+    more pages than with the prototype (docs/BENCHMARKS.md).
+    """
+    function = _libc[name]  # indexing, unlike attribute access, makes a new object
+    function.argtypes, function.restype = argtypes, ctypes.c_int
+    return function
+
+
+_prctl = _prototype("prctl", ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong)
+_prctl_with_string = _prototype("prctl", ctypes.c_int, ctypes.c_char_p, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong)
+
+
 def prctl(option: int, arg2: int = 0, arg3: int = 0, arg4: int = 0, arg5: int = 0) -> int:
-    return _check(
-        _libc.prctl(
-            ctypes.c_int(option), ctypes.c_ulong(arg2), ctypes.c_ulong(arg3), ctypes.c_ulong(arg4), ctypes.c_ulong(arg5)
-        ),
-        f"prctl({option})",
-    )
+    result: int = _prctl(option, arg2, arg3, arg4, arg5)
+    return result if result >= 0 else _check(result, f"prctl({option})")
 
 
 def set_parent_death_signal(signum: int) -> None:
@@ -129,12 +143,7 @@ def set_name(name: bytes) -> None:
     per length, which in a process just forked copied about 50 more pages
     of its parent per call (docs/BENCHMARKS.md).
     """
-    _check(
-        _libc.prctl(
-            ctypes.c_int(PR_SET_NAME), ctypes.c_char_p(name), ctypes.c_ulong(0), ctypes.c_ulong(0), ctypes.c_ulong(0)
-        ),
-        "prctl(PR_SET_NAME)",
-    )
+    _check(_prctl_with_string(PR_SET_NAME, name, 0, 0, 0), "prctl(PR_SET_NAME)")
 
 
 def reset_signal_state(defaults: tuple[int, ...], ignored: tuple[int, ...] = ()) -> None:
@@ -200,9 +209,7 @@ def drop_bounding_set() -> None:
     """Empty the bounding and ambient sets, so that no later execve (when a
     policy allows processes) can gain a capability, even as uid 0 of a user
     namespace or through a file capability. The current sets are untouched."""
-    with open("/proc/sys/kernel/cap_last_cap") as f:
-        last = int(f.read())
-    for cap in range(last + 1):
+    for cap in range(int(read_file("/proc/sys/kernel/cap_last_cap")) + 1):
         prctl(PR_CAPBSET_DROP, cap)
     prctl(PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL)
 
