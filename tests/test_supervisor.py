@@ -7,6 +7,7 @@ import contextlib
 import glob
 import hashlib
 import os
+import signal
 import textwrap
 import time
 
@@ -270,8 +271,12 @@ async def test_an_init_handles_no_signal_so_no_process_of_its_namespace_can_sign
         assert inits  # the live workers' and the standbys'
         for pid in inits:
             with open(f"/proc/{pid}/status") as f:
-                caught = next(line.split()[1] for line in f if line.startswith("SigCgt:"))
-            assert int(caught, 16) == 0, f"init {pid} catches signals {caught}"
+                fields = (line.partition(":\t") for line in f)
+                masks = {key: int(value, 16) for key, _, value in fields if key in ("SigBlk", "SigIgn", "SigCgt")}
+            assert masks["SigCgt"] == 0, f"init {pid} catches signals {masks['SigCgt']:x}"
+            assert masks["SigBlk"] == 0, f"init {pid} blocks signals {masks['SigBlk']:x}"
+            # SIGCHLD ignored, so that the kernel reaps the run's orphans at once.
+            assert masks["SigIgn"] & (1 << (signal.SIGCHLD - 1)), f"init {pid} does not ignore SIGCHLD"
 
 
 async def test_event_loop_stays_responsive_while_workers_spin():
