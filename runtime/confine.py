@@ -48,7 +48,6 @@ from sandbox.runtime import linux
 from sandbox.runtime.files import OUT_DIR
 
 SCRATCH_DIR = "/work"
-WORKER_PID_IN_NAMESPACE = 2  # pid 1 is the namespace's init; the worker is forked right after it.
 # A worker's own fds: stdin, stdout, stderr, the channel and (when /proc lets
 # it be opened) clear_refs. Every fd above them belongs to a run and is
 # closed when the run ends.

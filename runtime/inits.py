@@ -9,7 +9,7 @@ Data flows like this (see ``runtime.zygote`` for the rest of the tree)::
                                                          │ fork() ──▶ I, pid 1
     Z ◀── I's pidfd + an fd of I's PID namespace ─────── F
     │ setns(that namespace); fork() ──▶ W, pid 2
-    └── init channel: W's pidfd, later the tenant's name ──▶ I
+    └── init channel: "W is forked", later the tenant's name ──▶ I
 
 I reaps orphans (the kernel does it for it: SIGCHLD is ignored) and exits
 when W does, which makes the kernel kill every process the run left behind.
@@ -46,7 +46,8 @@ _BOOT = "import sys; sys.path.insert(0, sys.argv[1]); from sandbox.runtime.inits
 _REPLY_TIMEOUT_S = 5.0  # F answers in well under a millisecond; longer means it is stuck
 _MAX_MESSAGE = 1024
 _MAX_TITLE_BYTES = 256
-_WORKER_PIDFD = b"w"  # the payload of the message that carries W's pidfd
+_WORKER_FORKED = b"w"  # Z's first message to I: W exists, as pid 2 of I's namespace
+WORKER_PID_IN_NAMESPACE = 2  # pid 1 is the namespace's init; the worker is forked right after it.
 
 
 class InitForker:
@@ -104,13 +105,9 @@ class InitForker:
         return ours  # Z reaps F like any child it has no record of
 
 
-def send_worker(channel: socket.socket, worker_pid: int) -> None:
-    """Tell a new init which process is its worker (Z calls this right after forking W)."""
-    pidfd = os.pidfd_open(worker_pid)
-    try:
-        socket.send_fds(channel, [_WORKER_PIDFD], [pidfd])
-    finally:
-        os.close(pidfd)
+def send_worker_forked(channel: socket.socket) -> None:
+    """Tell a new init that its worker exists (Z calls this right after forking W)."""
+    channel.send(_WORKER_FORKED)
 
 
 def send_title(channel: socket.socket, label: str) -> None:
@@ -188,8 +185,17 @@ def _fork_init(channel: int, own_pidns: int) -> list[int]:
 
 
 def _be_init(channel_fd: int) -> NoReturn:
-    """Pid 1 of a worker's namespace: wait for W's pidfd, take the title Z
-    sends once the pair has a tenant, and exit when W does."""
+    """Pid 1 of a worker's namespace: wait until W is forked, take the title
+    Z sends once the pair has a tenant, and exit when W does.
+
+    The channel is read as a bare fd (it is SOCK_SEQPACKET, so each read is
+    one message), and W is found as pid 2 of this namespace rather than
+    sent as a pidfd: a socket object and ``socket.recv_fds`` cost a process
+    just forked dozens more copied pages (docs/BENCHMARKS.md). Pid 2 can be
+    no other process: Z forks W, and only W, into this namespace right after
+    the init, and pids are not reused before they wrap around. If W is
+    already gone, ``pidfd_open`` fails and the init exits, as it would have.
+    """
     try:
         # SIGCHLD ignored, not handled: the kernel reaps each orphan the
         # moment it dies, so a run's killed leftovers vanish at once, and
@@ -198,20 +204,18 @@ def _be_init(channel_fd: int) -> NoReturn:
         os.closerange(3, channel_fd)
         os.closerange(channel_fd + 1, linux.FD_CEILING)
         proctitle.set_title("sandbox-init standby")
-        channel = socket.socket(fileno=channel_fd)
-        message, fds, _, _ = socket.recv_fds(channel, _MAX_MESSAGE, 1)
-        if message != _WORKER_PIDFD or len(fds) != 1:
+        if os.read(channel_fd, _MAX_MESSAGE) != _WORKER_FORKED:
             os._exit(0)  # Z is gone, or gave up on this pair before forking W
-        worker = fds[0]
-        watched: list[int | socket.socket] = [worker, channel]
+        worker = os.pidfd_open(WORKER_PID_IN_NAMESPACE)
+        watched = [worker, channel_fd]
         while True:
             ready, _, _ = select.select(watched, [], [])
             if worker in ready:
                 os._exit(0)
-            label = channel.recv(_MAX_TITLE_BYTES).decode(errors="replace")
+            label = os.read(channel_fd, _MAX_TITLE_BYTES).decode(errors="replace")
             if label:
                 proctitle.set_title(f"sandbox-init {label}")
-            watched.remove(channel)  # one title, or none if Z went away
+            watched.remove(channel_fd)  # one title, or none if Z went away
     finally:
         os._exit(0)
 

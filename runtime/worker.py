@@ -43,8 +43,9 @@ from time import perf_counter  # bound at import: a run may replace time.perf_co
 
 from sandbox.runtime import linux, wire
 from sandbox.runtime.codenode import CodeNode, RunOutcome
-from sandbox.runtime.confine import CLEAR_REFS_FD, WORKER_PID_IN_NAMESPACE, Scratch
+from sandbox.runtime.confine import CLEAR_REFS_FD, Scratch
 from sandbox.runtime.files import OUT_DIR, Collection, InputFileFailed, TooManyFiles, write_inputs
+from sandbox.runtime.inits import WORKER_PID_IN_NAMESPACE
 
 _LEFTOVER_GRACE_S = 1.0  # how long processes killed at the end of a run may take to disappear
 # How long a worker looks for its next request before it sleeps (wire.FrameReader):

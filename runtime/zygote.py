@@ -320,7 +320,7 @@ class _Zygote:
                     worker_main()
             finally:
                 linux.setns(self.own_pidns, linux.CLONE_NEWPID)
-            inits.send_worker(ours, worker_pid)
+            inits.send_worker_forked(ours)
         except OSError:
             _kill(init)  # and with it the worker, if it was forked
             os.close(init)
