@@ -3,6 +3,7 @@ next one to start, and nothing of a live supervisor is touched."""
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import os
 import secrets
@@ -46,7 +47,26 @@ class _Supervisor:
         assert self.process.stdout is not None
         self.owner = self.process.stdout.readline().strip()
         assert self.owner, "the supervisor did not start"
-        self.tree = [psutil.Process(self.process.pid), *psutil.Process(self.process.pid).children(recursive=True)]
+        self.tree = self._settled_tree()
+
+    def _settled_tree(self) -> list[psutil.Process]:
+        """The supervisor and its descendants once none is still exiting.
+
+        The Sandbox's start probes the host with a worker it kills at once; on
+        a busy machine that worker and its init can still be dying, or be
+        zombies not yet reaped, when the supervisor prints its tag. Taken then,
+        the tree would name processes about to vanish (and their cgroups).
+        """
+        top = psutil.Process(self.process.pid)
+        deadline = time.monotonic() + 10
+        while True:
+            tree = [top, *top.children(recursive=True)]
+            with contextlib.suppress(psutil.NoSuchProcess):
+                exiting = [p for p in tree if p.status() in (psutil.STATUS_ZOMBIE, psutil.STATUS_DEAD)]
+                time.sleep(0.2)
+                if not exiting and {p.pid for p in tree} == {p.pid for p in [top, *top.children(recursive=True)]}:
+                    return tree
+            assert time.monotonic() < deadline, f"the supervisor's processes did not settle: {tree}"
 
     def close(self) -> None:
         if self.process.poll() is None:
