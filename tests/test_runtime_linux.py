@@ -7,35 +7,24 @@ from __future__ import annotations
 import json
 import os
 import signal
+import subprocess
+import sys
+import textwrap
 from pathlib import Path
 
 from sandbox.runtime import linux, zygote
 
-
-def _in_child(check: object) -> dict:
-    """Run ``check()`` (returning a JSON-able dict) in a forked child."""
-    read_end, write_end = os.pipe()
-    pid = os.fork()
-    if pid == 0:
-        try:
-            os.close(read_end)
-            os.write(write_end, json.dumps(check()).encode())  # type: ignore[operator]
-        finally:
-            os._exit(0)
-    os.close(write_end)
-    with os.fdopen(read_end, "rb") as f:
-        data = f.read()
-    os.waitpid(pid, 0)
-    return json.loads(data)
+REPO = Path(__file__).resolve().parent.parent
 
 
-def _signal_masks() -> dict[str, int]:
-    with open("/proc/self/status") as f:
-        return {
-            key: int(value, 16)
-            for key, _, value in (line.partition(":\t") for line in f)
-            if key in ("SigBlk", "SigIgn", "SigCgt")
-        }
+def _in_new_interpreter(program: str) -> dict:
+    """Run ``program`` in a new interpreter (a process whose signal state is its
+    own) and return the JSON it prints last."""
+    done = subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(program)], cwd=REPO, capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 0, done.stderr
+    return json.loads(done.stdout.splitlines()[-1])
 
 
 def test_write_file_creates_truncates_and_read_file_reads_back(tmp_path: Path) -> None:
@@ -58,7 +47,11 @@ def test_write_file_without_create_refuses_a_missing_file(tmp_path: Path) -> Non
 
 
 def test_reset_signal_state_sets_defaults_ignores_and_unblocks() -> None:
-    def check() -> dict:
+    state = _in_new_interpreter(
+        """
+        import json, os, signal
+        from sandbox.runtime import linux
+
         signal.signal(signal.SIGTERM, lambda *_: None)
         signal.signal(signal.SIGCHLD, lambda *_: None)
         signal.pthread_sigmask(signal.SIG_BLOCK, [signal.SIGUSR1])
@@ -66,14 +59,17 @@ def test_reset_signal_state_sets_defaults_ignores_and_unblocks() -> None:
         os.set_blocking(wakeup_w, False)
         signal.set_wakeup_fd(wakeup_w)
         linux.reset_signal_state(defaults=(signal.SIGTERM,), ignored=(signal.SIGCHLD,))
-        return {
-            **_signal_masks(),
+        with open("/proc/self/status") as f:
+            fields = [line.partition(":") for line in f]
+        masks = {key: int(value, 16) for key, _, value in fields if key in ("SigBlk", "SigIgn", "SigCgt")}
+        print(json.dumps({
+            **masks,
             "wakeup": signal.set_wakeup_fd(-1),
             "term": signal.getsignal(signal.SIGTERM) == signal.SIG_DFL,
             "chld": signal.getsignal(signal.SIGCHLD) == signal.SIG_IGN,
-        }
-
-    state = _in_child(check)
+        }))
+        """
+    )
     assert state["SigBlk"] == 0
     assert not state["SigCgt"] & (1 << (signal.SIGTERM - 1))
     assert state["SigIgn"] & (1 << (signal.SIGCHLD - 1))
@@ -81,17 +77,23 @@ def test_reset_signal_state_sets_defaults_ignores_and_unblocks() -> None:
 
 
 def test_set_name_sets_comm_and_prctl_reports_errors() -> None:
-    def check() -> dict:
+    reported = _in_new_interpreter(
+        """
+        import json
+        from sandbox.runtime import linux
+
         linux.set_name(b"sandbox-test-name-longer-than-comm")
         with open("/proc/self/comm") as f:
             comm = f.read().strip()
         try:
             linux.prctl(-1)
         except OSError as exc:
-            return {"comm": comm, "errno": exc.errno}
-        return {"comm": comm, "errno": None}
-
-    assert _in_child(check) == {"comm": "sandbox-test-na", "errno": 22}
+            print(json.dumps({"comm": comm, "errno": exc.errno}))
+        else:
+            print(json.dumps({"comm": comm, "errno": None}))
+        """
+    )
+    assert reported == {"comm": "sandbox-test-na", "errno": 22}
 
 
 def test_new_group_skips_a_name_a_crashed_zygote_left(tmp_path: Path) -> None:
