@@ -128,6 +128,8 @@ _prctl_with_string = _prototype("prctl", ctypes.c_int, ctypes.c_char_p, ctypes.c
 
 def prctl(option: int, arg2: int = 0, arg3: int = 0, arg4: int = 0, arg5: int = 0) -> int:
     result: int = _prctl(option, arg2, arg3, arg4, arg5)
+    # The message is built only on failure: even a small string is an
+    # allocation, a write to a page a forked child may still share.
     return result if result >= 0 else _check(result, f"prctl({option})")
 
 
