@@ -28,9 +28,9 @@ import asyncio
 import itertools
 from collections.abc import Awaitable, Callable
 
-from sandbox import procfs
 from sandbox.errors import SandboxError
 from sandbox.profile import TenantProfile
+from sandbox.runtime import linux
 from sandbox.worker import Listener, State, WorkerProcess
 from sandbox.zygote import Zygote
 
@@ -217,7 +217,7 @@ class Pool:
         """
         if worker.memory_usage_file is not None:
             try:
-                charged = int(procfs.read_bytes(worker.memory_usage_file, 64))
+                charged = int(linux.read_file(worker.memory_usage_file, 64))
             except (OSError, ValueError):
                 pass  # measured below, as a worker without a cgroup of its own
             else:
