@@ -4,7 +4,9 @@ Owns: how many workers may run at once (``slots``: busy workers, never
 more) and start at once on runs' behalf (as many again), which tenant each worker belongs
 to, which are idle, and how many idle ("warm") workers are kept: at most
 ``max_idle`` and ``idle_memory_bytes`` of their private memory in all,
-the least recently used retired first. Also spawning through the zygote
+the least recently used retired first. Each change to a tenant's idle or
+starting workers is reported (``on_tenant_change``): the scheduler's
+gates depend on them (``sandbox.scheduler``). Also spawning through the zygote
 (restarting it if it ever dies), retiring workers that asked for it or
 sat idle too long, and the workers dedicated to one owner (a session),
 which hold a running slot for the owner's life and are never idle in the
@@ -49,6 +51,7 @@ class Pool:
         zygote: Zygote,
         zygote_factory: Callable[[], Awaitable[Zygote]],
         on_change: Callable[[], None],
+        on_tenant_change: Callable[[str], None],
         on_spawn_failed: Callable[[str, BaseException], None],
         *,
         max_idle: int,
@@ -62,6 +65,7 @@ class Pool:
         self._zygote_factory = zygote_factory
         self._zygote_lock = asyncio.Lock()
         self._on_change = on_change
+        self._on_tenant_change = on_tenant_change
         self._on_spawn_failed = on_spawn_failed
         self._ids = itertools.count(1)
         self.workers: set[WorkerProcess] = set()
@@ -123,6 +127,7 @@ class Pool:
         worker = idle.pop()  # most recently used: warmest caches
         self._forget_idle(worker)
         self.running.add(worker)
+        self._on_tenant_change(tenant)
         return worker
 
     def spawn(self, tenant: str, *, for_run: bool = True) -> None:
@@ -136,6 +141,7 @@ class Pool:
         self._starting[tenant] += 1
         self._starting_total += 1
         self._starting_for_runs += for_run
+        self._on_tenant_change(tenant)
         task = asyncio.get_running_loop().create_task(self._start(worker, for_run))
         self._spawn_tasks.add(task)
         task.add_done_callback(self._spawn_tasks.discard)
@@ -160,6 +166,7 @@ class Pool:
             self._starting[worker.tenant] -= 1
             self._starting_total -= 1
             self._starting_for_runs -= for_run
+            self._on_tenant_change(worker.tenant)
         self._on_change()
 
     async def wait_started(self) -> None:
@@ -196,6 +203,7 @@ class Pool:
         if worker.runs <= 1:  # until its first run is measured, the last worker's figure stands in
             worker.memory_charge = self._typical_charge
         self._idle[worker.tenant].append(worker)
+        self._on_tenant_change(worker.tenant)
         self._lru[worker] = None
         self._idle_bytes += worker.memory_charge
         if worker.runs == 1:  # after its first run (imports)
@@ -251,6 +259,7 @@ class Pool:
         if worker in self._lru:
             self._forget_idle(worker)
             self._idle[worker.tenant].remove(worker)
+            self._on_tenant_change(worker.tenant)
 
     # --- workers dedicated to one owner --------------------------------------------------
 

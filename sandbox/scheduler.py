@@ -16,13 +16,32 @@ oldest waiting run). A tenant that becomes active again starts at the
 current minimum, so idling earns no credit and flooding earns no priority:
 a tenant with 10,000 queued runs and a tenant with one alternate, and the
 single run waits for about one run of the flood, not for all of it.
+
+Why gates: the supervisor asks for the next tenant every time a run is
+submitted or ends, and most of those questions have no answer (every
+running slot is taken). Asking each waiting tenant "can you be served?"
+made every such question, and so every run, cost in proportion to the
+tenants waiting: 200 tenants with a run queued doubled the supervisor's
+CPU per run, and 10,000 would stall its loop for milliseconds per run.
+Instead the caller names, for each waiting tenant, the one shared resource
+its next run waits for (its *gate*: a free running slot, room to start a
+worker, a node with room), and tenants are kept in one heap per gate,
+ordered by (virtual time, age of the oldest run). A question then looks at
+the top of each open gate's heap: O(gates + log tenants). A tenant's gate
+is worked out again only when something about that tenant changes, which
+the caller reports with ``touch`` (the scheduler's own changes touch it
+themselves); a tenant whose gate is ``None`` waits for such a change alone
+(its concurrency cap, or workers already starting for it). Heap entries
+made stale by a change are skipped when they reach the top.
 """
 
 from __future__ import annotations
 
+import heapq
+import itertools
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
 
 from sandbox.errors import QuotaExceeded
@@ -60,6 +79,8 @@ class TenantQueue:
     sessions: int = 0  # open sessions; each holds a worker, and a place under max_concurrency, for its life
     vtime: float = 0.0
     bucket: TokenBucket | None = None
+    gate: Hashable | None = None  # what its next run waits for, while it has one queued
+    version: int = 0  # bumped whenever ``gate`` is worked out again: older heap entries are stale
 
     def __post_init__(self) -> None:
         if self.policy.rate_per_s is not None:
@@ -75,26 +96,49 @@ class TenantQueue:
         return cap is None or self.in_flight + self.sessions < cap
 
 
+# A heap entry: (virtual time, sequence number of the oldest queued run, the
+# tenant's version when it was pushed, the tenant). The first two are the
+# fair-share order; sequence numbers are unique, so tenants never compare.
+_Entry = tuple[float, int, int, TenantQueue]
+# Heaps are rebuilt without their stale entries when they grow past this
+# many entries per live one (plus a constant): memory stays in proportion
+# to the tenants waiting, and each rebuild is paid for by the pushes before it.
+_STALE_FACTOR = 2
+_STALE_SLACK = 64
+
+
 class Scheduler:
-    """Every question here costs in proportion to the tenants with work, not
-    to all tenants: a sandbox may serve thousands of tenants of which only
-    a few have a run queued at any moment."""
+    """Every question here costs in proportion to the tenants a change
+    concerns, not to all tenants and not to all waiting ones: a sandbox may
+    serve thousands of tenants, and many of them may have runs queued at
+    once (see "Why gates" above)."""
 
     def __init__(self, policies: dict[str, Policy]) -> None:
         self.tenants = {name: TenantQueue(name, policy) for name, policy in policies.items()}
         self._waiting: dict[str, TenantQueue] = {}  # tenants with a queued run
         self._active: dict[str, TenantQueue] = {}  # tenants with a queued or running run
+        self.active_fresh: dict[str, TenantQueue] = {}  # the active ones whose policy wants a new process per run
+        self._gates: dict[Hashable, list[_Entry]] = {}  # waiting tenants by gate, each heap in fair-share order
+        self._live: dict[Hashable, int] = {}  # tenants whose current gate each heap holds
+        self._touched: dict[str, TenantQueue] = {}  # tenants whose gate must be worked out again
+        # Active tenants by virtual time, for the floor a newly active tenant starts at;
+        # an entry is stale once its tenant is inactive or has moved on.
+        self._vtimes: list[tuple[float, int, TenantQueue]] = []
+        self._pushes = itertools.count()  # ties in ``_vtimes``: its entries never compare tenants
 
     def admit(self, job: Job) -> None:
         """Queue a job, or raise QuotaExceeded without queuing it."""
         tenant = self.tenants[job.tenant]
         self._charge(tenant, len(tenant.queue))
         if not tenant.active:
-            floor = min((t.vtime for t in self._active.values()), default=tenant.vtime)
-            tenant.vtime = max(tenant.vtime, floor)
+            tenant.vtime = max(tenant.vtime, self._floor(tenant.vtime))
             self._active[tenant.name] = tenant
+            if tenant.policy.fresh_process_per_run:
+                self.active_fresh[tenant.name] = tenant
+            self._note_vtime(tenant)
         tenant.queue.append(job)
         self._waiting[tenant.name] = tenant
+        self._touched[tenant.name] = tenant
 
     def admit_elsewhere(self, name: str, waiting: int) -> None:
         """Charge a run that waits somewhere else (behind ``waiting`` runs of a
@@ -117,15 +161,64 @@ class Scheduler:
                 quota="rate",
             )
 
-    def pick(self, can_serve: Callable[[TenantQueue], bool]) -> TenantQueue | None:
-        """The tenant whose next run should start now, among those ``can_serve`` accepts."""
-        best = None
-        for tenant in self._waiting.values():
-            if not (tenant.under_concurrency_cap and can_serve(tenant)):
-                continue
-            if best is None or (tenant.vtime, tenant.queue[0].seq) < (best.vtime, best.queue[0].seq):
-                best = tenant
-        return best
+    def touch(self, name: str) -> None:
+        """Something the gate of tenant ``name`` depends on changed (its workers, its sessions)."""
+        self._touched[name] = self.tenants[name]
+
+    def touch_all(self) -> None:
+        """Something every waiting tenant's gate may depend on changed (the nodes serving them)."""
+        self._touched.update(self._waiting)
+
+    def pick(
+        self, gate_of: Callable[[TenantQueue], Hashable | None], is_open: Callable[[Hashable], bool]
+    ) -> TenantQueue | None:
+        """The tenant whose next run should start now: the first in fair-share
+        order among the tenants behind an open gate.
+
+        ``gate_of(tenant)`` names what a waiting tenant's next run waits
+        for, or None when it waits for a change of its own; it is asked
+        again only for tenants touched since. ``is_open(gate)`` says whether
+        that resource is free now.
+        """
+        touched, self._touched = self._touched, {}
+        for tenant in touched.values():
+            self._place(tenant, gate_of(tenant) if tenant.queue and tenant.under_concurrency_cap else None)
+        best: _Entry | None = None
+        for gate, heap in self._gates.items():
+            while heap and heap[0][2] != heap[0][3].version:
+                heapq.heappop(heap)
+            if heap and (best is None or heap[0] < best) and is_open(gate):
+                best = heap[0]
+        return None if best is None else best[3]
+
+    def _place(self, tenant: TenantQueue, gate: Hashable | None) -> None:
+        """Put ``tenant`` behind ``gate``; its entries behind any other gate are stale from now on."""
+        if tenant.gate is not None:
+            self._live[tenant.gate] -= 1
+        tenant.version += 1
+        tenant.gate = gate
+        if gate is None:
+            return
+        heap = self._gates.setdefault(gate, [])
+        live = self._live[gate] = self._live.get(gate, 0) + 1
+        heapq.heappush(heap, (tenant.vtime, tenant.queue[0].seq, tenant.version, tenant))
+        if len(heap) > _STALE_FACTOR * live + _STALE_SLACK:
+            heap[:] = [entry for entry in heap if entry[2] == entry[3].version]
+            heapq.heapify(heap)
+
+    def _floor(self, default: float) -> float:
+        """The smallest virtual time among active tenants, or ``default`` when none is active."""
+        heap = self._vtimes
+        while heap and (heap[0][2].name not in self._active or heap[0][0] != heap[0][2].vtime):
+            heapq.heappop(heap)
+        return heap[0][0] if heap else default
+
+    def _note_vtime(self, tenant: TenantQueue) -> None:
+        heap = self._vtimes
+        heapq.heappush(heap, (tenant.vtime, next(self._pushes), tenant))
+        if len(heap) > _STALE_FACTOR * len(self._active) + _STALE_SLACK:
+            heap[:] = [(t.vtime, next(self._pushes), t) for t in self._active.values()]
+            heapq.heapify(heap)
 
     def started(self, tenant: TenantQueue) -> Job:
         job = tenant.queue.popleft()
@@ -133,6 +226,8 @@ class Scheduler:
             del self._waiting[tenant.name]
         tenant.in_flight += 1
         tenant.vtime += 1.0 / tenant.policy.weight
+        self._note_vtime(tenant)
+        self._touched[tenant.name] = tenant
         return job
 
     def finished(self, job: Job) -> None:
@@ -141,11 +236,13 @@ class Scheduler:
         self._settle(tenant)
 
     def _settle(self, tenant: TenantQueue) -> None:
-        """Drop ``tenant`` from the waiting and active sets it no longer belongs to."""
+        """Drop ``tenant`` from the waiting and active sets it no longer belongs to; its gate is worked out again."""
+        self._touched[tenant.name] = tenant
         if not tenant.queue:
             self._waiting.pop(tenant.name, None)
             if not tenant.in_flight:
                 self._active.pop(tenant.name, None)
+                self.active_fresh.pop(tenant.name, None)
 
     def withdraw(self, job: Job) -> bool:
         """Remove a queued job (its caller gave up); False if it already started."""

@@ -27,8 +27,9 @@ only when it owns the loop (``run_sync``, the CLI).
 from __future__ import annotations
 
 import asyncio
+import enum
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Hashable, Mapping
 from typing import TYPE_CHECKING
 
 import psutil
@@ -65,6 +66,14 @@ DEFAULT_MAX_IDLE_WORKERS = 256
 DEFAULT_IDLE_MEMORY_SHARE = 8  # idle workers may keep 1/8 of the host's memory by default...
 DEFAULT_IDLE_MEMORY_CAP_MB = 2048  # ...and never more than this
 MiB = 1024 * 1024
+
+
+class _Wait(enum.Enum):
+    """The gate a waiting tenant's next run is behind (``Scheduler.pick``): each is one shared resource."""
+
+    SLOT = "a free running slot, for an idle worker of the tenant"
+    START = "room to start one more worker for a run"
+    FIRST_START = "room to start a tenant's first worker, which may overlap the slots' runs"
 
 
 class Sandbox:
@@ -108,7 +117,6 @@ class Sandbox:
         self._sessions: set[Session] = set()
         self._profiles: dict[str, TenantProfile] = {}
         self._scheduler = Scheduler(policies)
-        self._fresh_tenants = [t for t in self._scheduler.tenants.values() if t.policy.fresh_process_per_run]
         self._pool: Pool | None = None
         self._cgroups: CgroupParents | None = None
         self._watchdog: asyncio.Task[None] | None = None
@@ -158,6 +166,7 @@ class Sandbox:
                 zygote,
                 self._new_zygote,
                 self._pump,
+                self._scheduler.touch,
                 self._spawn_failed,
                 max_idle=self.max_idle_workers,
                 idle_memory_bytes=self.idle_memory_mb * MiB,
@@ -371,10 +380,12 @@ class Sandbox:
                 quota="workers",
             )
         tenant.sessions += 1
+        self._scheduler.touch(tenant.name)
         try:
             worker = await pool.start_dedicated(tenant.name, session)
         except BaseException:
             tenant.sessions -= 1
+            self._scheduler.touch(tenant.name)
             self._pump()
             raise
         if self._state != "open":  # closed while the worker started
@@ -387,6 +398,7 @@ class Sandbox:
         """End a session's worker (never reused) and give its places back."""
         self._sessions.discard(session)
         self._scheduler.tenants[session.tenant].sessions -= 1
+        self._scheduler.touch(session.tenant)
         if self._pool is not None:
             self._pool.retire_dedicated(worker)
 
@@ -437,7 +449,7 @@ class Sandbox:
         if self._state != "open" or self._pool is None:
             return
         pool, scheduler = self._pool, self._scheduler
-        while (tenant := scheduler.pick(self._can_serve)) is not None:
+        while (tenant := scheduler.pick(self._gate_of, self._gate_is_open)) is not None:
             worker = pool.take_idle(tenant.name)
             if worker is None:
                 pool.spawn(tenant.name)
@@ -456,19 +468,32 @@ class Sandbox:
         assert self._pool is not None
         return self._pool
 
-    def _can_serve(self, tenant: TenantQueue) -> bool:
-        """Whether a run of ``tenant`` can start now on an idle worker of its
-        own and a free slot, or a worker can start for it."""
+    def _gate_of(self, tenant: TenantQueue) -> _Wait | None:
+        """What the next run of ``tenant`` waits for: a slot for its idle
+        worker, or room to start a worker for it; None while the workers
+        already starting for it will take its queued runs, or its
+        ``max_concurrency`` counts those starts as full.
+
+        Everything read here about the tenant is touched when it changes:
+        its workers by the pool, its queue, runs and sessions by the
+        scheduler and ``_open_session``/``_close_session``.
+        """
         pool = self._open_pool
         if pool.has_idle(tenant.name):
-            return pool.has_slot()
+            return _Wait.SLOT
         starting = pool.starting(tenant.name)
         if len(tenant.queue) <= starting:
-            return False  # workers already on their way will take these runs
+            return None  # workers already on their way will take these runs
         cap = tenant.policy.max_concurrency
         if cap is not None and tenant.in_flight + tenant.sessions + starting >= cap:
-            return False
-        return pool.may_start_for_run(first_of_tenant=tenant.in_flight + starting == 0)
+            return None
+        return _Wait.FIRST_START if tenant.in_flight + starting == 0 else _Wait.START
+
+    def _gate_is_open(self, gate: Hashable) -> bool:
+        pool = self._open_pool
+        if gate is _Wait.SLOT:
+            return pool.has_slot()
+        return pool.may_start_for_run(first_of_tenant=gate is _Wait.FIRST_START)
 
     def _keep_spares(self) -> None:
         """An active fresh-process tenant gets workers started ahead of its next runs.
@@ -480,9 +505,7 @@ class Sandbox:
         retires them first when it is full if they are the least recently used.
         """
         pool = self._open_pool
-        for tenant in self._fresh_tenants:
-            if not tenant.active:
-                continue
+        for tenant in self._scheduler.active_fresh.values():
             while pool.has_warm_room() and pool.idle_count(tenant.name) + pool.starting(tenant.name) < _FRESH_SPARES:
                 pool.spawn(tenant.name, for_run=False)
 

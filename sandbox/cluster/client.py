@@ -25,7 +25,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Hashable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -251,6 +251,7 @@ class ClusterSandbox:
         node.supervisor_pid = report["supervisor_pid"]
         node.agent_pid = report["agent_pid"]
         node.up = True
+        self._scheduler.touch_all()  # the nodes serving a tenant are its gate
 
     async def _check(self, node: Node) -> None:
         """Mark a node down if its agent died, up again once the agent (restarted by Ray) answers.
@@ -269,6 +270,7 @@ class ClusterSandbox:
 
     def lose(self, node: Node, why: str) -> None:
         node.up = False
+        self._scheduler.touch_all()
         for job, where in list(self._running.items()):
             if where is node:
                 job.fail(lost(node, why))
@@ -314,11 +316,13 @@ class ClusterSandbox:
             )
         node.in_flight += 1
         queue.sessions += 1
+        self._scheduler.touch(tenant)
         return node
 
     def give_back_session_slot(self, node: Node, tenant: str) -> None:
         node.in_flight -= 1
         self._scheduler.tenants[tenant].sessions -= 1
+        self._scheduler.touch(tenant)
         self._pump()
 
     # --- runs ------------------------------------------------------------------------
@@ -412,16 +416,28 @@ class ClusterSandbox:
         """The nodes up now that confine ``tenant``."""
         return [node for node in self._nodes.values() if node.up and tenant.name not in node.refused]
 
-    def _can_serve(self, tenant: TenantQueue) -> bool:
-        return any(node.in_flight < node.capacity for node in self.serving(tenant))
+    def _gate_of(self, tenant: TenantQueue) -> frozenset[str]:
+        """A waiting tenant's gate (``Scheduler.pick``): the nodes that serve it.
+
+        Worked out again for every tenant whenever a node joins, leaves,
+        goes down or up, or reports what it refuses (``touch_all``).
+        """
+        return frozenset(node.node_id for node in self.serving(tenant))
+
+    def _gate_is_open(self, gate: Hashable) -> bool:
+        assert isinstance(gate, frozenset)
+        return any(
+            (node := self._nodes.get(node_id)) is not None and node.up and node.in_flight < node.capacity
+            for node_id in gate
+        )
 
     def _pump(self) -> None:
         """Send every run that can start now, in the scheduler's order, to its node."""
         if self._state != "open":
             return
-        while (tenant := self._scheduler.pick(self._can_serve)) is not None:
+        while (tenant := self._scheduler.pick(self._gate_of, self._gate_is_open)) is not None:
             node = routing.choose(tenant.name, self.serving(tenant))
-            assert node is not None  # _can_serve said one has a free slot
+            assert node is not None  # its gate is open: one of its nodes has a free slot
             job = self._scheduler.started(tenant)
             assert isinstance(job, ClusterJob)
             node.in_flight += 1
@@ -454,6 +470,7 @@ class ClusterSandbox:
             return
         except TimeoutError:
             node.up = False
+            self._scheduler.touch_all()
             job.fail(
                 lost(node, f"no answer within {answer_within:g} s, {_ANSWER_GRACE_S:g} s past its wall-clock limit")
             )
