@@ -7,6 +7,9 @@ in this one invocation on a fresh Sandbox:
 * tenants (default 10, 100, 1000, 10000): ``Sandbox.start()`` time and the
   supervisor's RSS growth with that many tenants configured, and trivial
   runs/s with the tenants taken round-robin, 16 runs in flight, 2 workers;
+* tenants waiting at once (default 16, 100, 250, 1000): as many tenants as
+  runs in flight, so every tenant has a run queued at any moment (at least
+  twice as many timed runs as tenants);
 * runs in flight (default 1, 4, 16, 64; one tenant): runs/s and the p50
   latency of one run;
 * output size (default 1 KB to 4 MB): p50 of a run that returns a bytes
@@ -50,6 +53,9 @@ def sizes(text: str) -> list[int]:
 
 
 async def tenants_point(count: int, runs: int, in_flight: int, workers: int) -> dict[str, float]:
+    """Also the supervisor's CPU per timed run (this process's, so the
+    benchmark's own tasks and semaphore count too) and the p99 of its loop's
+    lag meanwhile (how late a 1 ms sleep wakes)."""
     rss_before = psutil.Process().memory_info().rss
     policies = {f"t{i}": Policy() for i in range(count)}
     start = time.perf_counter()
@@ -65,14 +71,33 @@ async def tenants_point(count: int, runs: int, in_flight: int, workers: int) -> 
                 await sandbox.run(TRIVIAL_CODE, tenant=name)
 
         await asyncio.gather(*(one(next(names)) for _ in range(min(runs, count))))
+        lags: list[float] = []
+        probe = asyncio.create_task(measure_lag(lags))
+        cpu_before = time.process_time()
         begin = time.perf_counter()
         await asyncio.gather(*(one(next(names)) for _ in range(runs)))
         rate = runs / (time.perf_counter() - begin)
+        cpu_us = (time.process_time() - cpu_before) / runs * 1e6
+        probe.cancel()
         warm = len(sandbox._pool.workers) if sandbox._pool is not None else 0
         rss = psutil.Process().memory_info().rss - rss_before
     finally:
         await sandbox.close()
-    return {"start_s": started, "runs_per_s": rate, "warm_workers": warm, "supervisor_rss_growth_mb": rss / 2**20}
+    return {
+        "start_s": started,
+        "runs_per_s": rate,
+        "supervisor_cpu_us_per_run": cpu_us,
+        "loop_lag_p99_ms": percentile(lags, 99) * 1000,
+        "warm_workers": warm,
+        "supervisor_rss_growth_mb": rss / 2**20,
+    }
+
+
+async def measure_lag(lags: list[float], interval_s: float = 0.001) -> None:
+    while True:
+        began = time.perf_counter()
+        await asyncio.sleep(interval_s)
+        lags.append(max(0.0, time.perf_counter() - began - interval_s))
 
 
 async def in_flight_point(in_flight: int, runs: int, workers: int) -> dict[str, float]:
@@ -109,10 +134,20 @@ async def size_point(size: int, rounds: int, *, output: bool) -> dict[str, float
 
 
 async def measure(options: argparse.Namespace) -> dict[str, dict[str, dict[str, float]]]:
-    report: dict[str, dict[str, dict[str, float]]] = {"tenants": {}, "in_flight": {}, "output": {}, "input": {}}
+    report: dict[str, dict[str, dict[str, float]]] = {
+        "tenants": {},
+        "tenants_waiting": {},
+        "in_flight": {},
+        "output": {},
+        "input": {},
+    }
     for count in options.tenants:
         print(f"measuring {count} tenants", file=sys.stderr, flush=True)
         report["tenants"][str(count)] = await tenants_point(count, options.tenant_runs, 16, options.workers)
+    for count in options.waiting:
+        print(f"measuring {count} tenants waiting at once", file=sys.stderr, flush=True)
+        runs = max(options.tenant_runs, 2 * count)
+        report["tenants_waiting"][str(count)] = await tenants_point(count, runs, count, options.workers)
     for in_flight in options.in_flight:
         print(f"measuring {in_flight} in flight", file=sys.stderr, flush=True)
         report["in_flight"][str(in_flight)] = await in_flight_point(in_flight, options.runs, options.workers)
@@ -136,6 +171,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--workers", type=int, default=2, help="workers (runs in flight at once) (default 2)")
     parser.add_argument("--tenants", type=sizes, default=[10, 100, 1000, 10000], help="tenant counts")
     parser.add_argument("--tenant-runs", type=int, default=400, help="timed runs per tenant count (default 400)")
+    parser.add_argument(
+        "--waiting", type=sizes, default=[16, 100, 250, 1000], help="tenant counts, each with a run queued at once"
+    )
     parser.add_argument("--in-flight", type=sizes, default=[1, 4, 16, 64], help="runs in flight")
     parser.add_argument("--runs", type=int, default=2000, help="timed runs per in-flight point (default 2000)")
     parser.add_argument(
