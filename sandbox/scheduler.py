@@ -81,7 +81,8 @@ class TenantQueue:
     vtime: float = 0.0
     bucket: TokenBucket | None = None
     gate: Hashable | None = None  # what its next run waits for, while it has one queued
-    version: int = 0  # bumped whenever ``gate`` is worked out again: older heap entries are stale
+    key: tuple[float, int] = (0.0, 0)  # the fair-share order of its live heap entry, while it has a gate
+    version: int = 0  # bumped whenever it moves in the heaps: older heap entries are stale
 
     def __post_init__(self) -> None:
         if self.policy.rate_per_s is not None:
@@ -102,8 +103,9 @@ class TenantQueue:
 # fair-share order; sequence numbers are unique, so tenants never compare.
 _Entry = tuple[float, int, int, TenantQueue]
 # Heaps are rebuilt without their stale entries when they grow past this
-# many entries per live one (plus a constant): memory stays in proportion
-# to the tenants waiting, and each rebuild is paid for by the pushes before it.
+# many entries per tenant waiting (plus a constant): memory stays in
+# proportion to the tenants waiting, and each rebuild is paid for by the
+# pushes before it.
 _STALE_FACTOR = 2
 _STALE_SLACK = 64
 
@@ -120,7 +122,6 @@ class Scheduler:
         self._active: dict[str, TenantQueue] = {}  # tenants with a queued or running run
         self.active_fresh: dict[str, TenantQueue] = {}  # the active ones whose policy wants a new process per run
         self._gates: dict[Hashable, list[_Entry]] = {}  # waiting tenants by gate, each heap in fair-share order
-        self._live: dict[Hashable, int] = {}  # tenants whose current gate each heap holds
         self._touched: dict[str, TenantQueue] = {}  # tenants whose gate must be worked out again
         # Active tenants by virtual time, for the floor a newly active tenant starts at;
         # an entry is stale once its tenant is inactive or has moved on.
@@ -181,9 +182,10 @@ class Scheduler:
         again only for tenants touched since. ``is_open(gate)`` says whether
         that resource is free now.
         """
-        touched, self._touched = self._touched, {}
-        for tenant in touched.values():
-            self._place(tenant, gate_of(tenant) if tenant.queue and tenant.under_concurrency_cap else None)
+        if self._touched:
+            touched, self._touched = self._touched, {}
+            for tenant in touched.values():
+                self._place(tenant, gate_of(tenant) if tenant.queue and tenant.under_concurrency_cap else None)
         best: _Entry | None = None
         for gate, heap in self._gates.items():
             while heap and heap[0][2] != heap[0][3].version:
@@ -193,17 +195,27 @@ class Scheduler:
         return None if best is None else best[3]
 
     def _place(self, tenant: TenantQueue, gate: Hashable | None) -> None:
-        """Put ``tenant`` behind ``gate``; its entries behind any other gate are stale from now on."""
-        if tenant.gate is not None:
-            self._live[tenant.gate] -= 1
-        tenant.version += 1
-        tenant.gate = gate
+        """Put ``tenant`` behind ``gate``; its entries behind any other gate are stale from now on.
+
+        Most touches change nothing the heaps hold (a run finished, but the
+        tenant still waits behind the same gate, in the same place): its
+        live entry then stays, and nothing is pushed.
+        """
         if gate is None:
+            if tenant.gate is not None:
+                tenant.gate = None
+                tenant.version += 1
             return
+        key = (tenant.vtime, tenant.queue[0].seq)
+        if gate == tenant.gate and key == tenant.key:
+            return
+        tenant.version += 1
+        tenant.gate, tenant.key = gate, key
         heap = self._gates.setdefault(gate, [])
-        live = self._live[gate] = self._live.get(gate, 0) + 1
-        heapq.heappush(heap, (tenant.vtime, tenant.queue[0].seq, tenant.version, tenant))
-        if len(heap) > _STALE_FACTOR * live + _STALE_SLACK:
+        heapq.heappush(heap, (key[0], key[1], tenant.version, tenant))
+        # A tenant has one live entry at most, so every heap's live ones are
+        # fewer than the tenants waiting.
+        if len(heap) > _STALE_FACTOR * len(self._waiting) + _STALE_SLACK:
             heap[:] = [entry for entry in heap if entry[2] == entry[3].version]
             heapq.heapify(heap)
 
