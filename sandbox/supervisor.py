@@ -478,7 +478,8 @@ class Sandbox:
         its workers by the pool, its queue, runs and sessions by the
         scheduler and ``_open_session``/``_close_session``.
         """
-        pool = self._open_pool
+        pool = self._pool  # asked several times per run: no property call
+        assert pool is not None
         if pool.has_idle(tenant.name):
             return _Wait.SLOT
         starting = pool.starting(tenant.name)
@@ -490,7 +491,8 @@ class Sandbox:
         return _Wait.FIRST_START if tenant.in_flight + starting == 0 else _Wait.START
 
     def _gate_is_open(self, gate: Hashable) -> bool:
-        pool = self._open_pool
+        pool = self._pool
+        assert pool is not None
         if gate is _Wait.SLOT:
             return pool.has_slot()
         return pool.may_start_for_run(first_of_tenant=gate is _Wait.FIRST_START)
@@ -504,6 +506,8 @@ class Sandbox:
         slot while they start and count against the warm budget, which
         retires them first when it is full if they are the least recently used.
         """
+        if not self._scheduler.active_fresh:
+            return
         pool = self._open_pool
         for tenant in self._scheduler.active_fresh.values():
             while pool.has_warm_room() and pool.idle_count(tenant.name) + pool.starting(tenant.name) < _FRESH_SPARES:
