@@ -23,8 +23,7 @@ running slot is taken). Asking each waiting tenant "can you be served?"
 made every such question, and so every run, cost in proportion to the
 tenants waiting: with 1,000 tenants waiting the supervisor spent 2.5 ms of
 CPU per run, against 0.7 ms now (docs/BENCHMARKS.md, "Tenants waiting at
-once").
-Instead the caller names, for each waiting tenant, the one shared resource
+once"). Instead the caller names, for each waiting tenant, the one shared resource
 its next run waits for (its *gate*: a free running slot, room to start a
 worker, a node with room), and tenants are kept in one heap per gate,
 ordered by (virtual time, age of the oldest run). A question then looks at
