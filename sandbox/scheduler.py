@@ -41,7 +41,7 @@ import heapq
 import itertools
 import time
 from collections import deque
-from collections.abc import Callable, Hashable
+from collections.abc import Callable, Hashable, Iterable
 from dataclasses import dataclass, field
 
 from sandbox.errors import QuotaExceeded
@@ -161,6 +161,10 @@ class Scheduler:
                 tenant=tenant.name,
                 quota="rate",
             )
+
+    def active_tenants(self) -> Iterable[TenantQueue]:
+        """The tenants with a run queued or running."""
+        return self._active.values()
 
     def touch(self, name: str) -> None:
         """Something the gate of tenant ``name`` depends on changed (its workers, its sessions)."""

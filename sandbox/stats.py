@@ -21,10 +21,26 @@ class TenantStats:
     workers: int
 
 
+_NOTHING = TenantStats(queued=0, running=0, workers=0)
+
+
 @dataclass(frozen=True)
 class SandboxStats:
-    """The whole pool: its capacity, its workers by state (``starting``, ``idle``, ``busy``), and each tenant."""
+    """The whole pool: its capacity, its workers by state (``starting``, ``idle``, ``busy``), and its tenants' load.
+
+    ``tenants`` holds the tenants with any load (a run queued or running, or
+    a worker held); ``tenant(name)`` answers for any tenant. Why not every
+    tenant: a sandbox may serve thousands, and the HTTP service takes a
+    snapshot four times a second for its gauges, on the event loop; with
+    10,000 tenants configured, a snapshot of all of them and the gauges'
+    update took 36 ms each time (docs/BENCHMARKS.md, "Tenants waiting at
+    once").
+    """
 
     capacity: int
     workers: dict[str, int]
     tenants: dict[str, TenantStats]
+
+    def tenant(self, name: str) -> TenantStats:
+        """One tenant's load: all zeros for a tenant that has none."""
+        return self.tenants.get(name, _NOTHING)

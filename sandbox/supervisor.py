@@ -416,16 +416,21 @@ class Sandbox:
             worker.abandon(job)
 
     def stats(self) -> SandboxStats:
-        """A read-only snapshot of the pool and of every tenant's queue (for metrics and usage reports)."""
+        """A read-only snapshot of the pool and of the tenants with any load (for metrics and usage reports).
+
+        It costs in proportion to the workers and the tenants with runs,
+        not to the tenants configured (see ``SandboxStats``)."""
         workers = {state.value: 0 for state in (State.STARTING, State.IDLE, State.BUSY)}
-        held: dict[str, int] = dict.fromkeys(self._scheduler.tenants, 0)
+        held: dict[str, int] = {}
         for worker in self._pool.workers if self._pool is not None else ():
             if worker.state.value in workers:
                 workers[worker.state.value] += 1
-            held[worker.tenant] += 1
+            held[worker.tenant] = held.get(worker.tenant, 0) + 1
+        queues = self._scheduler.tenants
+        loaded = held.keys() | {queue.name for queue in self._scheduler.active_tenants()}
         tenants = {
-            name: TenantStats(queued=len(queue.queue), running=queue.in_flight, workers=held[name])
-            for name, queue in self._scheduler.tenants.items()
+            name: TenantStats(queued=len(queues[name].queue), running=queues[name].in_flight, workers=held.get(name, 0))
+            for name in loaded
         }
         return SandboxStats(capacity=self.capacity, workers=workers, tenants=tenants)
 

@@ -17,6 +17,8 @@ import httpx
 import psutil
 import pytest
 
+from sandbox import SandboxStats, TenantStats
+from sandbox.service.metrics import Metrics
 from tests.serving import Server, running_server
 
 pytestmark = pytest.mark.timeout(180)
@@ -107,6 +109,20 @@ def test_metrics_show_queue_depth_while_runs_wait(http: httpx.Client, server: Se
     assert depth >= 1
     for run_id in ids:
         wait_done(http, run_id)
+    # Its runs are over, and every scrape refreshes the gauges first.
+    assert metric(http, "sandbox_queue_depth", tenant="default") == 0
+    assert metric(http, "sandbox_runs_in_flight", tenant="default") == 0
+
+
+def test_the_gauges_of_a_tenant_whose_load_ended_go_back_to_zero() -> None:
+    """A snapshot holds only tenants with load: one that had load and has none now reads 0, not its last figures."""
+    metrics = Metrics()
+    metrics.refresh(SandboxStats(capacity=2, workers={"busy": 1}, tenants={"a": TenantStats(3, 1, 1)}))
+    assert 'sandbox_queue_depth{tenant="a"} 3.0' in metrics.exposition().decode()
+    metrics.refresh(SandboxStats(capacity=2, workers={"busy": 0}, tenants={}))
+    text = metrics.exposition().decode()
+    assert 'sandbox_queue_depth{tenant="a"} 0.0' in text
+    assert 'sandbox_runs_in_flight{tenant="a"} 0.0' in text
 
 
 # --- auth -----------------------------------------------------------------------------------------------------

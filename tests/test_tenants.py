@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from sandbox import QuotaExceeded, Sandbox, SandboxError, TimeLimitExceeded
+from sandbox import QuotaExceeded, Sandbox, SandboxError, TenantStats, TimeLimitExceeded
 from tests.conftest import HOSTILE, quick_policy
 from tests.hostile.attacks import ESCAPES
 
@@ -164,6 +164,21 @@ async def test_idle_workers_are_retired():
         await asyncio.sleep(0.6)
         assert len(sb._pool.workers) == 0
         assert (await sb.run("x = 1")).outputs == {"x": 1}
+
+
+async def test_stats_hold_the_tenants_with_load_and_answer_for_the_others():
+    tenants = {"busy": quick_policy(), "quiet": quick_policy()}
+    async with Sandbox(tenants=tenants, workers=2, max_idle_workers=0) as sb:
+        run = asyncio.ensure_future(sb.run("import time\ntime.sleep(0.5)", tenant="busy"))
+        while sb.stats().tenant("busy").running == 0:
+            await asyncio.sleep(0.01)
+        stats = sb.stats()
+        assert stats.tenants["busy"] == TenantStats(queued=0, running=1, workers=1)
+        assert "quiet" not in stats.tenants
+        assert stats.tenant("quiet") == TenantStats(queued=0, running=0, workers=0)
+        assert stats.workers["busy"] == 1
+        await run
+        assert "busy" not in sb.stats().tenants  # no worker is kept warm: nothing is left of its load
 
 
 async def test_max_concurrency_caps_runs_in_flight():

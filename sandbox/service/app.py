@@ -443,7 +443,7 @@ def create_app(config: ServiceConfig) -> tuple[Gate, Service]:
     async def tenant_info(tenant: Tenant) -> Response:
         """The caller's tenant, its effective policy (limits and quotas) and its current usage."""
         policy = sb.policies[tenant]
-        usage = asdict(sb.stats().tenants[tenant])
+        usage = asdict(sb.stats().tenant(tenant))
         usage["sessions"] = service.sessions.count(tenant)
         return JSONResponse(
             {

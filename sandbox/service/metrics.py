@@ -47,6 +47,7 @@ class Metrics:
         self.loop_lag_histogram = Histogram(
             "sandbox_event_loop_lag_distribution_seconds", "Event-loop lag samples", buckets=_LAG_BUCKETS, registry=r
         )
+        self._loaded: set[str] = set()  # tenants whose gauges the last refresh set from their load
 
     def run_ended(self, tenant: str, outcome: str, seconds: float) -> None:
         self.runs.labels(tenant, outcome).inc()
@@ -56,11 +57,20 @@ class Metrics:
         self.quota_refusals.labels(tenant, quota).inc()
 
     def refresh(self, stats: SandboxStats) -> None:
+        """Set the gauges from a snapshot: the tenants in it, and back to 0 those that had load last time.
+
+        A tenant's gauges appear with its first load. The snapshot holds the
+        tenants with load only, so a refresh costs in proportion to them,
+        not to the tenants configured."""
         for state, count in stats.workers.items():
             self.workers.labels(state).set(count)
+        for tenant in self._loaded - stats.tenants.keys():
+            self.queue_depth.labels(tenant).set(0)
+            self.in_flight.labels(tenant).set(0)
         for tenant, figures in stats.tenants.items():
             self.queue_depth.labels(tenant).set(figures.queued)
             self.in_flight.labels(tenant).set(figures.running)
+        self._loaded = set(stats.tenants)
 
     def exposition(self) -> bytes:
         return generate_latest(self.registry)
