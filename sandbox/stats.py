@@ -33,8 +33,8 @@ class SandboxStats:
     tenant: a sandbox may serve thousands, and the HTTP service takes a
     snapshot four times a second for its gauges, on the event loop; with
     10,000 tenants configured, a snapshot of all of them and the gauges'
-    update took 36 ms each time (docs/BENCHMARKS.md, "Tenants waiting at
-    once").
+    update took 37 ms each time (docs/BENCHMARKS.md, "The HTTP service's
+    gauges with many tenants configured").
     """
 
     capacity: int
